@@ -1,0 +1,72 @@
+"""Masked-dense backend: plain torch on full maps, zeroing inactive sites after every op.
+
+It computes everything (the cost of a dense network) but needs no library, runs anywhere, and is
+the numerical reference the other backends are tested against: zeroing inactive sites before a
+convolution and after it gives exactly a submanifold sparse convolution at the active sites.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mimsparse.sparse import SparseBatch
+
+from .base import Backend
+
+
+@dataclass
+class MaskedDense:
+    """x_bchw: features, zero at inactive sites; active_bhw: bool [B, H, W]; stride: image px per site."""
+
+    x_bchw: torch.Tensor
+    active_bhw: torch.Tensor
+    stride: int = 1
+
+    def masked(self, x_bchw: torch.Tensor) -> "MaskedDense":
+        return MaskedDense(x_bchw * self.active_bhw.unsqueeze(1).to(x_bchw.dtype), self.active_bhw, self.stride)
+
+
+class MaskedDenseBackend(Backend):
+    name = "dense"
+
+    def from_sparse(self, sb: SparseBatch) -> MaskedDense:
+        return MaskedDense(sb.to_dense(), sb.active_mask(), sb.stride)
+
+    def from_dense(self, x_bchw, active_bhw, stride=1):
+        return MaskedDense(x_bchw, active_bhw, stride).masked(x_bchw)
+
+    def to_sparse(self, t: MaskedDense) -> SparseBatch:
+        return SparseBatch.from_dense(t.x_bchw, t.active_bhw, t.stride)
+
+    def to_dense(self, t: MaskedDense) -> torch.Tensor:
+        return t.x_bchw
+
+    def conv(self, t, weight, bias):
+        return t.masked(F.conv2d(t.x_bchw, weight, bias, padding=weight.shape[-1] // 2))
+
+    def dwconv(self, t, weight, bias):
+        return t.masked(F.conv2d(t.x_bchw, weight, bias, padding=weight.shape[-1] // 2, groups=t.x_bchw.shape[1]))
+
+    def downsample(self, t, weight, bias):
+        k = weight.shape[-1]
+        active = F.max_pool2d(t.active_bhw.unsqueeze(1).float(), k).squeeze(1) > 0
+        out = MaskedDense(F.conv2d(t.x_bchw, weight, bias, stride=k), active, t.stride * k)
+        return out.masked(out.x_bchw)
+
+    def map_feats(self, t, fn):
+        return t.masked(fn(t.x_bchw.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+    def grn(self, t, weight, bias, eps=1e-6):
+        # Inactive sites are zero, so the norm over the whole map is the norm over the active sites.
+        x = t.x_bchw
+        gx = torch.linalg.vector_norm(x, ord=2, dim=(2, 3), keepdim=True)
+        nx = gx / (gx.mean(dim=1, keepdim=True) + eps)
+        return t.masked(x + torch.addcmul(bias.view(1, -1, 1, 1), weight.view(1, -1, 1, 1), x * nx))
+
+    def add(self, a, b):
+        return MaskedDense(a.x_bchw + b.x_bchw, a.active_bhw, a.stride)
+
+    def scale_samples(self, t, scale_b):
+        return MaskedDense(t.x_bchw * scale_b.to(t.x_bchw.dtype).view(-1, 1, 1, 1), t.active_bhw, t.stride)

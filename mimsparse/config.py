@@ -1,0 +1,156 @@
+"""Pretraining configuration: frozen dataclasses are the truth; YAML files and ``key=value``
+command-line overrides only change fields, and unknown keys or wrong types are refused by name."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "convnextv2_atto"
+    in_chans: int = 3
+    drop_path: float = 0.0
+    use_grn: bool = True
+    decoder_dim: int = 512
+    decoder_depth: int = 1
+    norm_pix_loss: bool = True
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    ratio: float = 0.6
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = ""              # ImageFolder or flat folder; "" = the bundled real photos
+    img_size: int = 224
+    min_scale: float = 0.2      # RandomResizedCrop scale range (min_scale, 1)
+    repeat: int = 1             # passes over a small dataset per epoch
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    base_lr: float = 1.5e-4     # lr = base_lr * batch_size / 256
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_epochs: float = 1.0
+    min_lr: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 8
+    epochs: int = 10
+    seed: int = 0
+    output_dir: str = "runs/pretrain"
+    log_every: int = 10
+    save_every_epochs: int = 1
+    max_steps: int = 0          # stop early after this many steps (0 = run all epochs)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def lr(self) -> float:
+        """The one place the effective learning rate is derived."""
+        return self.optim.base_lr * self.train.batch_size / 256
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(value, typ, key: str):
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is bool and not isinstance(value, bool):
+        raise ConfigError(f"config key {key!r} must be true/false, got {value!r}")
+    if typ in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
+    if typ is str and value is None:
+        return ""
+    if not isinstance(value, typ):
+        raise ConfigError(f"config key {key!r} must be {typ.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _apply(obj, updates: dict, prefix: str = ""):
+    hints = typing.get_type_hints(type(obj))
+    changes = {}
+    for key, value in updates.items():
+        name = f"{prefix}{key}"
+        if key not in hints:
+            known = ", ".join(f"{prefix}{k}" for k in hints)
+            raise ConfigError(f"unknown config key {name!r}; known keys here: {known}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {name!r} is a section; give it a mapping, got {value!r}")
+            changes[key] = _apply(current, value, f"{name}.")
+        else:
+            changes[key] = _coerce(value, hints[key], name)
+    return dataclasses.replace(obj, **changes)
+
+
+def parse_override(text: str) -> dict:
+    """'optim.base_lr=1e-3' -> {'optim': {'base_lr': 0.001}} (values parsed as YAML scalars)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value, e.g. train.epochs=5")
+    dotted, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    # YAML 1.1 reads "1e-3" as a string; accept it as the number the user meant.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value.lower() for c in ".e") else value
+        except ValueError:
+            pass
+    node: dict = {}
+    root = node
+    parts = dotted.strip().split(".")
+    for part in parts[:-1]:
+        node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+    return root
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PretrainConfig:
+    updates: dict = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found; see configs/ for examples")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+        updates = loaded
+    for text in overrides:
+        updates = _merge(updates, parse_override(text))
+    return config_from_dict(updates)
+
+
+def config_from_dict(updates: dict) -> PretrainConfig:
+    return _apply(PretrainConfig(), updates)

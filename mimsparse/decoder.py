@@ -1,0 +1,33 @@
+"""FCMAE decoder: dense, light, on the last stage's grid (one patch per site)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from timm.models.convnext import ConvNeXtBlock
+
+
+class FCMAEDecoder(nn.Module):
+    """1x1 projection -> mask token at masked patches -> ConvNeXt V2 block(s) -> 1x1 prediction of
+    patch_size * patch_size * in_chans pixel values per patch."""
+
+    def __init__(self, in_dim: int, patch_size: int, in_chans: int = 3, dim: int = 512, depth: int = 1):
+        super().__init__()
+        self.proj = nn.Conv2d(in_dim, dim, 1)
+        self.mask_token = nn.Parameter(torch.zeros(1, dim, 1, 1))
+        self.blocks = nn.Sequential(*[
+            ConvNeXtBlock(dim, use_grn=True, ls_init_value=None, conv_mlp=False) for _ in range(depth)
+        ])
+        self.pred = nn.Conv2d(dim, patch_size * patch_size * in_chans, 1)
+        nn.init.normal_(self.mask_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, feats_bchw: torch.Tensor, visible_bhw: torch.Tensor) -> torch.Tensor:
+        """feats: [B, C, h, w] (zero at masked patches); visible: bool [B, h, w].
+        Returns predictions [B, p*p*in_chans, h, w]."""
+        x = self.proj(feats_bchw)
+        masked = (~visible_bhw).unsqueeze(1).to(x.dtype)
+        x = x * (1.0 - masked) + self.mask_token.to(x.dtype) * masked
+        return self.pred(self.blocks(x))

@@ -1,0 +1,101 @@
+"""Sparse ConvNeXt V2 encoder: visible patches in, features at visible sites out."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from mimsparse.backends import Backend, get_backend
+from mimsparse.layers import SparseConvNeXtBlock, SparseDownsample
+from mimsparse.masking import check_image_size, upsample_mask
+from mimsparse.models import get_spec
+
+
+class SparseConvNeXtV2(nn.Module):
+    """ConvNeXt V2 whose convolutions are submanifold sparse convolutions over the visible sites.
+
+    Parameter names follow timm's ``ConvNeXt`` (``stages.i.blocks.j.conv_dw`` ...), so conversion to
+    timm is a rename of the stem/downsample modules and a reshape for the conv-MLP sizes.
+    """
+
+    def __init__(self, depths=(2, 2, 6, 2), dims=(40, 80, 160, 320), in_chans: int = 3,
+                 drop_path_rate: float = 0.0, use_grn: bool = True, stem_stride: int = 4,
+                 backend: Backend | str = "dense"):
+        super().__init__()
+        if len(depths) != len(dims):
+            raise ValueError(f"depths {depths} and dims {dims} must have one entry per stage")
+        self.depths, self.dims = tuple(depths), tuple(dims)
+        self.in_chans = in_chans
+        self.stem_stride = stem_stride
+        self.stem_conv = nn.Conv2d(in_chans, dims[0], stem_stride, stride=stem_stride)
+        self.stem_norm = nn.LayerNorm(dims[0], eps=1e-6)
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.stages = nn.ModuleList()
+        for i, (depth, dim) in enumerate(zip(depths, dims)):
+            stage = nn.Module()
+            stage.downsample = SparseDownsample(dims[i - 1], dim) if i > 0 else None
+            start = sum(depths[:i])
+            stage.blocks = nn.ModuleList(
+                SparseConvNeXtBlock(dim, rates[start + j], use_grn) for j in range(depth)
+            )
+            self.stages.append(stage)
+        self.backend = backend
+        self.apply(_init_weights)
+
+    @classmethod
+    def from_name(cls, name: str, **kwargs) -> "SparseConvNeXtV2":
+        spec = get_spec(name)
+        return cls(depths=spec.depths, dims=spec.dims, **kwargs)
+
+    # The backend is a stateless strategy object, not a module: swapping it never changes the state dict.
+    @property
+    def backend(self) -> Backend:
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: Backend | str) -> None:
+        self._backend = get_backend(backend) if isinstance(backend, str) else backend
+
+    @property
+    def patch_size(self) -> int:
+        """Total stride: the mask's patch size, so every stage sees whole patches."""
+        return self.stem_stride * 2 ** (len(self.dims) - 1)
+
+    @property
+    def num_features(self) -> int:
+        return self.dims[-1]
+
+    def forward_sparse(self, image_bchw: torch.Tensor, visible_bhw: torch.Tensor, return_stages: bool = False):
+        """image: [B, C, H, W]; visible: bool [B, H/p, W/p] (True = kept), p = patch_size.
+        Returns the backend's native tensor of the last stage (or a list of all stages)."""
+        b, _, h, w = image_bchw.shape
+        grid = check_image_size(h, w, self.patch_size)
+        if visible_bhw.shape != (b, *grid):
+            raise ValueError(f"mask shape {tuple(visible_bhw.shape)} != (batch, H/{self.patch_size}, W/{self.patch_size}) = {(b, *grid)}")
+        backend = self.backend
+        x = backend.patch_embed(image_bchw, upsample_mask(visible_bhw, self.patch_size // self.stem_stride),
+                                self.stem_conv.weight, self.stem_conv.bias, self.stem_stride)
+        x = backend.map_feats(x, self.stem_norm)
+        outs = []
+        for stage in self.stages:
+            if stage.downsample is not None:
+                x = stage.downsample(x, backend)
+            for block in stage.blocks:
+                x = block(x, backend, b)
+            outs.append(x)
+        return outs if return_stages else x
+
+    def forward(self, image_bchw: torch.Tensor, visible_bhw: torch.Tensor | None = None) -> torch.Tensor:
+        """Dense [B, C_last, H/p, W/p] features, zero at masked patches. No mask = all visible."""
+        if visible_bhw is None:
+            b, _, h, w = image_bchw.shape
+            grid = check_image_size(h, w, self.patch_size)
+            visible_bhw = torch.ones(b, *grid, dtype=torch.bool, device=image_bchw.device)
+        return self.backend.to_dense(self.forward_sparse(image_bchw, visible_bhw))
+
+
+def _init_weights(module: nn.Module) -> None:
+    # As timm / the official code: truncated normal 0.02 for conv and linear weights, zero biases.
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
