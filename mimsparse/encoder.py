@@ -28,7 +28,7 @@ class SparseConvNeXtV2(nn.Module):
         self.stem_stride = stem_stride
         self.stem_conv = nn.Conv2d(in_chans, dims[0], stem_stride, stride=stem_stride)
         self.stem_norm = nn.LayerNorm(dims[0], eps=1e-6)
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        rates = [drop_path_rate * i / max(1, sum(depths) - 1) for i in range(sum(depths))]
         self.stages = nn.ModuleList()
         for i, (depth, dim) in enumerate(zip(depths, dims)):
             stage = nn.Module()

@@ -1,0 +1,26 @@
+# Two commands from a fresh clone: `make demo` (install everything, pretrain, convert) and `make test`.
+PY := .venv/bin/python
+BACKEND ?= dense
+RUN ?= runs/fcmae_atto
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: setup demo test benchmark clean
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	$(PY) tools/pretrain.py --config configs/fcmae_atto.yaml --backend $(BACKEND) --output-dir $(RUN) --resume auto
+	$(PY) tools/convert_to_dense.py $$(ls $(RUN)/checkpoint-[0-9]*.pth | tail -n 1) -o $(RUN)/convnextv2_atto-timm.pth
+	@echo "checkpoints and log: $(RUN)/   dense timm weights: $(RUN)/convnextv2_atto-timm.pth"
+
+# pytest exits 5 when it collected no test: that is a failure, not a pass.
+test: setup
+	OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(PY) -m pytest -q tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$rc
+
+benchmark: setup
+	$(PY) tools/benchmark.py --model convnextv2_atto --backends dense,packed,spconv,minkowski --device cpu
+
+clean:
+	rm -rf runs .pytest_cache

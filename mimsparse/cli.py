@@ -1,0 +1,22 @@
+"""Command-line wrapper: expected failures (bad input) print one clear line instead of a traceback."""
+from __future__ import annotations
+
+import sys
+
+from mimsparse.backends import BackendUnavailable
+from mimsparse.checkpoint import CheckpointError
+from mimsparse.config import ConfigError
+from mimsparse.convert import ConversionError
+from mimsparse.data import DataError
+
+USER_ERRORS = (BackendUnavailable, CheckpointError, ConfigError, ConversionError, DataError, ValueError, TypeError)
+
+
+def run_cli(main) -> int:
+    from mimsparse.engine import TrainingError
+
+    try:
+        return main()
+    except (*USER_ERRORS, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,34 @@
+"""Shared test utilities (imported by test modules; not a conftest so imports stay explicit)."""
+from __future__ import annotations
+
+import torch
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max|a - b| / max|b| (0 when both are zero)."""
+    scale = b.abs().max().item()
+    return (a - b).abs().max().item() / (scale if scale > 0 else 1.0)
+
+
+@torch.no_grad()
+def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
+    """Random values in every parameter (GRN and biases init to zero, which would hide bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    for p in module.parameters():
+        p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if p.ndim == 1 and "norm" in _name(module, p) else 0.0))
+    return module
+
+
+def _name(module, param) -> str:
+    for n, p in module.named_parameters():
+        if p is param:
+            return n
+    return ""
+
+
+def random_active(batch: int, h: int, w: int, p_active: float, seed: int = 0, empty_sample: int | None = None) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    active = torch.rand(batch, h, w, generator=g) < p_active
+    if empty_sample is not None:
+        active[empty_sample] = False
+    return active

@@ -1,0 +1,98 @@
+"""Sparse ConvNeXt V2 + FCMAE against timm and hand-written references."""
+import pytest
+import timm
+import torch
+
+from mimsparse.convert import conversion_error, timm_to_encoder, to_timm_model_state
+from mimsparse.encoder import SparseConvNeXtV2
+from mimsparse.fcmae import FCMAE
+from mimsparse.loss import masked_reconstruction_loss, patchify, pixel_targets, unpatchify
+from tests.helpers import randomize_, rel_err
+
+
+@pytest.mark.parametrize("name", ["convnextv2_atto", "convnextv2_tiny"])
+def test_encoder_at_ratio_0_equals_timm(name):
+    enc = randomize_(SparseConvNeXtV2.from_name(name), seed=1, std=0.05)
+    model = timm.create_model(name, num_classes=0)
+    model.load_state_dict({k: v for k, v in to_timm_model_state(enc.state_dict(), name, 0).items()}, strict=True)
+    assert conversion_error(enc, model, img_size=(64, 96)) < 1e-4
+    # and back: timm weights -> our encoder give the same features
+    enc2 = SparseConvNeXtV2.from_name(name)
+    enc2.load_state_dict(timm_to_encoder(model.state_dict(), name), strict=True)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_err(enc2(x), model.forward_features(x)) < 1e-4
+
+
+def test_fcmae_forward_backward_non_square_no_nan():
+    torch.manual_seed(0)
+    model = FCMAE(SparseConvNeXtV2.from_name("convnextv2_atto", drop_path_rate=0.1), mask_ratio=0.6)
+    x = torch.randn(2, 3, 64, 160)
+    loss, pred, visible = model(x, generator=torch.Generator().manual_seed(0))
+    assert visible.shape == (2, 2, 5) and pred.shape == (2, 10, 32 * 32 * 3)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_all_masked_sample_in_batch_is_finite():
+    torch.manual_seed(0)
+    model = FCMAE(randomize_(SparseConvNeXtV2.from_name("convnextv2_atto"), std=0.05))
+    visible = torch.ones(2, 2, 2, dtype=torch.bool)
+    visible[1] = False
+    loss, _, _ = model(torch.randn(2, 3, 64, 64), visible)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_patchify_layout_and_inverse():
+    x = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).reshape(2, 3, 4, 6)
+    patches = patchify(x, 2)
+    assert patches.shape == (2, 6, 12)
+    # patch (row 0, col 1) of sample 1: pixels rows 0-1, cols 2-3, ordered (row, col, channel)
+    manual = torch.stack([x[1, c, r, 2 + q] for r in range(2) for q in range(2) for c in range(3)])
+    assert torch.equal(patches[1, 1], manual)
+    assert torch.equal(unpatchify(patches, 2, (2, 3), 3), x)
+
+
+def test_norm_pix_target_and_masked_loss():
+    torch.manual_seed(0)
+    imgs = torch.randn(2, 3, 64, 64)
+    t = pixel_targets(imgs, 32, norm_pix=True)
+    p0 = patchify(imgs, 32)[0, 0]
+    assert torch.allclose(t[0, 0], (p0 - p0.mean()) / (p0.var(unbiased=True) + 1e-6) ** 0.5, atol=1e-5)
+    pred = torch.randn_like(t, requires_grad=True)
+    visible = torch.tensor([[True, False, False, True], [False, True, True, True]])
+    loss = masked_reconstruction_loss(pred, t, visible)
+    manual = sum(((pred[b, i] - t[b, i]) ** 2).mean() for b in range(2) for i in range(4) if not visible[b, i]) / 3
+    assert torch.allclose(loss, manual)
+    loss.backward()
+    assert (pred.grad[visible] == 0).all() and (pred.grad[~visible] != 0).any()
+    # changing predictions at visible patches changes nothing
+    pred2 = pred.detach().clone()
+    pred2[visible] += 100
+    assert torch.allclose(masked_reconstruction_loss(pred2, t, visible), loss)
+
+
+def test_few_steps_lower_the_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    model = FCMAE(SparseConvNeXtV2.from_name("convnextv2_atto"), decoder_dim=64, mask_ratio=0.6)
+    x = torch.randn(4, 3, 64, 64)
+    visible = model.make_mask(x, torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(model.parameters(), lr=4e-3)
+    losses = []
+    for _ in range(10):
+        loss, _, _ = model(x, visible)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_mask_shape_mismatch_is_a_clear_error():
+    enc = SparseConvNeXtV2.from_name("convnextv2_atto")
+    with pytest.raises(ValueError, match="not divisible by the patch size 32"):
+        enc(torch.randn(1, 3, 64, 80))
+    with pytest.raises(ValueError, match="mask shape"):
+        enc(torch.randn(1, 3, 64, 64), torch.ones(1, 3, 3, dtype=torch.bool))

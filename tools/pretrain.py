@@ -1,0 +1,69 @@
+#!/usr/bin/env python
+"""FCMAE pretraining of a sparse ConvNeXt V2.
+
+  tools/pretrain.py --config configs/fcmae_atto.yaml --backend dense [--data DIR] [key=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    from mimsparse.backends import backend_names
+
+    p = argparse.ArgumentParser("FCMAE pretraining", add_help=add_help,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Overrides: section.key=value, e.g. train.epochs=5 optim.base_lr=1e-4.\n"
+                                       "Precision: CPU trains in fp32; train.amp=bf16|fp16 needs CUDA and a backend\n"
+                                       "that supports it (minkowski and spconv refuse bf16).")
+    p.add_argument("--config", default=None, help="YAML file from configs/ (defaults are in mimsparse/config.py)")
+    p.add_argument("--backend", default="dense", choices=backend_names(), help="sparse backend (default: dense)")
+    p.add_argument("--data", default=None, help="ImageFolder or flat folder of images (default: bundled photos)")
+    p.add_argument("--output-dir", default=None, help="where checkpoints and logs go (= train.output_dir)")
+    p.add_argument("--resume", default=None, help="checkpoint to resume from, or 'auto' for the latest in the output dir")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs still go to log.jsonl)")
+    p.add_argument("overrides", nargs="*", help="config overrides section.key=value")
+    return p
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    from mimsparse.config import load_config
+    from mimsparse.engine import Pretrainer
+
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.path={args.data}")
+    if args.output_dir:
+        overrides.append(f"train.output_dir={args.output_dir}")
+    cfg = load_config(args.config, overrides)
+    trainer = Pretrainer(cfg, args.backend, args.device, resume=args.resume, show_progress=not args.no_progress)
+    print(f"model {cfg.model.name} | backend {args.backend} | device {args.device} | "
+          f"{len(trainer.paths)} images | batch {cfg.train.batch_size} | "
+          f"lr {cfg.lr():.3g} (= base_lr {cfg.optim.base_lr:g} x {cfg.train.batch_size}/256) | "
+          f"{trainer.total_steps} steps | output {trainer.out_dir}")
+    if getattr(trainer, "resumed_from", None):
+        print(f"resumed from {trainer.resumed_from} at step {trainer.state.step}")
+    result = trainer.run()
+    history = result["history"]
+    if history:
+        print(f"loss: first {history[0]['loss']:.4f} (step {history[0]['step']}) -> "
+              f"last {history[-1]['loss']:.4f} (step {history[-1]['step']})")
+    print(f"checkpoint: {result['checkpoint']}")
+    return 0
+
+
+if __name__ == "__main__":
+    from mimsparse.cli import run_cli
+
+    sys.exit(run_cli(main))
