@@ -1,0 +1,247 @@
+"""Backend throughput: encoder forward, encoder forward+backward and a full FCMAE training step per
+backend and mask ratio, interleaved in one process so that machine noise hits every row alike.
+
+Reference rows in the same run: timm's dense ``convnextv2_*`` on the unmasked image, and the ideal
+sparse cost = that time x (1 - r).
+"""
+from __future__ import annotations
+
+import contextlib
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from mimsparse.backends import BackendUnavailable, get_backend
+from mimsparse.decoder import FCMAEDecoder
+from mimsparse.encoder import SparseConvNeXtV2
+from mimsparse.fcmae import FCMAE
+from mimsparse.loss import masked_reconstruction_loss, pixel_targets
+from mimsparse.masking import random_patch_mask
+
+MEASURES = ("enc_fwd", "enc_fwd_bwd", "train_step")
+TIMM_DENSE = "timm-dense"
+
+
+@dataclass
+class Case:
+    """One row: a backend (or the timm reference) at one mask ratio."""
+    backend: str
+    mask_ratio: float
+    samples_ms: dict = field(default_factory=lambda: {m: [] for m in MEASURES})
+    saved_activation_mb: float = 0.0
+    peak_cuda_mb: float | None = None
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
+@contextlib.contextmanager
+def _count_saved_tensors(out: list):
+    """Bytes of the tensors autograd saves for backward: the activation memory of a training
+    forward, an honest per-row measure on CPU where no allocator statistic exists."""
+    seen = {}
+
+    def pack(t):
+        seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield
+    out.append(sum(seen.values()) / 2**20)
+
+
+class DenseReference(torch.nn.Module):
+    """timm's dense encoder on the whole image + the same FCMAE decoder and loss (all patches)."""
+
+    def __init__(self, name: str, decoder: FCMAEDecoder, patch_size: int):
+        super().__init__()
+        import timm
+
+        self.encoder = timm.create_model(name, num_classes=0)
+        self.decoder = decoder
+        self.patch_size = patch_size
+
+    def forward(self, images, visible):
+        feats = self.encoder.forward_features(images)
+        pred = self.decoder(feats, visible).flatten(2).transpose(1, 2)
+        target = pixel_targets(images, self.patch_size, True)
+        return masked_reconstruction_loss(pred, target, visible.flatten(1))
+
+
+def _runners(model_name, backend_name, ratio, images, device, amp_dtype, compile_model, seed):
+    """Three zero-argument callables (encoder fwd, encoder fwd+bwd, train step) for one case."""
+    torch.manual_seed(seed)
+    b, _, h, w = images.shape
+    grid = (h // 32, w // 32)
+    visible = random_patch_mask(b, grid, ratio, torch.Generator().manual_seed(seed), device)
+    if backend_name == TIMM_DENSE:
+        model = DenseReference(model_name, FCMAEDecoder(SparseConvNeXtV2.from_name(model_name).num_features, 32), 32)
+        visible = torch.zeros_like(visible)  # every patch is a target: the cost of a dense step
+        model.to(device)
+        encode = lambda: model.encoder.forward_features(images)
+        step_loss = lambda: model(images, visible)
+    else:
+        model = FCMAE(SparseConvNeXtV2.from_name(model_name, backend=backend_name), mask_ratio=ratio).to(device)
+        encode = lambda: model.encoder(images, visible)
+        step_loss = lambda: model(images, visible)[0]
+    if compile_model:
+        encode, step_loss = torch.compile(encode), torch.compile(step_loss)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+    def enc_fwd():
+        with torch.no_grad(), autocast():
+            encode()
+
+    def enc_fwd_bwd():
+        with autocast():
+            out = encode()
+        out.float().square().mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    def train_step():
+        with autocast():
+            loss = step_loss()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def activation_mb(out: list):
+        with _count_saved_tensors(out), autocast():
+            encode()
+
+    return {"enc_fwd": enc_fwd, "enc_fwd_bwd": enc_fwd_bwd, "train_step": train_step}, activation_mb
+
+
+def run_benchmark(model: str = "convnextv2_atto", backends=("dense", "packed"), mask_ratios=(0.0, 0.6),
+                  batch: int = 8, img: int = 224, device: str = "cpu", repeats: int = 5, warmup: int = 1,
+                  amp: str = "none", compile_model: bool = False, seed: int = 0, log=print) -> dict:
+    dev = torch.device(device)
+    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    images = torch.randn(batch, 3, img, img, generator=torch.Generator().manual_seed(seed)).to(dev)
+    skipped, runners, cases = {}, {}, []
+    for name in backends:
+        try:
+            backend = get_backend(name)
+            if amp_dtype is not None:
+                backend.check_dtype(amp_dtype, dev)
+        except (BackendUnavailable, TypeError) as e:
+            skipped[name] = str(e)
+            log(f"skipping backend {name}: {e}")
+            continue
+        for r in mask_ratios:
+            cases.append(Case(name, float(r)))
+    ref = Case(TIMM_DENSE, 0.0)
+    cases.insert(0, ref)
+    for case in cases:
+        fns, act = _runners(model, case.backend, case.mask_ratio, images, dev, amp_dtype, compile_model, seed)
+        runners[id(case)] = fns
+        out = []
+        act(out)
+        case.saved_activation_mb = round(out[0], 2)
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn()
+    for rep in range(repeats):
+        for case in cases:  # interleaved: every repeat visits every case
+            for measure, fn in runners[id(case)].items():
+                if dev.type == "cuda" and rep == 0:
+                    torch.cuda.reset_peak_memory_stats(dev)
+                case.samples_ms[measure].append(_timed(fn, dev))
+                if dev.type == "cuda" and rep == 0:
+                    case.peak_cuda_mb = max(case.peak_cuda_mb or 0, torch.cuda.max_memory_allocated(dev) / 2**20)
+        log(f"repeat {rep + 1}/{repeats} done")
+    return summarize(cases, skipped, dict(model=model, batch=batch, img=img, device=device, repeats=repeats,
+                                          warmup=warmup, amp=amp, compile=compile_model, mask_ratios=list(mask_ratios),
+                                          backends=list(backends)))
+
+
+def summarize(cases: list[Case], skipped: dict, settings: dict) -> dict:
+    """Medians, spreads and the ratios to the dense-unmasked and ideal rows (computed, not measured)."""
+    ref = next(c for c in cases if c.backend == TIMM_DENSE)
+    ref_median = {m: statistics.median(ref.samples_ms[m]) for m in MEASURES}
+    rows = []
+    for c in cases:
+        row = {"backend": c.backend, "mask_ratio": c.mask_ratio, "saved_activation_mb": c.saved_activation_mb,
+               "peak_cuda_mb": c.peak_cuda_mb, "samples_ms": c.samples_ms}
+        for m in MEASURES:
+            s = c.samples_ms[m]
+            med = statistics.median(s)
+            ideal = ref_median[m] * (1.0 - c.mask_ratio)
+            row[m] = {"median_ms": med, "min_ms": min(s), "max_ms": max(s),
+                      "images_per_s": settings["batch"] / (med / 1e3),
+                      "ratio_to_dense": med / ref_median[m],
+                      "ratio_to_ideal": med / ideal if ideal > 0 else None}
+        rows.append(row)
+    return {"settings": settings, "machine": machine_info(), "rows": rows, "skipped": skipped}
+
+
+def machine_info() -> dict:
+    import timm
+
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": str(torch.__version__), "timm": timm.__version__}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    for pkg in ("spconv", "MinkowskiEngine"):
+        try:
+            from importlib.metadata import PackageNotFoundError, version
+            info[pkg] = version({"spconv": "spconv-cu120"}.get(pkg, pkg))
+        except Exception:
+            pass
+    return info
+
+
+def markdown_table(result: dict) -> str:
+    lines = ["| backend | mask r | enc fwd ms | enc fwd+bwd ms | ×dense | ×ideal | train step ms | ×dense | ×ideal | img/s (step) | saved act. MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda x: "–" if x is None else f"{x:.2f}"
+    for r in result["rows"]:
+        f, fb, ts = r["enc_fwd"], r["enc_fwd_bwd"], r["train_step"]
+        lines.append(f"| {r['backend']} | {r['mask_ratio']:.2f} | {f['median_ms']:.1f} | "
+                     f"{fb['median_ms']:.1f} ({fb['min_ms']:.0f}–{fb['max_ms']:.0f}) | {fmt(fb['ratio_to_dense'])} | "
+                     f"{fmt(fb['ratio_to_ideal'])} | {ts['median_ms']:.1f} | {fmt(ts['ratio_to_dense'])} | "
+                     f"{fmt(ts['ratio_to_ideal'])} | {ts['images_per_s']:.1f} | {r['saved_activation_mb']:.0f} |")
+    for name, why in result["skipped"].items():
+        lines.append(f"| {name} | skipped: {why} | | | | | | | | | |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    ref = next(r for r in rows if r["backend"] == TIMM_DENSE)["enc_fwd_bwd"]["median_ms"]
+    ratios = sorted({r["mask_ratio"] for r in rows if r["backend"] != TIMM_DENSE})
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(ratios, [ref * (1 - r) for r in ratios], "k--", label="ideal = timm dense × (1 − r)")
+    ax.axhline(ref, color="gray", lw=1, label="timm dense, unmasked")
+    for name in dict.fromkeys(r["backend"] for r in rows if r["backend"] != TIMM_DENSE):
+        pts = sorted((r["mask_ratio"], r["enc_fwd_bwd"]["median_ms"]) for r in rows if r["backend"] == name)
+        ax.plot(*zip(*pts), "o-", label=name)
+    s = result["settings"]
+    ax.set(xlabel="mask ratio", ylabel="encoder fwd+bwd (ms)",
+           title=f"{s['model']} B={s['batch']} {s['img']}px {s['device']}")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,40 @@
+"""Benchmark tool: JSON schema, ratios computed from the measured rows, skipped backends listed."""
+import json
+import statistics
+
+import pytest
+
+from mimsparse.benchmark import MEASURES, TIMM_DENSE, markdown_table, run_benchmark
+from tests.conftest import run_tool
+
+
+def test_ratios_are_computed_from_measured_rows():
+    result = run_benchmark("convnextv2_atto", ["dense", "no-such-backend"], [0.0, 0.5], batch=2, img=64,
+                           repeats=2, warmup=0, log=lambda *_: None)
+    assert set(result) == {"settings", "machine", "rows", "skipped"}
+    assert "no-such-backend" in result["skipped"] and "available backends" in result["skipped"]["no-such-backend"]
+    rows = {(r["backend"], r["mask_ratio"]): r for r in result["rows"]}
+    assert set(rows) == {(TIMM_DENSE, 0.0), ("dense", 0.0), ("dense", 0.5)}
+    ref = rows[(TIMM_DENSE, 0.0)]
+    for row in rows.values():
+        assert row["saved_activation_mb"] > 0
+        for m in MEASURES:
+            samples = row["samples_ms"][m]
+            assert len(samples) == 2 and all(s > 0 for s in samples)
+            stats = row[m]
+            assert stats["median_ms"] == statistics.median(samples)
+            ref_med = statistics.median(ref["samples_ms"][m])
+            assert stats["ratio_to_dense"] == pytest.approx(stats["median_ms"] / ref_med)
+            assert stats["ratio_to_ideal"] == pytest.approx(stats["median_ms"] / (ref_med * (1 - row["mask_ratio"])))
+            assert stats["images_per_s"] == pytest.approx(2 / (stats["median_ms"] / 1e3))
+    assert "skipped" in markdown_table(result)
+
+
+@pytest.mark.slow
+def test_cli_writes_json_table_and_plot(tmp_path):
+    run_tool("benchmark.py", "--backends", "dense", "--mask-ratios", "0.6", "--batch", "1", "--img", "64",
+             "--repeats", "1", "--warmup", "0", "--out-dir", str(tmp_path), "--name", "t")
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["command"].startswith("tools/benchmark.py") and data["date"]
+    assert (tmp_path / "t.md").read_text().count("| dense |") == 1
+    assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
