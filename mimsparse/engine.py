@@ -18,7 +18,7 @@ from mimsparse.checkpoint import (CheckpointError, check_model_matches, load_che
 from mimsparse.config import PretrainConfig, config_from_dict
 from mimsparse.data import (DataError, EpochSampler, ImageFiles, bundled_photo_paths, collate_skip_bad,
                             list_images, pretrain_transform)
-from mimsparse.masking import check_image_size, random_patch_mask
+from mimsparse.masking import check_image_size
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -160,8 +160,7 @@ class Pretrainer:
         cfg = self.cfg
         g = torch.Generator().manual_seed(step_seed(cfg.train.seed, batch_id))
         torch.manual_seed(step_seed(cfg.train.seed, batch_id))  # drop path
-        visible = random_patch_mask(images.shape[0], (images.shape[2] // 32, images.shape[3] // 32),
-                                    cfg.mask.ratio, g, self.device)
+        visible = self.model.make_mask(images, g, progress=batch_id / max(1, self.total_steps * cfg.train.accum_steps))
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             loss, _, _ = self.model(images, visible)
         (loss / cfg.train.accum_steps).backward()

@@ -24,8 +24,9 @@ class FCMAE(nn.Module):
     def patch_size(self) -> int:
         return self.encoder.patch_size
 
-    def make_mask(self, images_bchw: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """bool [B, H/p, W/p], True = visible."""
+    def make_mask(self, images_bchw: torch.Tensor, generator: torch.Generator | None = None,
+                  progress: float = 0.0) -> torch.Tensor:
+        """bool [B, H/p, W/p], True = visible. ``progress`` in [0, 1] is the fraction of training done."""
         b, _, h, w = images_bchw.shape
         grid = check_image_size(h, w, self.patch_size)
         return random_patch_mask(b, grid, self.mask_ratio, generator, images_bchw.device)
