@@ -134,7 +134,8 @@ class RowBackend(Backend):
         f = self.feats(t)
         gx = per_sample_l2_norm(f, self.batch_index(t), self.batch_size(t))
         nx = gx / (gx.mean(dim=1, keepdim=True) + eps)
-        out = f + torch.addcmul(bias, weight, f * nx[self.batch_index(t)])
+        # index_select: much faster backward on CPU than advanced indexing nx[batch]
+        out = f + torch.addcmul(bias, weight, f * nx.index_select(0, self.batch_index(t)))
         return self.with_feats(t, out)
 
     def add(self, a, b):
@@ -142,7 +143,7 @@ class RowBackend(Backend):
 
     def scale_samples(self, t, scale_b):
         f = self.feats(t)
-        return self.with_feats(t, f * scale_b.to(f.dtype)[self.batch_index(t)].unsqueeze(1))
+        return self.with_feats(t, f * scale_b.to(f.dtype).index_select(0, self.batch_index(t)).unsqueeze(1))
 
 
 def per_sample_l2_norm(feats_nc: torch.Tensor, batch_n: torch.Tensor, batch_size: int) -> torch.Tensor:

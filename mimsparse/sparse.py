@@ -34,6 +34,8 @@ class SparseBatch:
                 f"feats must be [N, C] with N = {self.coords.shape[0]} rows like coords, got {tuple(self.feats.shape)}"
             )
         self.spatial_shape = (int(self.spatial_shape[0]), int(self.spatial_shape[1]))
+        # nonzero() returns column-major coordinates; spconv and ME read such buffers wrongly.
+        self.coords = self.coords.contiguous()
 
     @property
     def num_channels(self) -> int:
