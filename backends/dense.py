@@ -32,9 +32,12 @@ class MaskedDenseBackend(Backend):
     name = "dense"
 
     def from_sparse(self, sb: SparseBatch) -> MaskedDense:
-        return MaskedDense(sb.to_dense(), sb.active_mask(), sb.stride)
+        return self.from_dense(sb.to_dense(), sb.active_mask(), sb.stride)
 
     def from_dense(self, x_bchw, active_bhw, stride=1):
+        # channels_last: convs keep it, and per-site ops then see contiguous [..., C] rows
+        # (about 2x faster on CPU than NCHW for ConvNeXt).
+        x_bchw = x_bchw.contiguous(memory_format=torch.channels_last)
         return MaskedDense(x_bchw, active_bhw, stride).masked(x_bchw)
 
     def to_sparse(self, t: MaskedDense) -> SparseBatch:
