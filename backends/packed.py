@@ -1,0 +1,707 @@
+"""Packed backend: pure torch, features kept as packed rows ``[N_visible, C]``.
+
+Every per-site op (LayerNorm, the MLP, GELU, GRN, residual adds) and the strided convolutions cost
+only the visible sites:
+
+- ``patch_embed``: gathers the k x k pixel patch of every active output site, one matmul.
+- ``downsample``: gathers the k*k children rows of every active output site (a shared zero row
+  stands in for missing children, so any sparsity pattern is exact) and does one matmul with the
+  weight reshaped to ``[C_out, k*k*C_in]``.
+- ``dwconv`` (stride 1, submanifold): the active sites are covered with halo tiles (the s x s blocks
+  that hold an active site, plus k//2 of context), all tiles go through one depthwise ``conv2d``,
+  and the weight gradient is a conv of the tiles with the output-gradient tiles as kernels (much
+  faster on CPU than oneDNN's depthwise weight gradient). The tile size is chosen per stage from the
+  sparsity (for a dense-ish map the tile is the whole map: a conv on a cached dense scratch buffer).
+- ``conv`` (full channels, stride 1, submanifold): rows are written into a cached dense
+  channels-last buffer whose inactive sites stay zero, a dense ``conv2d`` runs on it and the active
+  rows are read back; backward is ``aten.convolution_backward`` on the same buffers.
+- ``grn``: one fused autograd function; per-sample statistics are views of ``[B, n, C]`` when all
+  samples have the same number of visible sites (as ``random_patch_mask`` makes them).
+
+All index tensors of a stage (row <-> dense position, tile plans, children for downsampling, rows
+per sample) are computed once per batch and stage and cached on :class:`PackedGeometry`, which every
+tensor of that stage shares; nothing is cached in module globals. Scratch buffers are cached there
+too and only ever written at active sites, so they need no per-layer zero fill. Rows are in
+``SparseBatch`` order (batch, then raster), so ``to_sparse`` is free.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from mimsparse.sparse import SparseBatch
+
+from .base import RowBackend
+
+# Depthwise tiles are processed in chunks of about this many input floats (a cache-sized working set
+# for the weight-gradient convs); PackedBackend(tile_chunk_floats=...) overrides it.
+TILE_CHUNK_FLOATS = 128 * 1024
+
+
+# ------------------------------------------------------------------------------------------------
+# geometry: the active sites of one stage, and everything derived from them
+# ------------------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class PackedGeometry:
+    """Active sites of a batch at one stride. Immutable; derived index tensors are cached lazily.
+
+    coords: int32 [N, 3] (batch, y, x) sorted by batch then raster order.
+    flat:   int64 [N], ``(b * H + y) * W + x``, strictly increasing.
+    counts: rows per sample (Python ints; one host sync when the geometry is built).
+    """
+
+    coords: torch.Tensor
+    flat: torch.Tensor
+    batch_size: int
+    spatial_shape: tuple[int, int]
+    stride: int
+    counts: tuple[int, ...]
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    # ---- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_flat(cls, flat: torch.Tensor, batch_size: int, spatial_shape, stride: int) -> "PackedGeometry":
+        """``flat`` must be sorted and unique."""
+        h, w = int(spatial_shape[0]), int(spatial_shape[1])
+        flat = flat.to(torch.int64)
+        b = torch.div(flat, h * w, rounding_mode="floor")
+        rem = flat - b * (h * w)
+        y = torch.div(rem, w, rounding_mode="floor")
+        x = rem - y * w
+        coords = torch.stack([b, y, x], 1).to(torch.int32)
+        counts = tuple(torch.bincount(b, minlength=batch_size).tolist()) if flat.numel() else (0,) * batch_size
+        geom = cls(coords, flat, batch_size, (h, w), stride, counts)
+        geom._cache["bxy"] = (b, y, x)
+        return geom
+
+    @classmethod
+    def from_mask(cls, active_bhw: torch.Tensor, stride: int) -> "PackedGeometry":
+        bsz, h, w = active_bhw.shape
+        coords64 = active_bhw.nonzero()                        # sorted (batch, y, x)
+        b, y, x = coords64.unbind(1)
+        flat = (b * h + y) * w + x
+        counts = tuple(torch.bincount(b, minlength=bsz).tolist()) if flat.numel() else (0,) * bsz
+        geom = cls(coords64.to(torch.int32), flat, bsz, (h, w), stride, counts)
+        geom._cache["bxy"] = (b, y, x)
+        return geom
+
+    # ---- simple properties ----------------------------------------------------------------------
+    @property
+    def num_rows(self) -> int:
+        return self.flat.shape[0]
+
+    @property
+    def num_sites(self) -> int:
+        return self.batch_size * self.spatial_shape[0] * self.spatial_shape[1]
+
+    @property
+    def uniform(self) -> int | None:
+        """Rows per sample when every sample has the same number (random_patch_mask does), else None."""
+        c = self.counts
+        return c[0] if c and all(n == c[0] for n in c) else None
+
+    @property
+    def device(self) -> torch.device:
+        return self.flat.device
+
+    def bxy(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """int64 (batch, y, x) of every row."""
+        if "bxy" not in self._cache:
+            self._cache["bxy"] = tuple(self.coords.long().unbind(1))
+        return self._cache["bxy"]
+
+    def batch_index(self) -> torch.Tensor:
+        return self.bxy()[0]
+
+    def dense_to_row(self) -> torch.Tensor:
+        """int64 [B*H*W]: row of each dense position, ``N`` where inactive."""
+        if "d2r" not in self._cache:
+            n = self.num_rows
+            d2r = torch.full((self.num_sites,), n, dtype=torch.int64, device=self.device)
+            d2r[self.flat] = torch.arange(n, device=self.device)
+            self._cache["d2r"] = d2r
+        return self._cache["d2r"]
+
+    def active_mask(self) -> torch.Tensor:
+        mask = torch.zeros(self.num_sites, dtype=torch.bool, device=self.device)
+        mask[self.flat] = True
+        return mask.view(self.batch_size, *self.spatial_shape)
+
+    # ---- dense scratch buffers ------------------------------------------------------------------
+    def scatter(self, rows: torch.Tensor, role: str) -> torch.Tensor:
+        """Write ``rows`` [N, C] into a cached [B, H, W, C] buffer that is zero at inactive sites and
+        return it as an NCHW (channels-last strided) view. Inactive sites are never written, so the
+        buffer is zero-filled once per (stage, channels, dtype, role), not once per layer.
+        The buffer is overwritten by the next call with the same key: use the result right away."""
+        c = rows.shape[1]
+        key = ("buf", role, c, rows.dtype, rows.device)
+        buf = self._cache.get(key)
+        if buf is None:
+            buf = rows.new_zeros(self.batch_size, *self.spatial_shape, c)
+            self._cache[key] = buf
+        buf.view(-1, c).index_copy_(0, self.flat, rows)
+        return buf.permute(0, 3, 1, 2)
+
+    def gather(self, dense_bchw: torch.Tensor) -> torch.Tensor:
+        """Rows [N, C] of a dense map at the active sites."""
+        c = dense_bchw.shape[1]
+        nhwc = dense_bchw.permute(0, 2, 3, 1)
+        if not nhwc.is_contiguous():
+            nhwc = nhwc.contiguous()
+        return nhwc.reshape(-1, c).index_select(0, self.flat)
+
+    # ---- halo tiles for depthwise convs --------------------------------------------------------
+    def tile_plan(self, sh: int, sw: int, kh: int, kw: int, channels: int,
+                  chunk_floats: int = TILE_CHUNK_FLOATS) -> "TilePlan":
+        key = ("plan", sh, sw, kh, kw, channels, chunk_floats)
+        if key not in self._cache:
+            self._cache[key] = TilePlan.build(self, sh, sw, kh, kw, channels, chunk_floats)
+        return self._cache[key]
+
+    def tiles(self, sh: int, sw: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The sh x sw blocks holding at least one active site: (block id of each row, rank of
+        each block among the occupied ones (P where empty), P)."""
+        key = ("tiles", sh, sw)
+        if key not in self._cache:
+            h, w = self.spatial_shape
+            nty, ntx = -(-h // sh), -(-w // sw)
+            b, y, x = self.bxy()
+            tid = (b * nty + torch.div(y, sh, rounding_mode="floor")) * ntx + torch.div(x, sw, rounding_mode="floor")
+            occupied = torch.zeros(self.batch_size * nty * ntx, dtype=torch.int64, device=self.device)
+            occupied[tid] = 1
+            csum = occupied.cumsum(0)
+            p = int(csum[-1]) if csum.numel() else 0
+            rank = torch.where(occupied.bool(), csum - 1, p)
+            self._cache[key] = (tid, rank, p)
+        return self._cache[key]
+
+    # ---- downsampling ---------------------------------------------------------------------------
+    def down(self, k: int) -> tuple["PackedGeometry", torch.Tensor, torch.Tensor, bool, bool]:
+        """Geometry after a k x k / stride k conv, plus
+        child_idx int64 [M*k*k]: row of child (dy, dx) of output row m at m*k*k + dy*k + dx, or N;
+        parent_idx int64 [N]: the inverse, the slot of each input row in child_idx, or M*k*k for a
+        row that no output reads (cropped border);
+        complete: every child exists (the forward gather needs no zero row);
+        covered: every input row has a parent (the backward gather needs no zero row)."""
+        key = ("down", k)
+        if key not in self._cache:
+            h, w = self.spatial_shape
+            ho, wo = h // k, w // k
+            n = self.num_rows
+            b, y, x = self.bxy()
+            by, bx = torch.div(y, k, rounding_mode="floor"), torch.div(x, k, rounding_mode="floor")
+            slot = (y - by * k) * k + (x - bx * k)
+            valid = (by < ho) & (bx < wo)
+            total = self.batch_size * ho * wo
+            pflat = torch.where(valid, (b * ho + by) * wo + bx, torch.full_like(b, total))
+            covered = bool(valid.all())
+            mask = torch.zeros(total + 1, dtype=torch.bool, device=self.device)
+            mask[pflat] = True
+            out_flat = mask[:total].nonzero().squeeze(1)
+            child = PackedGeometry.from_flat(out_flat, self.batch_size, (ho, wo), self.stride * k)
+            m = child.num_rows
+            kk = k * k
+            o2r = torch.full((total + 1,), m, dtype=torch.int64, device=self.device)
+            o2r[out_flat] = torch.arange(m, device=self.device)
+            parent_idx = torch.where(valid, o2r[pflat] * kk + slot, torch.full_like(slot, m * kk))
+            child_idx = torch.full((m * kk,), n, dtype=torch.int64, device=self.device)
+            child_idx[parent_idx[valid]] = torch.arange(n, device=self.device)[valid]
+            complete = int(valid.sum()) == m * kk
+            self._cache[key] = (child, child_idx, parent_idx, complete, covered)
+        return self._cache[key]
+
+
+@dataclass(eq=False)
+class TilePlan:
+    """Halo tiles for a stride-1 depthwise conv: the active sites are covered by the sh x sw blocks
+    that hold at least one of them; each tile is that block plus a (kh//2, kw//2) halo read from the
+    neighbours (zero where inactive or outside the map).
+
+    Gather mode (tiles smaller than the map, halos overlap): the tile inputs are gathered from the
+    rows (plus a zero row) and laid out in ``nchunk`` chunks of ``ch`` tiles as (chunk, y, x, tile,
+    channel), i.e. a channels-last [nchunk, ch*C, th, tw] map whose channel blocks are the tiles: one
+    depthwise conv2d with the kernel repeated ch times runs every tile; the weight gradient is, per
+    chunk, a depthwise conv of the tile inputs with the output-gradient tiles as kernels.
+
+    Scatter mode (one tile per sample: the whole map): the convs run on the geometry's dense scratch
+    buffer with conv2d's own padding; the weight gradient is a single depthwise conv of the padded
+    input planes, laid out (channel, tile, y, x), with the output-gradient planes as kernels.
+
+    in_idx:  gather mode, int64 [nchunk*th*tw*ch], row read at each tile input position (N = zero).
+    int_idx: gather mode, int64 [nchunk*sh*sw*ch], row at each tile interior position (N = none).
+    out_idx: gather mode, int64 [N], position of each row among the interior positions.
+    in_pos, int_pos: scatter mode, int64 [N], position of each row in the (tile, y, x) padded input
+        and interior planes."""
+
+    sh: int
+    sw: int
+    th: int
+    tw: int
+    ch: int
+    nchunk: int
+    in_idx: torch.Tensor | None = None
+    int_idx: torch.Tensor | None = None
+    out_idx: torch.Tensor | None = None
+    in_pos: torch.Tensor | None = None
+    int_pos: torch.Tensor | None = None
+    _bufs: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def scatter(self) -> bool:
+        return self.in_pos is not None
+
+    def _buffer(self, role: str, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """Cached zero buffer; callers only ever write the positions of active rows into it, so the
+        rest stays zero for the life of the plan."""
+        key = (role, shape, like.dtype, like.device)
+        buf = self._bufs.get(key)
+        if buf is None:
+            buf = self._bufs[key] = like.new_zeros(shape)
+        return buf
+
+    def prepare(self, rows: torch.Tensor) -> torch.Tensor:
+        """What ``conv``/``weight_grad`` read from: the rows, plus a zero row in gather mode."""
+        return rows if self.scatter else _pad_row(rows)
+
+    def conv(self, src: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, role: str,
+             geom: "PackedGeometry") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Depthwise conv (weight [C, 1, kh, kw]) read back at the active rows; also returns the
+        gathered tile inputs (gather mode) for the weight gradient to reuse."""
+        c = src.shape[1]
+        if self.scatter:
+            kh, kw = weight.shape[-2:]
+            y = F.conv2d(geom.scatter(src, role), weight, bias, padding=(kh // 2, kw // 2), groups=c)
+            return geom.gather(y), None
+        x = src.index_select(0, self.in_idx).view(self.nchunk, self.th, self.tw, self.ch * c).permute(0, 3, 1, 2)
+        y = F.conv2d(x, weight.repeat(self.ch, 1, 1, 1), None if bias is None else bias.repeat(self.ch),
+                     groups=self.ch * c)
+        y = y.permute(0, 2, 3, 1)
+        if not y.is_contiguous():
+            y = y.contiguous()
+        return y.reshape(-1, c).index_select(0, self.out_idx), x
+
+    def weight_grad(self, x_src: torch.Tensor, g_src: torch.Tensor, kh: int, kw: int,
+                    x_tiles: torch.Tensor | None = None) -> torch.Tensor:
+        """Per channel, the sum over active sites of grad(site) * input(site + offset): [C, 1, kh, kw].
+        ``x_src``/``g_src`` as returned by ``prepare``; ``x_tiles`` what ``conv`` returned."""
+        c = x_src.shape[1]
+        if self.scatter:
+            p = self.ch
+            x = self._buffer("xT", x_src, (c, p * self.th * self.tw))
+            x.index_copy_(1, self.in_pos, x_src.t())
+            k = self._buffer("gT", g_src, (c, p * self.sh * self.sw))
+            k.index_copy_(1, self.int_pos, g_src.t())
+            r = F.conv2d(x.view(1, c * p, self.th, self.tw), k.view(c * p, 1, self.sh, self.sw), None, groups=c * p)
+            return r.view(c, p, kh, kw).sum(1).unsqueeze(1)
+        cc = self.ch * c
+        kern = g_src.index_select(0, self.int_idx).view(self.nchunk, self.sh * self.sw, cc).transpose(1, 2).contiguous()
+        x = x_tiles
+        acc = None
+        for i in range(self.nchunk):
+            r = F.conv2d(x[i:i + 1], kern[i].view(cc, 1, self.sh, self.sw), None, groups=cc)
+            acc = r if acc is None else acc.add_(r)
+        if acc is None:
+            return x_src.new_zeros(c, 1, kh, kw)
+        return acc.view(self.ch, c, kh, kw).sum(0).unsqueeze(1)
+
+    @classmethod
+    def build(cls, g: "PackedGeometry", sh: int, sw: int, kh: int, kw: int, channels: int,
+              chunk_floats: int = TILE_CHUNK_FLOATS) -> "TilePlan":
+        h, w = g.spatial_shape
+        ph, pw = kh // 2, kw // 2
+        th, tw = sh + 2 * ph, sw + 2 * pw
+        tid, rank, p = g.tiles(sh, sw)
+        n = g.num_rows
+        dev = g.device
+        b, y, x = g.bxy()
+        nty, ntx = -(-h // sh), -(-w // sw)
+        ty, tx = torch.div(y, sh, rounding_mode="floor"), torch.div(x, sw, rounding_mode="floor")
+        t = rank[tid]                                           # tile of each row
+        ly, lx = y - ty * sh, x - tx * sw
+        if nty == 1 and ntx == 1:
+            # one tile per sample, nothing overlaps: rows are scattered to their tile positions
+            in_pos = (t * th + ly + ph) * tw + lx + pw
+            int_pos = (t * sh + ly) * sw + lx
+            return cls(sh, sw, th, tw, p, 1, in_pos=in_pos, int_pos=int_pos)
+        # chunks of ~chunk_floats input floats (a cache-sized working set for the weight
+        # gradient), all of the same size ch (the last one padded with empty tiles)
+        ch = max(1, min(p, chunk_floats // max(1, th * tw * channels)))
+        if p * th * tw * channels <= 4 * chunk_floats:
+            ch = max(p, 1)   # small enough: one chunk, fewer calls
+        nchunk = -(-p // ch) if p else 0
+        ch = -(-p // nchunk) if p else 1
+        chunk, local = torch.div(t, ch, rounding_mode="floor"), t % ch
+        out_idx = ((chunk * sh + ly) * sw + lx) * ch + local    # layout (chunk, sy, sx, tile)
+        int_idx = torch.full((nchunk * sh * sw * ch,), n, dtype=torch.int64, device=dev)
+        int_idx[out_idx] = torch.arange(n, device=dev)
+        # input windows (halo included) of every tile, read from the dense row map
+        tiles = (rank < p).nonzero().squeeze(1)                 # tile ids in rank order
+        tb = torch.div(tiles, nty * ntx, rounding_mode="floor")
+        rem = tiles - tb * (nty * ntx)
+        t_y = torch.div(rem, ntx, rounding_mode="floor") * sh - ph
+        t_x = (rem % ntx) * sw - pw
+        yy = t_y[:, None] + torch.arange(th, device=dev)        # [P, th]
+        xx = t_x[:, None] + torch.arange(tw, device=dev)        # [P, tw]
+        valid = ((yy >= 0) & (yy < h))[:, :, None] & ((xx >= 0) & (xx < w))[:, None, :]
+        pos = (tb[:, None, None] * h + yy.clamp(0, h - 1)[:, :, None]) * w + xx.clamp(0, w - 1)[:, None, :]
+        rows = torch.where(valid, g.dense_to_row()[pos], n)     # [P, th, tw]
+        if nchunk * ch > p:
+            rows = torch.cat([rows, rows.new_full((nchunk * ch - p, th, tw), n)])
+        in_idx = rows.view(nchunk, ch, th, tw).permute(0, 2, 3, 1).reshape(-1)
+        return cls(sh, sw, th, tw, ch, nchunk, in_idx=in_idx, int_idx=int_idx, out_idx=out_idx)
+
+
+@dataclass(eq=False)
+class PackedTensor:
+    """The packed backend's native tensor: feature rows in SparseBatch order + their geometry."""
+
+    feats: torch.Tensor
+    geom: PackedGeometry
+
+    @property
+    def coords(self) -> torch.Tensor:
+        return self.geom.coords
+
+    @property
+    def batch_size(self) -> int:
+        return self.geom.batch_size
+
+    @property
+    def spatial_shape(self) -> tuple[int, int]:
+        return self.geom.spatial_shape
+
+    @property
+    def stride(self) -> int:
+        return self.geom.stride
+
+    def replace(self, feats: torch.Tensor) -> "PackedTensor":
+        return PackedTensor(feats, self.geom)
+
+
+# ------------------------------------------------------------------------------------------------
+# autograd functions
+# ------------------------------------------------------------------------------------------------
+class _SubmConv(torch.autograd.Function):
+    """Stride-1 k x k submanifold conv (any groups) through a dense channels-last scratch buffer."""
+
+    @staticmethod
+    def forward(ctx, feats, weight, bias, geom: PackedGeometry, groups: int):
+        pad = [weight.shape[-2] // 2, weight.shape[-1] // 2]
+        w = weight.to(feats.dtype)
+        x = geom.scatter(feats, "x")
+        y = F.conv2d(x, w, None, padding=pad, groups=groups)
+        out = geom.gather(y)
+        if bias is not None:
+            out += bias.to(out.dtype)
+        ctx.geom, ctx.groups, ctx.pad = geom, groups, pad
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(feats, weight)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        feats, weight = ctx.saved_tensors
+        geom, groups, pad = ctx.geom, ctx.groups, ctx.pad
+        need_in, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_feats = grad_w = grad_b = None
+        grad_out = grad_out.to(feats.dtype).contiguous()
+        if need_in or need_w:
+            w = weight.to(feats.dtype)
+            g = geom.scatter(grad_out, "g")
+            if need_w:
+                x = geom.scatter(feats, "x")
+                gi, gw, _ = torch.ops.aten.convolution_backward(
+                    g, x, w, None, [1, 1], pad, [1, 1], False, [0, 0], groups, [need_in, True, False])
+                grad_w = gw.to(weight.dtype)
+            else:
+                gi = F.conv_transpose2d(g, w, None, padding=pad, groups=groups)
+            if need_in:
+                grad_feats = geom.gather(gi)
+        if need_b and ctx.has_bias:
+            grad_b = grad_out.sum(0)
+        return grad_feats, grad_w, grad_b, None, None
+
+
+def _pad_row(rows: torch.Tensor) -> torch.Tensor:
+    """rows with a zero row appended (index N reads zero)."""
+    return torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
+
+
+class _TileDWConv(torch.autograd.Function):
+    """Submanifold depthwise conv over halo tiles (see TilePlan). Backward: the input gradient is
+    the same tiled conv of the output gradient with the flipped kernel (input and output active
+    sets are equal); the weight gradient, per chunk, is a depthwise conv of the input tiles with the
+    output-gradient tiles as kernel."""
+
+    @staticmethod
+    def forward(ctx, feats, weight, bias, plan: TilePlan, geom: PackedGeometry):
+        ctx.geom = geom
+        w = weight.to(feats.dtype)
+        out, x_tiles = plan.conv(plan.prepare(feats), w, None if bias is None else bias.to(feats.dtype),
+                                 "x", ctx.geom)
+        ctx.plan = plan
+        ctx.has_bias = bias is not None
+        # gather mode: keep the gathered tile inputs for the weight gradient (no second gather);
+        # scatter mode: the rows, written again into the scratch buffer in backward
+        ctx.save_for_backward(feats, weight, x_tiles)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        src, weight, x_tiles = ctx.saved_tensors
+        plan = ctx.plan
+        need_in, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_feats = grad_w = grad_b = None
+        w = weight.to(src.dtype)
+        g = plan.prepare(grad_out.to(src.dtype).contiguous())
+        if need_in:
+            grad_feats = plan.conv(g, w.flip(-2, -1), None, "g", ctx.geom)[0]
+        if need_w:
+            grad_w = plan.weight_grad(src, g, *weight.shape[-2:], x_tiles).to(weight.dtype)
+        if need_b and ctx.has_bias:
+            grad_b = grad_out.sum(0)
+        return grad_feats, grad_w, grad_b, None, None
+
+
+class _GRN(torch.autograd.Function):
+    """Global Response Normalisation, statistics per sample over its rows, fused forward/backward:
+    ``out = f * (1 + w * nx[b]) + bias`` with ``nx = gx / (mean_c gx + eps)``, ``gx = ||f||_2`` per
+    (sample, channel); a sample without rows (or a channel that is all zero) gets gx = 0 and no
+    gradient through the norm, like ``torch.linalg.vector_norm``. When every sample has the same
+    number of rows, per-sample reductions and broadcasts are views of [B, n, C] (no gathers)."""
+
+    @staticmethod
+    def forward(ctx, feats, weight, bias, eps: float, geom: PackedGeometry):
+        seg = _Segments(geom, feats)
+        f32 = feats if feats.dtype == torch.float32 else feats.float()
+        gx = seg.sum(f32.square()).sqrt_()                                  # [B, C] float32
+        m = gx.mean(1, keepdim=True) + eps
+        nx = gx / m
+        scale = torch.addcmul(torch.ones_like(nx), weight.float(), nx).to(feats.dtype)
+        out = seg.rows_of(torch.addcmul(bias.to(feats.dtype), seg.split(feats), seg.expand(scale)))
+        ctx.save_for_backward(feats, weight, gx, m, nx, scale)
+        ctx.geom = geom
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        feats, weight, gx, m, nx, scale = ctx.saved_tensors
+        seg = _Segments(ctx.geom, feats)
+        g = grad_out.to(feats.dtype).contiguous()
+        g3, f3 = seg.split(g), seg.split(feats)
+        grad_b = g.sum(0).to(weight.dtype)
+        tmp = g3 * f3
+        ds = seg.sum(tmp.float())                                           # d loss / d scale [B, C]
+        grad_w = (ds * nx).sum(0).to(weight.dtype)
+        dnx = ds * weight.float()
+        dgx = dnx / m - (dnx * gx).sum(1, keepdim=True) / (m * m * gx.shape[1])
+        positive = gx > 0
+        coef = torch.where(positive, dgx / torch.where(positive, gx, torch.ones_like(gx)), torch.zeros_like(gx))
+        # grad_f = g * scale + f * coef, written into tmp (no further allocation)
+        grad_f = torch.mul(g3, seg.expand(scale), out=tmp).addcmul_(f3, seg.expand(coef.to(feats.dtype)))
+        return seg.rows_of(grad_f), grad_w, grad_b, None, None
+
+
+class _Segments:
+    """Per-sample reductions/broadcasts over rows sorted by sample."""
+
+    def __init__(self, geom: PackedGeometry, feats: torch.Tensor):
+        self.geom = geom
+        self.n = geom.uniform if geom.num_rows else None
+        self.c = feats.shape[1]
+
+    def split(self, x):  # rows -> the layout expand() broadcasts against
+        return x.view(self.geom.batch_size, self.n, self.c) if self.n is not None else x
+
+    def rows_of(self, x):
+        return x.reshape(-1, self.c)
+
+    def sum(self, x):  # [B, C]
+        if self.n is not None:
+            return x.view(self.geom.batch_size, self.n, self.c).sum(1)
+        out = x.new_zeros(self.geom.batch_size, self.c)
+        return out.index_add_(0, self.geom.batch_index(), x.view(-1, self.c))
+
+    def expand(self, v):  # [B, C] -> broadcastable to split(x)
+        if self.n is not None:
+            return v.unsqueeze(1)
+        return v.index_select(0, self.geom.batch_index())
+
+
+class _PermuteRows(torch.autograd.Function):
+    """``out = src_padded[fwd_idx]`` where src_padded has a zero row appended at index N, and every
+    source row is read at most once, so the gradient is again a gather:
+    ``grad_src = grad_out_padded[bwd_idx]`` (bwd_idx = len(out) for rows nobody reads)."""
+
+    @staticmethod
+    def forward(ctx, src, fwd_idx, bwd_idx, fwd_pad: bool, bwd_pad: bool):
+        ctx.save_for_backward(bwd_idx)
+        ctx.bwd_pad = bwd_pad
+        if fwd_pad:
+            src = torch.cat([src, src.new_zeros(1, src.shape[1])])
+        return src.index_select(0, fwd_idx)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        (bwd_idx,) = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        if ctx.bwd_pad:
+            grad_out = torch.cat([grad_out, grad_out.new_zeros(1, grad_out.shape[1])])
+        return grad_out.index_select(0, bwd_idx), None, None, None, None
+
+
+# ------------------------------------------------------------------------------------------------
+# the backend
+# ------------------------------------------------------------------------------------------------
+class PackedBackend(RowBackend):
+    name = "packed"
+
+    def __init__(self, dw_tiles="auto", tile_compute_weight: float = 1.0,
+                 tile_chunk_floats: int = TILE_CHUNK_FLOATS):
+        self.dw_tiles = dw_tiles
+        self.tile_compute_weight = tile_compute_weight
+        self.tile_chunk_floats = tile_chunk_floats
+
+    # ---- entering and leaving -------------------------------------------------------------------
+    def from_sparse(self, sb: SparseBatch) -> PackedTensor:
+        h, w = sb.spatial_shape
+        b, y, x = sb.coords.long().unbind(1)
+        flat = (b * h + y) * w + x
+        feats = sb.feats
+        if flat.numel() > 1 and not bool((flat[1:] > flat[:-1]).all()):
+            order = flat.argsort()
+            flat, feats = flat[order], feats[order]
+            if bool((flat[1:] == flat[:-1]).any()):
+                raise ValueError("duplicate coordinates: each active site must appear once")
+        geom = PackedGeometry.from_flat(flat, sb.batch_size, (h, w), sb.stride)
+        return PackedTensor(feats, geom)
+
+    def to_sparse(self, t: PackedTensor) -> SparseBatch:
+        g = t.geom
+        return SparseBatch(g.coords, t.feats, g.batch_size, g.spatial_shape, g.stride)
+
+    def from_dense(self, x_bchw, active_bhw, stride=1):
+        if active_bhw.shape != (x_bchw.shape[0], *x_bchw.shape[2:]):
+            raise ValueError(f"active mask {tuple(active_bhw.shape)} does not match the map {tuple(x_bchw.shape)}")
+        geom = PackedGeometry.from_mask(active_bhw, stride)
+        return PackedTensor(geom.gather(x_bchw), geom)
+
+    def to_dense(self, t: PackedTensor) -> torch.Tensor:
+        g = t.geom
+        c = t.feats.shape[1]
+        out = t.feats.new_zeros(g.num_sites, c).index_copy(0, g.flat, t.feats)
+        return out.view(g.batch_size, *g.spatial_shape, c).permute(0, 3, 1, 2)
+
+    def patch_embed(self, image, active_bhw, weight, bias, stride):
+        """Gather the k x k pixel patch of every active output site, then one matmul (exact for any
+        ``active_bhw``, aligned with the patches or not)."""
+        k = weight.shape[-1]
+        bsz, cin, h, w = image.shape
+        ho, wo = h // k, w // k
+        if active_bhw.shape != (bsz, ho, wo):
+            raise ValueError(f"active mask {tuple(active_bhw.shape)} does not match the output grid {(bsz, ho, wo)}")
+        geom = PackedGeometry.from_mask(active_bhw, stride)
+        img = image[:, :, : ho * k, : wo * k].reshape(bsz, cin, ho, k, wo, k).permute(0, 2, 4, 1, 3, 5)
+        patches = img.reshape(-1, cin * k * k).index_select(0, geom.flat).to(weight.dtype)
+        return PackedTensor(F.linear(patches, weight.reshape(weight.shape[0], -1), bias), geom)
+
+    # ---- convolutions ---------------------------------------------------------------------------
+    def conv(self, t, weight, bias):
+        kh, kw = _odd_kernel(weight)
+        if kh == 1 and kw == 1:
+            return t.replace(F.linear(t.feats, weight.flatten(1), bias))
+        return t.replace(_SubmConv.apply(t.feats, weight, bias, t.geom, 1))
+
+    def dwconv(self, t, weight, bias):
+        kh, kw = _odd_kernel(weight)
+        if kh == 1 and kw == 1:
+            out = t.feats * weight.reshape(1, -1).to(t.feats.dtype)
+            return t.replace(out + bias if bias is not None else out)
+        tile = self.choose_tile(t.geom, kh, kw)
+        if tile is None:
+            return t.replace(_SubmConv.apply(t.feats, weight, bias, t.geom, t.feats.shape[1]))
+        plan = t.geom.tile_plan(*tile, kh, kw, t.feats.shape[1], self.tile_chunk_floats)
+        return t.replace(_TileDWConv.apply(t.feats, weight, bias, plan, t.geom))
+
+    def choose_tile(self, geom: PackedGeometry, kh: int, kw: int) -> tuple[int, int] | None:
+        """Tile size for depthwise convs (None: the dense scratch-buffer path).
+
+        ``dw_tiles="auto"`` takes the candidate (4, 8, 16 or the whole map) with the least estimated
+        cost: over all occupied tiles, tile input area (halo included: memory traffic, which
+        dominates on CPU) + ``tile_compute_weight`` x interior area (compute). A (sh, sw) pair forces
+        that tile size, None forces the dense path."""
+        if self.dw_tiles != "auto":
+            return self.dw_tiles
+        if geom.num_rows == 0:
+            return None
+        key = ("tile_choice", kh, kw)
+        if key not in geom._cache:
+            h, w = geom.spatial_shape
+
+            def cost(sh, sw, p):
+                return p * ((sh + kh - 1) * (sw + kw - 1) + self.tile_compute_weight * sh * sw)
+
+            # the whole map: one tile per sample that has any site (no tensor work to count them)
+            best, best_cost = (h, w), cost(h, w, sum(1 for n in geom.counts if n))
+            for s in (4, 8):  # larger tiles never won in measurements (halo area grows too fast)
+                if s < max(h, w):
+                    c = cost(s, s, geom.tiles(s, s)[2])
+                    if c < best_cost:
+                        best, best_cost = (s, s), c
+            geom._cache[key] = best
+        return geom._cache[key]
+
+    def downsample(self, t, weight, bias):
+        k = weight.shape[-1]
+        child, child_idx, parent_idx, complete, covered = t.geom.down(k)
+        gathered = _PermuteRows.apply(t.feats, child_idx, parent_idx, not complete, not covered)
+        cout = weight.shape[0]
+        wmat = weight.permute(0, 2, 3, 1).reshape(cout, -1)
+        out = F.linear(gathered.view(child.num_rows, wmat.shape[1]), wmat, bias)
+        return PackedTensor(out, child)
+
+    # ---- per-site and per-sample ops ------------------------------------------------------------
+    def feats(self, t):
+        return t.feats
+
+    def batch_index(self, t):
+        return t.geom.batch_index()
+
+    def batch_size(self, t):
+        return t.geom.batch_size
+
+    def with_feats(self, t, feats):
+        return t.replace(feats)
+
+    def map_feats(self, t, fn):
+        return t.replace(fn(t.feats))
+
+    def grn(self, t, weight, bias, eps=1e-6):
+        return t.replace(_GRN.apply(t.feats, weight, bias, eps, t.geom))
+
+    def add(self, a, b):
+        if a.feats.shape != b.feats.shape:
+            raise ValueError(f"add needs the same active sites, got {tuple(a.feats.shape)} and {tuple(b.feats.shape)}")
+        return a.replace(a.feats + b.feats)
+
+    def scale_samples(self, t, scale_b):
+        f = t.feats
+        n = t.geom.uniform
+        scale = scale_b.to(f.dtype)
+        if n is not None:
+            return t.replace((f.view(t.geom.batch_size, n, f.shape[1]) * scale.view(-1, 1, 1)).view_as(f))
+        return t.replace(f * scale[t.geom.batch_index()].unsqueeze(1))
+
+
+def _odd_kernel(weight: torch.Tensor) -> tuple[int, int]:
+    kh, kw = weight.shape[-2:]
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"stride-1 submanifold convs need odd kernel sizes, got {kh}x{kw}")
+    return kh, kw

@@ -1,0 +1,390 @@
+"""The packed backend against the masked-dense reference (and plain F.conv2d on masked inputs).
+
+Every op is checked forward and backward (grads w.r.t. weights, bias and input features) on random,
+non-aligned sparsity, non-square maps and a batch with an all-masked sample; the whole encoder and
+FCMAE must give the same outputs, loss and parameter gradients as the dense backend.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mimsparse.backends import get_backend
+from mimsparse.backends.dense import MaskedDenseBackend
+from mimsparse.backends.packed import TILE_CHUNK_FLOATS, PackedBackend, PackedGeometry, PackedTensor
+from mimsparse.build import build_fcmae
+from mimsparse.config import PretrainConfig
+from mimsparse.encoder import SparseConvNeXtV2
+from mimsparse.masking import random_patch_mask, upsample_mask
+from mimsparse.sparse import SparseBatch
+
+TOL = 1e-4
+DENSE = MaskedDenseBackend()
+PACKED = PackedBackend()
+# depthwise variants: auto; the dense scratch-buffer path; halo tiles (gather mode) small, non-square,
+# one tile per chunk, two tiles per chunk (last chunk padded); whole-map tiles (scatter mode)
+DW_BACKENDS = {
+    "auto": PackedBackend(),
+    "dense-buffer": PackedBackend(dw_tiles=None),
+    "tiles4": PackedBackend(dw_tiles=(4, 4)),
+    "tiles3x5": PackedBackend(dw_tiles=(3, 5)),
+    "tiles4-chunk1": PackedBackend(dw_tiles=(4, 4), tile_chunk_floats=1),
+    "tiles4-chunk2": PackedBackend(dw_tiles=(4, 4), tile_chunk_floats=1300),
+    "whole": PackedBackend(dw_tiles=(64, 64)),
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float = TOL, what: str = ""):
+    """Relative error in norm, and elementwise relative to the largest magnitude."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.detach().double(), expected.detach().double()
+    if e.numel() == 0:
+        return
+    scale = e.abs().max().item()
+    if scale == 0.0:
+        assert a.abs().max().item() <= 1e-12, f"{what}: expected zeros"
+        return
+    rel = ((a - e).norm() / e.norm()).item()
+    worst = ((a - e).abs().max() / scale).item()
+    assert rel <= tol and worst <= tol, f"{what}: relative error {rel:.2e}, worst element {worst:.2e}"
+
+
+def random_mask(b, h, w, p=0.55, seed=0, empty_sample=None):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(b, h, w, generator=g) < p
+    if empty_sample is not None:
+        mask[empty_sample] = False
+    return mask
+
+
+def make_input(b=3, c=6, h=10, w=13, p=0.55, seed=0, empty_sample=1):
+    """Masked input (zeros at inactive sites), its mask, and leaf rows for the packed backend."""
+    g = torch.Generator().manual_seed(seed + 100)
+    mask = random_mask(b, h, w, p, seed, empty_sample)
+    x = torch.randn(b, c, h, w, generator=g) * mask.unsqueeze(1)
+    return x, mask
+
+
+def run_both(x, mask, op, backend=PACKED, stride=1):
+    """Apply ``op(backend, native)`` on both backends to the same leaf data. Returns
+    (dense output [B,C,H,W], packed output [B,C,H,W], dense leaf, packed leaf rows, packed tensor)."""
+    xd = x.clone().requires_grad_(True)
+    yd = op(DENSE, DENSE.from_dense(xd, mask, stride))
+    tp = backend.from_dense(x, mask, stride)
+    rows = tp.feats.detach().clone().requires_grad_(True)
+    yp = op(backend, tp.replace(rows))
+    return yd, yp, xd, rows, tp
+
+
+def check_fwd_bwd(x, mask, op, params=(), backend=PACKED, seed=1, stride=1):
+    """Forward equal, and grads w.r.t. params and input rows equal, for a random upstream gradient."""
+    yd, yp, xd, rows, tp = run_both(x, mask, op, backend, stride)
+    out_d, out_p = DENSE.to_dense(yd), backend.to_dense(yp)
+    assert_close(out_p, out_d, what="forward")
+    up = torch.randn(out_d.shape, generator=torch.Generator().manual_seed(seed))
+    grads_d = torch.autograd.grad((out_d * up).sum(), [xd, *params])
+    grads_p = torch.autograd.grad((out_p * up).sum(), [rows, *params])
+    b, yy, xx = tp.geom.bxy()
+    assert_close(grads_p[0], grads_d[0].permute(0, 2, 3, 1)[b, yy, xx], what="grad input")
+    for i, (gp, gd) in enumerate(zip(grads_p[1:], grads_d[1:])):
+        assert_close(gp, gd, what=f"grad param {i}")
+    return out_d, out_p
+
+
+# ------------------------------------------------------------------------------------------------
+# entering and leaving
+# ------------------------------------------------------------------------------------------------
+def test_registered():
+    assert isinstance(get_backend("packed"), PackedBackend)
+
+
+def test_roundtrip_and_row_order():
+    x, mask = make_input()
+    sb = SparseBatch.from_dense(x, mask, stride=4)
+    t = PACKED.from_sparse(sb)
+    assert isinstance(t, PackedTensor)
+    back = PACKED.to_sparse(t)
+    assert torch.equal(back.coords, sb.coords) and torch.equal(back.feats, sb.feats)
+    assert back.spatial_shape == (10, 13) and back.stride == 4 and back.batch_size == 3
+    t2 = PACKED.from_dense(x, mask, 4)
+    assert torch.equal(t2.coords, sb.coords) and torch.equal(t2.feats, sb.feats)
+    assert torch.equal(PACKED.to_dense(t2), x)
+    assert t2.geom.counts[1] == 0
+
+
+def test_from_sparse_sorts_unsorted_rows():
+    x, mask = make_input()
+    sb = SparseBatch.from_dense(x, mask)
+    perm = torch.randperm(sb.coords.shape[0], generator=torch.Generator().manual_seed(0))
+    t = PACKED.from_sparse(SparseBatch(sb.coords[perm], sb.feats[perm], sb.batch_size, sb.spatial_shape))
+    assert torch.equal(t.coords, sb.coords) and torch.equal(t.feats, sb.feats)
+
+
+# ------------------------------------------------------------------------------------------------
+# convolutions
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_conv_matches_dense_and_conv2d(k):
+    x, mask = make_input(c=5)
+    g = torch.Generator().manual_seed(k)
+    weight = (torch.randn(4, 5, k, k, generator=g) * 0.2).requires_grad_(True)
+    bias = torch.randn(4, generator=g).requires_grad_(True)
+    out_d, out_p = check_fwd_bwd(x, mask, lambda be, t: be.conv(t, weight, bias), (weight, bias))
+    ref = F.conv2d(x, weight, bias, padding=k // 2) * mask.unsqueeze(1)
+    assert_close(out_p, ref, what="vs F.conv2d")
+
+
+@pytest.mark.parametrize("mode", list(DW_BACKENDS))
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_dwconv_matches_dense_and_conv2d(k, mode):
+    x, mask = make_input(c=6)
+    g = torch.Generator().manual_seed(10 + k)
+    weight = (torch.randn(6, 1, k, k, generator=g) * 0.2).requires_grad_(True)
+    bias = torch.randn(6, generator=g).requires_grad_(True)
+    backend = DW_BACKENDS[mode]
+    out_d, out_p = check_fwd_bwd(x, mask, lambda be, t: be.dwconv(t, weight, bias), (weight, bias), backend)
+    ref = F.conv2d(x, weight, bias, padding=k // 2, groups=6) * mask.unsqueeze(1)
+    assert_close(out_p, ref, what="vs F.conv2d")
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.6, 0.9])
+def test_dwconv_patch_masks_all_tile_sizes(ratio):
+    """Patch-aligned masks (the encoder's case) at stage-1 resolution, every tile size."""
+    vis = random_patch_mask(2, (3, 4), ratio, torch.Generator().manual_seed(3))
+    mask = upsample_mask(vis, 8)                                    # 24 x 32 map, 8 x 8 patches
+    x = torch.randn(2, 8, 24, 32, generator=torch.Generator().manual_seed(4)) * mask.unsqueeze(1)
+    g = torch.Generator().manual_seed(5)
+    weight = (torch.randn(8, 1, 7, 7, generator=g) * 0.2).requires_grad_(True)
+    bias = torch.randn(8, generator=g).requires_grad_(True)
+    for mode in ["auto", None, (4, 4), (8, 8), (16, 16), (24, 32)]:
+        for chunk in (TILE_CHUNK_FLOATS, 1):
+            backend = PackedBackend(dw_tiles=mode, tile_chunk_floats=chunk)
+            check_fwd_bwd(x, mask, lambda be, t: be.dwconv(t, weight, bias), (weight, bias), backend)
+
+
+def test_dwconv_non_square_kernel():
+    """Beyond the interface's k x k (the dense backend assumes square kernels): vs F.conv2d."""
+    x, mask = make_input(c=4)
+    weight = (torch.randn(4, 1, 3, 5, generator=torch.Generator().manual_seed(0)) * 0.2).requires_grad_(True)
+    xd = x.clone().requires_grad_(True)
+    ref = F.conv2d(xd, weight, None, padding=(1, 2), groups=4) * mask.unsqueeze(1)
+    up = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1))
+    gx_ref, gw_ref = torch.autograd.grad((ref * up).sum(), [xd, weight])
+    for mode, backend in DW_BACKENDS.items():
+        t = backend.from_dense(x, mask)
+        rows = t.feats.clone().requires_grad_(True)
+        out = backend.to_dense(backend.dwconv(t.replace(rows), weight, None))
+        assert_close(out, ref, what=f"{mode} forward")
+        gx, gw = torch.autograd.grad((out * up).sum(), [rows, weight])
+        b, yy, xx = t.geom.bxy()
+        assert_close(gx, gx_ref.permute(0, 2, 3, 1)[b, yy, xx], what=f"{mode} grad input")
+        assert_close(gw, gw_ref, what=f"{mode} grad weight")
+
+
+def test_even_kernel_refused():
+    x, mask = make_input(c=4)
+    t = PACKED.from_dense(x, mask)
+    with pytest.raises(ValueError, match="odd"):
+        PACKED.dwconv(t, torch.randn(4, 1, 2, 2), None)
+
+
+def test_dwconv_reuses_cached_plan_and_buffers():
+    vis = random_patch_mask(2, (3, 4), 0.5, torch.Generator().manual_seed(3))
+    mask = upsample_mask(vis, 8)
+    x = torch.randn(2, 8, 24, 32) * mask.unsqueeze(1)
+    t = PACKED.from_dense(x, mask)
+    w = torch.randn(8, 1, 7, 7)
+    y1 = PACKED.dwconv(t, w, None)
+    keys = set(t.geom._cache)
+    y2 = PACKED.dwconv(y1, w, None)                  # same geometry: nothing new is built
+    assert set(t.geom._cache) == keys
+    ref = PACKED.dwconv(PackedBackend(dw_tiles=None).dwconv(t, w, None), w, None)
+    assert_close(y2.feats, ref.feats)
+
+
+# ------------------------------------------------------------------------------------------------
+# downsampling and the stem
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape,aligned", [((12, 16), True), ((12, 16), False), ((11, 13), False)])
+def test_downsample(shape, aligned):
+    h, w = shape
+    if aligned:   # whole 2 x 2 blocks, like the encoder's masks
+        vis = random_mask(3, h // 2, w // 2, 0.5, seed=2, empty_sample=2)
+        mask = upsample_mask(vis, 2)
+    else:         # arbitrary sparsity (blocks with missing children), odd sizes (cropped border)
+        mask = random_mask(3, h, w, 0.4, seed=2, empty_sample=2)
+    x = torch.randn(3, 6, h, w, generator=torch.Generator().manual_seed(0)) * mask.unsqueeze(1)
+    g = torch.Generator().manual_seed(1)
+    weight = (torch.randn(9, 6, 2, 2, generator=g) * 0.2).requires_grad_(True)
+    bias = torch.randn(9, generator=g).requires_grad_(True)
+    out_d, out_p = check_fwd_bwd(x, mask, lambda be, t: be.downsample(t, weight, bias), (weight, bias), stride=4)
+    active = F.max_pool2d(mask[:, : h // 2 * 2, : w // 2 * 2].unsqueeze(1).float(), 2) > 0
+    assert_close(out_p, F.conv2d(x, weight, bias, stride=2) * active, what="vs F.conv2d")
+    t = PACKED.downsample(PACKED.from_dense(x, mask, 4), weight, bias)
+    assert t.stride == 8 and t.spatial_shape == (h // 2, w // 2)
+    assert torch.equal(t.geom.active_mask(), active.squeeze(1))
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_patch_embed(aligned):
+    img = torch.randn(2, 3, 24, 40, generator=torch.Generator().manual_seed(0))
+    if aligned:
+        mask = upsample_mask(random_patch_mask(2, (3, 5), 0.5, torch.Generator().manual_seed(1)), 2)
+    else:
+        mask = random_mask(2, 6, 10, 0.5, seed=1)
+    g = torch.Generator().manual_seed(2)
+    weight = (torch.randn(5, 3, 4, 4, generator=g) * 0.2).requires_grad_(True)
+    bias = torch.randn(5, generator=g).requires_grad_(True)
+    td = DENSE.patch_embed(img, mask, weight, bias, 4)
+    tp = PACKED.patch_embed(img, mask, weight, bias, 4)
+    out_d, out_p = DENSE.to_dense(td), PACKED.to_dense(tp)
+    assert tp.stride == 4 and tp.spatial_shape == (6, 10)
+    assert_close(out_p, out_d, what="forward")
+    assert_close(out_p, F.conv2d(img, weight, bias, stride=4) * mask.unsqueeze(1), what="vs F.conv2d")
+    up = torch.randn(out_d.shape, generator=g)
+    for gp, gd in zip(torch.autograd.grad((out_p * up).sum(), [weight, bias]),
+                      torch.autograd.grad((out_d * up).sum(), [weight, bias])):
+        assert_close(gp, gd, what="grad")
+
+
+# ------------------------------------------------------------------------------------------------
+# per-site and per-sample ops
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("uniform", [True, False])
+def test_grn(uniform):
+    if uniform:   # the same number of sites per sample: the [B, n, C] fast path
+        vis = random_patch_mask(3, (3, 4), 0.5, torch.Generator().manual_seed(0))
+        mask = upsample_mask(vis, 2)
+    else:         # different counts, one sample without any site
+        mask = random_mask(3, 6, 8, 0.5, seed=0, empty_sample=1)
+    x = torch.randn(3, 16, 6, 8, generator=torch.Generator().manual_seed(1)) * mask.unsqueeze(1)
+    x[0, 3] = 0.0                                   # an all-zero channel: norm 0, no NaN
+    g = torch.Generator().manual_seed(2)
+    weight = torch.randn(16, generator=g).requires_grad_(True)
+    bias = torch.randn(16, generator=g).requires_grad_(True)
+    t = PACKED.from_dense(x, mask)
+    assert (t.geom.uniform is not None) == uniform
+    check_fwd_bwd(x, mask, lambda be, t: be.grn(t, weight, bias), (weight, bias))
+
+
+def test_grn_statistics_are_per_sample():
+    x, mask = make_input(b=3, c=8, empty_sample=None)
+    w, b = torch.randn(8), torch.randn(8)
+    out = PACKED.to_dense(PACKED.grn(PACKED.from_dense(x, mask), w, b))
+    x2 = x.clone()
+    x2[2] *= 5.0                                    # another sample changes...
+    out2 = PACKED.to_dense(PACKED.grn(PACKED.from_dense(x2, mask), w, b))
+    assert torch.allclose(out[:2], out2[:2])        # ...this one does not
+    assert not torch.allclose(out[2], out2[2])
+
+
+def test_map_feats_add_scale_samples():
+    x, mask = make_input(c=6)
+    lin = torch.nn.Linear(6, 6)
+    ln = torch.nn.LayerNorm(6)
+    scale = torch.tensor([0.0, 2.0, 0.5])
+
+    def op(be, t):
+        u = be.map_feats(t, lambda f: F.gelu(lin(ln(f))))
+        return be.add(t, be.scale_samples(u, scale))
+
+    check_fwd_bwd(x, mask, op, (lin.weight, lin.bias, ln.weight))
+    vis = upsample_mask(random_patch_mask(3, (3, 4), 0.5, torch.Generator().manual_seed(0)), 2)
+    x2 = torch.randn(3, 6, 6, 8) * vis.unsqueeze(1)
+    check_fwd_bwd(x2, vis, op, (lin.weight, lin.bias, ln.weight))     # uniform counts path
+
+
+def test_geometry_down_indices():
+    mask = random_mask(2, 7, 9, 0.5, seed=5)
+    geom = PackedGeometry.from_mask(mask, 4)
+    child, child_idx, parent_idx, complete, covered = geom.down(2)
+    assert geom.down(2)[0] is child                 # cached: computed once per stage
+    n = geom.num_rows
+    real = child_idx < n
+    assert torch.equal(parent_idx[child_idx[real]], torch.arange(child_idx.numel())[real])
+    assert not covered                              # odd sizes: border rows have no parent
+
+
+# ------------------------------------------------------------------------------------------------
+# whole model
+# ------------------------------------------------------------------------------------------------
+def _randomize(module: torch.nn.Module, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("stem_norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))   # GRN weights included (init 0)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.6])
+def test_encoder_matches_dense(ratio):
+    torch.manual_seed(0)
+    dense = SparseConvNeXtV2.from_name("convnextv2_atto", backend="dense")
+    _randomize(dense)
+    packed = copy.deepcopy(dense)
+    packed.backend = "packed"
+    img = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    vis = random_patch_mask(2, (2, 3), ratio, torch.Generator().manual_seed(2))
+    out_d, out_p = dense(img, vis), packed(img, vis)
+    assert out_p.shape == (2, 320, 2, 3)
+    assert_close(out_p, out_d, what="encoder output")
+    up = torch.randn(out_d.shape, generator=torch.Generator().manual_seed(3))
+    (out_d * up).sum().backward()
+    (out_p * up).sum().backward()
+    for (name, pd), (_, pp) in zip(dense.named_parameters(), packed.named_parameters()):
+        assert_close(pp.grad, pd.grad, what=name)
+    stages_d = dense.forward_sparse(img, vis, return_stages=True)
+    stages_p = packed.forward_sparse(img, vis, return_stages=True)
+    for i, (sd, sp) in enumerate(zip(stages_d, stages_p)):
+        assert_close(PACKED.to_dense(sp), DENSE.to_dense(sd), what=f"stage {i}")
+
+
+def test_fcmae_loss_and_grads_match_dense():
+    cfg = PretrainConfig()
+    torch.manual_seed(0)
+    dense = build_fcmae(cfg, "dense")
+    _randomize(dense, seed=4)
+    packed = copy.deepcopy(dense)
+    packed.encoder.backend = "packed"
+    img = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(5))
+    vis = dense.make_mask(img, torch.Generator().manual_seed(6))
+    loss_d, pred_d, _ = dense(img, vis)
+    loss_p, pred_p, _ = packed(img, vis)
+    assert_close(loss_p, loss_d, what="loss")
+    assert_close(pred_p, pred_d, what="predictions")
+    loss_d.backward()
+    loss_p.backward()
+    for (name, pd), (_, pp) in zip(dense.named_parameters(), packed.named_parameters()):
+        assert_close(pp.grad, pd.grad, what=name)
+
+
+def test_encoder_bfloat16_runs():
+    model = SparseConvNeXtV2.from_name("convnextv2_atto", backend="packed")
+    _randomize(model)
+    img = torch.randn(2, 3, 64, 64)
+    vis = random_patch_mask(2, (2, 2), 0.5, torch.Generator().manual_seed(0))
+    ref = model(img, vis)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(img, vis)
+    out.float().sum().backward()
+    assert torch.isfinite(out.float()).all()
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 0.1
+
+
+def test_batch_without_any_site():
+    x = torch.zeros(2, 4, 6, 8)
+    mask = torch.zeros(2, 6, 8, dtype=torch.bool)
+    g = torch.Generator().manual_seed(0)
+    dw = torch.randn(4, 1, 7, 7, generator=g).requires_grad_(True)
+    down = torch.randn(5, 4, 2, 2, generator=g).requires_grad_(True)
+    gw, gb = torch.randn(4, generator=g).requires_grad_(True), torch.randn(4, generator=g).requires_grad_(True)
+
+    def op(be, t):
+        return be.downsample(be.grn(be.dwconv(t, dw, None), gw, gb), down, None)
+
+    check_fwd_bwd(x, mask, op, (dw, gw, gb, down))
