@@ -1,0 +1,406 @@
+"""MinkowskiEngine backend: submanifold sparse convolutions from MinkowskiEngine 0.5.4 (``ME``).
+
+Native tensor: ``MinkowskiTensor`` = an ``ME.SparseTensor`` (features [N, C], coordinates
+(b, y, x) in its coordinate manager) plus what ME does not keep: batch_size (a sample may have no
+site at all), spatial_shape (H, W) of the current grid and the stride in image pixels.
+
+What ME gives and what this module adds (see /work/shared/notes/minkowski.md for the build and API):
+
+- Coordinates are explicit: ``SparseTensor(features, coordinates=...)`` from the ``SparseBatch``,
+  never ``MinkowskiOps.to_sparse`` (which drops all-zero rows). ME coordinates stay in units of the
+  grid the batch entered on (the stem output for the encoder); ME's ``tensor_stride`` grows with
+  every downsample (1, 2, 4, 8) and its strided coordinates are multiples of it, as ME intends.
+  Leaving (``to_sparse``) divides by the tensor stride and sorts the rows to (batch, raster) order.
+- Full-channel convs (``conv``, ``downsample``) are ``MinkowskiConvolutionFunction`` with the
+  model's dense-layout weight [C_out, C_in, kh, kw] turned on the fly (differentiably) into ME's
+  kernel [kh*kw, C_in, C_out]. ME enumerates kernel offsets with the first spatial axis (y) fastest,
+  so offset index = ix * kh + iy: ``weight.permute(3, 2, 1, 0).reshape(kw * kh, C_in, C_out)``
+  (``me_kernel``; the tests check it against F.conv2d, non-square kernels included). Bias is added
+  afterwards (ME's function takes none). 1x1 convs are a plain matmul.
+- ``downsample`` (k x k, stride k): output sites are ME's strided coordinate map (``cm.stride``:
+  every k x k block holding an active site), in ME's own row order. As F.conv2d without padding (and
+  timm), the output grid is floor(H/k) x floor(W/k): sites in a partial last row/column of blocks
+  are first removed with ``MinkowskiPruningFunction``. ME offsets an even kernel 0..k-1 from the
+  block corner, as F.conv2d does; an odd one it centres, so an odd k is run as a (k+1)-kernel
+  whose extra last row and column of taps are zero.
+- Depthwise convs: ME 0.5.4 has no depthwise kernel (``MinkowskiDepthwiseConvolution`` is in a
+  CUDA-only fork); ``MinkowskiChannelwiseConvolution`` is a Python loop over ME's kernel map. Two
+  implementations, ``MinkowskiBackend(dwconv=...)`` or ``MIMSPARSE_MINKOWSKI_DWCONV``:
+  ``dense`` (default): scatter the rows into a zero channels-last map, ``F.conv2d(groups=C)``,
+  gather the active sites -- exact, since inactive sites are zero; ``kernel_map``: the channelwise
+  loop (gather, scale by that tap, index_add per offset) over ME's kernel map, cached per site set.
+  Measured on the 2-core CPU, one thread (7x7, 96 ch, B=8, 56x56, 40.8 % active, fwd+bwd, kernel
+  map cached; building it takes another 20 ms): dense 37 ms, kernel_map 185 ms (ME's own in-place
+  ``out[idx] +=`` loop: 405 ms; one vectorised gather/index_add over all 377k pairs: 405 ms), hence
+  the default. Whole convnextv2_atto encoder, B=8, 224, r=0.6, fwd+bwd: 285 ms with dense
+  depthwise, 600 ms with kernel_map (masked-dense backend: 580 ms).
+- LayerNorm, the MLP, GRN (per sample), residuals: on the feature rows (``RowBackend``), rewrapped
+  with the same coordinate map key and manager.
+- ``to_dense`` is ME's ``SparseTensor.dense`` with an explicit shape and min_coordinate 0 (never
+  inferred from the coordinates, which would crop).
+
+Threads: ME's coordinate manager calls ``omp_set_num_threads`` with ``OMP_NUM_THREADS`` (or the CPU
+count) read at import, and it shares torch's OpenMP runtime: a plain ``ME.SparseTensor(...)``
+silently resets ``torch.get_num_threads()``. Each batch therefore gets its own
+``CoordinateManager(num_threads=torch.get_num_threads())`` (ME's kernel-map building then uses
+torch's thread count). ME's CPU convolutions call the system OpenBLAS, a second thread pool sized at
+load time from ``OPENBLAS_NUM_THREADS`` (else ``OMP_NUM_THREADS``, else the CPU count); unless
+``OPENBLAS_NUM_THREADS`` is set, importing this module limits it to one thread (its gemms here are
+small). ``make test`` runs with ``OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1``.
+
+Precision: ME's CPU kernels exist for float32 and float64 only (float16/bfloat16 raise
+NotImplementedError deep inside ME); the backend refuses them, and autocast to them, up front.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from mimsparse.sparse import SparseBatch
+
+from .base import RowBackend
+
+with warnings.catch_warnings():
+    # a CPU-only build warns at every import that it is one
+    warnings.filterwarnings("ignore", message="The MinkowskiEngine was compiled with CPU_ONLY flag")
+    import MinkowskiEngine as ME
+    from MinkowskiEngineBackend._C import ConvolutionMode, CoordinateMapType
+
+DWCONV_IMPLS = ("dense", "kernel_map")
+_DTYPES = (torch.float32, torch.float64)
+
+
+def _limit_blas_threads() -> None:
+    """One thread for the OpenBLAS that ME's CPU convolutions call, unless OPENBLAS_NUM_THREADS says
+    otherwise. Its gemms here are small (the strided convs) and run while torch's OpenMP workers may
+    still be spinning; a second pool of busy threads would only oversubscribe the cores. No-op where
+    ME was linked against another BLAS."""
+    if "OPENBLAS_NUM_THREADS" in os.environ or not hasattr(os, "RTLD_NOLOAD"):
+        return
+    try:
+        lib = ctypes.CDLL("libopenblas.so.0", mode=os.RTLD_NOLOAD)  # the copy ME loaded, never a new one
+        lib.openblas_set_num_threads(1)
+    except (OSError, AttributeError):
+        pass
+
+
+_limit_blas_threads()
+
+
+@dataclass(eq=False)
+class MinkowskiTensor:
+    """The backend's native tensor: an ``ME.SparseTensor`` plus what it cannot tell.
+
+    st:            ME tensor; coordinates (b, y * ts, x * ts) with ts = its tensor stride.
+    batch_size:    B (samples without sites included).
+    spatial_shape: (H, W) of this grid.
+    stride:        image pixels per site.
+    cache:         per set of sites: index tensors and kernel maps derived from the coordinates.
+                   ``with_feats`` shares it; ``downsample`` starts a new one.
+    """
+
+    st: ME.SparseTensor
+    batch_size: int
+    spatial_shape: tuple[int, int]
+    stride: int = 1
+    cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def F(self) -> torch.Tensor:  # noqa: N802 (ME's name)
+        return self.st.F
+
+    @property
+    def key(self):
+        return self.st.coordinate_map_key
+
+    @property
+    def manager(self) -> ME.CoordinateManager:
+        return self.st.coordinate_manager
+
+    @property
+    def tensor_stride(self) -> int:
+        return int(self.st.tensor_stride[0])
+
+    def replace(self, feats: torch.Tensor) -> "MinkowskiTensor":
+        st = ME.SparseTensor(feats, coordinate_map_key=self.key, coordinate_manager=self.manager)
+        return MinkowskiTensor(st, self.batch_size, self.spatial_shape, self.stride, self.cache)
+
+    def grid_coords(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """int64 (b, y, x) of each row, in units of this grid."""
+        if "bxy" not in self.cache:
+            c = self.manager.get_coordinates(self.key).to(self.F.device).long()
+            ts = self.tensor_stride
+            self.cache["bxy"] = (c[:, 0], torch.div(c[:, 1], ts, rounding_mode="floor"),
+                                 torch.div(c[:, 2], ts, rounding_mode="floor"))
+        return self.cache["bxy"]
+
+    def flat_index(self) -> torch.Tensor:
+        """int64 [N]: (b * H + y) * W + x of each row."""
+        if "flat" not in self.cache:
+            b, y, x = self.grid_coords()
+            h, w = self.spatial_shape
+            self.cache["flat"] = (b * h + y) * w + x
+        return self.cache["flat"]
+
+    def __repr__(self) -> str:
+        return (f"MinkowskiTensor(sites={self.F.shape[0]}, channels={self.F.shape[1]}, batch={self.batch_size}, "
+                f"spatial_shape={self.spatial_shape}, stride={self.stride}, tensor_stride={self.tensor_stride})")
+
+
+# ---- weight layouts ---------------------------------------------------------------------------------
+def me_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """Dense [C_out, C_in, kh, kw] -> ME [kh*kw, C_in, C_out] for ``kernel_size=[kh, kw]`` on (y, x)
+    coordinates (ME's offset index: y fastest, i.e. ix * kh + iy). Differentiable."""
+    c_out, c_in, kh, kw = weight.shape
+    return weight.permute(3, 2, 1, 0).reshape(kw * kh, c_in, c_out).contiguous()
+
+
+def dense_weight(kernel: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """Inverse of ``me_kernel``: ME [kh*kw, C_in, C_out] -> dense [C_out, C_in, kh, kw]."""
+    return kernel.reshape(kw, kh, kernel.shape[1], kernel.shape[2]).permute(3, 2, 1, 0)
+
+
+def channelwise_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """Depthwise [C, 1, kh, kw] -> ``MinkowskiChannelwiseConvolution``'s [kh*kw, C]."""
+    c, _, kh, kw = weight.shape
+    return weight[:, 0].permute(2, 1, 0).reshape(kw * kh, c)
+
+
+# ---- the backend ------------------------------------------------------------------------------------
+class MinkowskiBackend(RowBackend):
+    """Backend on MinkowskiEngine 0.5.4. Option ``dwconv`` (``MIMSPARSE_MINKOWSKI_DWCONV``): ``dense``
+    (scatter, grouped F.conv2d, gather; default) or ``kernel_map`` (MinkowskiChannelwiseConvolution's
+    loop over ME's kernel map)."""
+
+    name = "minkowski"
+
+    def __init__(self, dwconv: str | None = None):
+        dwconv = dwconv if dwconv is not None else os.environ.get("MIMSPARSE_MINKOWSKI_DWCONV", "dense")
+        if dwconv not in DWCONV_IMPLS:
+            raise ValueError(f"unknown depthwise implementation {dwconv!r}; choose one of {', '.join(DWCONV_IMPLS)}")
+        self.dwconv_impl = dwconv
+        self._kernel_generators: dict[tuple[int, int, int], ME.KernelGenerator] = {}
+
+    def __repr__(self) -> str:
+        return f"MinkowskiBackend(dwconv={self.dwconv_impl!r})"
+
+    # ---- capabilities -----------------------------------------------------------------------------
+    def supported_dtypes(self, device):
+        # ME 0.5.4 dispatches its kernels (CPU and CUDA) on float and double only.
+        return _DTYPES
+
+    def _check_compute(self, feats: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        """Refuse dtypes ME cannot compute in, also when autocast would produce them."""
+        dtype = _autocast_dtype(feats.device) or feats.dtype
+        self.check_dtype(dtype, feats.device)
+        if weight is not None:
+            if weight.device != feats.device:
+                raise ValueError(f"weight on {weight.device} but features on {feats.device}")
+            if weight.dtype != feats.dtype:
+                raise TypeError(f"weight dtype {_name(weight.dtype)} differs from the features' {_name(feats.dtype)}")
+
+    # ---- entering and leaving -------------------------------------------------------------------
+    def from_sparse(self, sb: SparseBatch) -> MinkowskiTensor:
+        if min(sb.spatial_shape) < 1:
+            raise ValueError(f"spatial_shape must be positive, got {sb.spatial_shape}")
+        if sb.coords.device != sb.feats.device:
+            raise ValueError(f"coords on {sb.coords.device} but feats on {sb.feats.device}")
+        self.check_dtype(sb.feats.dtype, sb.feats.device)
+        if sb.feats.is_cuda and not ME.is_cuda_available():
+            raise ValueError("this MinkowskiEngine build is CPU-only (scripts/build_minkowski.sh builds "
+                             "a CUDA one where a GPU is present); use --device cpu or another backend")
+        sb.validate()  # ME would merge duplicate coordinates and accept any bound
+        return self._new_tensor(sb.feats, sb.coords, sb.batch_size, sb.spatial_shape, sb.stride)
+
+    @staticmethod
+    def _new_tensor(feats, coords, batch_size, spatial_shape, stride, tensor_stride=1) -> MinkowskiTensor:
+        """A tensor on a coordinate map of its own (``coords``: int32 (b, y, x) * tensor_stride)."""
+        manager = ME.CoordinateManager(
+            D=2, num_threads=torch.get_num_threads(),  # ME otherwise resets torch's thread count
+            coordinate_map_type=CoordinateMapType.CUDA if feats.is_cuda else CoordinateMapType.CPU)
+        # contiguous: ME refuses the column-major tensors that nonzero() returns
+        st = ME.SparseTensor(feats, coordinates=coords.contiguous(), tensor_stride=tensor_stride,
+                             coordinate_manager=manager)
+        # ME keeps each coordinate's first row (unique_index) and may store them in another order
+        # than given: the caches read the coordinates back from ME, so either is fine.
+        return MinkowskiTensor(st, batch_size, spatial_shape, stride)
+
+    def to_sparse(self, t: MinkowskiTensor) -> SparseBatch:
+        b, y, x = t.grid_coords()
+        coords = torch.stack([b, y, x], 1).to(torch.int32)
+        feats = t.F
+        order = self._raster_order(t)
+        if order is not None:
+            coords, feats = coords.index_select(0, order), feats.index_select(0, order)
+        return SparseBatch(coords, feats, t.batch_size, t.spatial_shape, t.stride)
+
+    def to_dense(self, t: MinkowskiTensor) -> torch.Tensor:
+        h, w = t.spatial_shape
+        shape = torch.Size([t.batch_size, t.F.shape[1], h, w])
+        origin = torch.zeros(2, dtype=torch.int32, device=t.F.device)
+        return t.st.dense(shape=shape, min_coordinate=origin, contract_stride=True)[0]
+
+    @staticmethod
+    def _raster_order(t: MinkowskiTensor) -> torch.Tensor | None:
+        """Permutation to (batch, raster) order, or None when the rows already are in it."""
+        if "order" not in t.cache:
+            flat = t.flat_index()
+            ordered = flat.numel() < 2 or bool((flat[1:] > flat[:-1]).all())
+            t.cache["order"] = None if ordered else flat.argsort()
+        return t.cache["order"]
+
+    # ---- RowBackend ----------------------------------------------------------------------------
+    def feats(self, t):
+        return t.F
+
+    def batch_index(self, t):
+        return t.grid_coords()[0]
+
+    def batch_size(self, t):
+        return t.batch_size
+
+    def with_feats(self, t, feats):
+        if feats.dim() != 2 or feats.shape[0] != t.F.shape[0]:
+            raise ValueError(f"new features {tuple(feats.shape)} do not match {t.F.shape[0]} sites")
+        return t.replace(feats)
+
+    # ---- convolutions ---------------------------------------------------------------------------
+    def conv(self, t, weight, bias):
+        kh, kw = _check_weight(weight, t.F.shape[1], "conv")
+        self._check_compute(t.F, weight)
+        if kh == kw == 1:
+            out = F.linear(t.F, weight[:, :, 0, 0])
+        else:
+            out = self._me_conv(t.F, weight, kh, kw, 1, t.key, t.key, t.manager)
+        return t.replace(_add_bias(out, bias))
+
+    def downsample(self, t, weight, bias):
+        kh, kw = _check_weight(weight, t.F.shape[1], "downsample")
+        if kh != kw:
+            raise ValueError(f"downsample: expected a square kernel [C_out, C_in, k, k], got {tuple(weight.shape)}")
+        k = kh
+        self._check_compute(t.F, weight)
+        h, w = t.spatial_shape
+        out_shape = (h // k, w // k)  # F.conv2d(stride=k), no padding: a partial last block is dropped
+        if min(out_shape) < 1:
+            raise ValueError(f"cannot downsample a {h}x{w} map with a {k}x{k} stride-{k} conv")
+        if k == 1:
+            return MinkowskiTensor(t.st, t.batch_size, out_shape, t.stride, t.cache).replace(
+                _add_bias(F.linear(t.F, weight[:, :, 0, 0]), bias))
+        feats, in_key = t.F, t.key
+        if h % k or w % k:
+            _, y, x = t.grid_coords()
+            keep = (y < out_shape[0] * k) & (x < out_shape[1] * k)
+            if not bool(keep.any()):
+                # no site in a complete block: no output site (ME's pruning would print a warning)
+                out = _add_bias(F.linear(feats[:0], weight[:, :, 0, 0]), bias)
+                return self._new_tensor(out, feats.new_zeros(0, 3, dtype=torch.int32), t.batch_size, out_shape,
+                                        t.stride * k, t.tensor_stride * k)
+            if not bool(keep.all()):
+                in_key = ME.CoordinateMapKey(in_key.get_coordinate_size())
+                feats = ME.MinkowskiPruningFunction.apply(feats, keep, t.key, in_key, t.manager)
+        out_key = t.manager.stride(in_key, [k, k])  # tensor stride t.tensor_stride * k
+        if k % 2:
+            # ME centres odd kernels; F.conv2d's block starts at the corner, as ME's even kernels do
+            weight = F.pad(weight, (0, 1, 0, 1))
+        out = self._me_conv(feats, weight, weight.shape[-2], weight.shape[-1], k, in_key, out_key, t.manager)
+        st = ME.SparseTensor(_add_bias(out, bias), coordinate_map_key=out_key, coordinate_manager=t.manager)
+        return MinkowskiTensor(st, t.batch_size, out_shape, t.stride * k)
+
+    def dwconv(self, t, weight, bias):
+        c = t.F.shape[1]
+        kh, kw = _check_weight(weight, c, "dwconv", depthwise=True)
+        self._check_compute(t.F, weight)
+        if kh == kw == 1:
+            out = t.F * weight[:, 0, 0, 0]
+        elif self.dwconv_impl == "dense":
+            out = self._dwconv_dense(t, weight)
+        else:
+            out = self._dwconv_kernel_map(t, weight, kh, kw)
+        return t.replace(_add_bias(out, bias))
+
+    def _dwconv_dense(self, t: MinkowskiTensor, weight: torch.Tensor) -> torch.Tensor:
+        """Scatter to a zero channels-last map, grouped F.conv2d, gather the active sites."""
+        feats = t.F
+        b, (h, w), c = t.batch_size, t.spatial_shape, feats.shape[1]
+        flat = t.flat_index()
+        grid = feats.new_zeros(b * h * w, c).index_copy(0, flat, feats)
+        x = grid.view(b, h, w, c).permute(0, 3, 1, 2)  # NCHW view of channels-last memory
+        kh, kw = weight.shape[-2:]
+        y = F.conv2d(x, weight, None, padding=(kh // 2, kw // 2), groups=c)
+        return y.permute(0, 2, 3, 1).reshape(b * h * w, c).index_select(0, flat)
+
+    def _dwconv_kernel_map(self, t: MinkowskiTensor, weight: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+        """MinkowskiChannelwiseConvolution's computation: per kernel offset, gather the input rows,
+        scale by that offset's taps, add into the output rows (functional index_add, not ME's
+        in-place ``out[idx] +=``, which is twice as slow in backward)."""
+        feats = t.F
+        taps = channelwise_kernel(weight)
+        out = feats.new_zeros(feats.shape)
+        for offset, in_rows, out_rows in self._kernel_map(t, kh, kw):
+            out = out.index_add(0, out_rows, feats.index_select(0, in_rows) * taps[offset])
+        return out
+
+    def _kernel_map(self, t: MinkowskiTensor, kh: int, kw: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """ME's stride-1 kernel map of t's sites onto themselves: (offset, in rows, out rows)."""
+        key = ("kernel_map", kh, kw)
+        if key not in t.cache:
+            kmap = t.manager.kernel_map(t.key, t.key, 1, [kh, kw], 1)
+            t.cache[key] = [(k, m[0].long().to(t.F.device), m[1].long().to(t.F.device))
+                            for k, m in sorted(kmap.items()) if m.shape[1] > 0]
+        return t.cache[key]
+
+    # ---- ME calls ---------------------------------------------------------------------------------
+    def _kernel_generator(self, kh: int, kw: int, stride: int) -> ME.KernelGenerator:
+        key = (kh, kw, stride)
+        if key not in self._kernel_generators:
+            self._kernel_generators[key] = ME.KernelGenerator(kernel_size=[kh, kw], stride=stride, dilation=1,
+                                                              dimension=2)
+        return self._kernel_generators[key]
+
+    def _me_conv(self, feats, weight, kh, kw, stride, in_key, out_key, manager) -> torch.Tensor:
+        """``MinkowskiConvolutionFunction`` (no bias) from in_key's sites to out_key's."""
+        return ME.MinkowskiConvolutionFunction.apply(
+            feats.contiguous(), me_kernel(weight), self._kernel_generator(kh, kw, stride),
+            ConvolutionMode.DEFAULT, in_key, out_key, manager)
+
+
+# ---- helpers ----------------------------------------------------------------------------------------
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast would compute in on this device type, or None when it is off."""
+    kind = device.type
+    try:
+        return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+    except TypeError:  # torch < 2.4: no device_type argument
+        if kind == "cuda" and torch.is_autocast_enabled():
+            return torch.get_autocast_gpu_dtype()
+        if kind == "cpu" and torch.is_autocast_cpu_enabled():
+            return torch.get_autocast_cpu_dtype()
+        return None
+
+
+def _check_weight(weight: torch.Tensor, channels: int, op: str, depthwise: bool = False) -> tuple[int, int]:
+    if weight.dim() != 4:
+        raise ValueError(f"{op}: expected a conv weight [C_out, C_in, kh, kw], got {tuple(weight.shape)}")
+    kh, kw = weight.shape[-2:]
+    if depthwise and weight.shape[1] != 1:
+        raise ValueError(f"{op}: depthwise weight must be [C, 1, kh, kw], got {tuple(weight.shape)}")
+    c_in = weight.shape[0] if depthwise else weight.shape[1]
+    if c_in != channels:
+        raise ValueError(f"{op}: weight {tuple(weight.shape)} expects {c_in} input channels, features have {channels}")
+    if op != "downsample" and (kh % 2 == 0 or kw % 2 == 0):
+        raise ValueError(f"{op}: submanifold convs need odd kernel sizes, got {kh}x{kw}")
+    return kh, kw
+
+
+def _add_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return out if bias is None else out + bias.to(out.dtype)
