@@ -27,7 +27,7 @@ def run_tool(script: str, *args: str, check: bool = True):
     """Run tools/<script> as a user would; returns the CompletedProcess."""
     import subprocess
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / script), *args], capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=600)
     if check and proc.returncode != 0:
