@@ -1,6 +1,6 @@
 # Two commands from a fresh clone: `make demo` (install everything, pretrain, convert) and `make test`.
 PY := .venv/bin/python
-BACKEND ?= dense
+BACKEND ?= minkowski
 RUN ?= runs/fcmae_atto
 export OMP_NUM_THREADS ?= 2
 
