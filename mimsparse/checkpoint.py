@@ -69,6 +69,30 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
     return path
 
 
+def check_writable_dir(folder: str | Path) -> Path:
+    """Create ``folder`` if needed and prove a file can be written there, before any training time
+    is spent (a read-only mount, a path below a regular file, a full disk)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise CheckpointError(f"output folder {str(folder)!r} is not writable ({e.strerror or e}); "
+                              f"choose another with --output-dir DIR (train.output_dir)") from e
+    return folder
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Delete temporary files that a process killed in the middle of :func:`save_checkpoint` left
+    behind (``.<name>.<random>.tmp``); finished checkpoints are never touched."""
+    stale = sorted(Path(folder).glob(".checkpoint-*.pth.*.tmp"))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     path = Path(path)
     if not path.is_file():

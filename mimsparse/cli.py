@@ -8,8 +8,10 @@ from mimsparse.checkpoint import CheckpointError
 from mimsparse.config import ConfigError
 from mimsparse.convert import ConversionError
 from mimsparse.data import DataError
+from mimsparse.distributed import DistributedError
 
-USER_ERRORS = (BackendUnavailable, CheckpointError, ConfigError, ConversionError, DataError, ValueError, TypeError)
+USER_ERRORS = (BackendUnavailable, CheckpointError, ConfigError, ConversionError, DataError, DistributedError,
+               ValueError, TypeError)
 
 
 def run_cli(main) -> int:

@@ -19,11 +19,20 @@ class ModelConfig:
     decoder_dim: int = 512
     decoder_depth: int = 1
     norm_pix_loss: bool = True
+    decoder: str = "fcmae"          # fcmae (ConvNeXt V2 block decoder) | linear (SimMIM: one 1x1 conv)
+    encoder_input: str = "sparse"   # sparse (masked patches removed) | mask_token (SimMIM: learned token, dense)
+    loss: str = "mse"               # mse | l1
+    loss_on: str = "masked"         # masked | all (patches the loss averages over)
 
 
 @dataclass(frozen=True)
 class MaskConfig:
     ratio: float = 0.6
+    strategy: str = "random"        # random | block | progressive | importance
+    start_ratio: float = 0.3        # progressive: ratio at the start, linear to `ratio` at the end of training
+    block_min_patches: int = 4      # block: smallest block area drawn, in patches
+    block_min_aspect: float = 0.3   # block: aspect ratios drawn log-uniformly in [a, 1/a]
+    random_fraction: float = 0.25   # importance: share of the masked patches drawn at random
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,9 @@ class TrainConfig:
     amp: str = "none"           # none | bf16 | fp16 (CUDA only; CPU trains in fp32)
     clip_grad: float = 0.0      # max gradient norm (0 = off)
     accum_steps: int = 1        # gradient accumulation: optimizer step every N batches
+    skip_nonfinite: int = 0     # non-finite steps skipped (no weight update) before training stops
+    vis_every: int = 0          # every N steps write vis/step-N.png: original | masked | reconstruction | pasted (0 = off)
+    tensorboard: bool = True    # also log to <output_dir>/tensorboard when the tensorboard package is installed
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
@@ -46,18 +47,28 @@ def list_images(root: str | Path) -> list[Path]:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Grayscale, RGBA, palette and 16-bit/float images -> 8-bit RGB."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        import numpy as np
+    """Any PIL image -> 8-bit RGB.
 
-        arr = np.asarray(img, dtype=np.float32)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-        img = Image.fromarray(arr.astype(np.uint8))
-    if img.mode == "RGBA" or img.mode == "LA" or (img.mode == "P" and "transparency" in img.info):
-        background = Image.new("RGB", img.size, (0, 0, 0))
+    - grayscale ("L", "1") is repeated over the three channels;
+    - transparency ("RGBA", "LA", "PA", palette with a transparent colour) is composited on black;
+    - 16-bit grayscale ("I;16*") keeps its appearance: 0..65535 maps linearly to 0..255 (value / 257);
+      32-bit integer ("I") likewise when its values lie in 0..65535, and float ("F") when they lie in 0..1;
+      other ranges are stretched min..max -> 0..255. 16-bit RGB(A) files are read by Pillow as 8-bit.
+    """
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if img.mode.startswith("I;16") or (img.mode == "I" and lo >= 0 and hi <= 65535):
+            arr = arr / 257.0
+        elif img.mode == "F" and lo >= 0 and hi <= 1:
+            arr = arr * 255.0
+        else:
+            arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
-        background.paste(rgba, mask=rgba.split()[-1])
+        background = Image.new("RGB", img.size, (0, 0, 0))
+        background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     return img.convert("RGB")
 
@@ -72,9 +83,10 @@ def pretrain_transform(img_size: int, min_scale: float) -> transforms.Compose:
 
 
 class ImageFiles(Dataset):
-    """Images from a list of files. Indexed by (index, seed): each sample's augmentation draws from
+    """Images from a list of files, indexed by (index, seed): each sample's augmentation draws from
     its own seeded generator, so a run is reproducible whatever the worker count, and resumable.
-    A corrupt or truncated file yields None (the collate function drops it and counts it)."""
+    Returns (image [3, H, W], seed); the seed also keys the sample's mask in the engine. A corrupt
+    or truncated file yields None (the collate function drops it and counts it)."""
 
     def __init__(self, paths: list[Path], transform):
         self.paths = list(paths)
@@ -95,26 +107,46 @@ class ImageFiles(Dataset):
             return None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return self.transform(img)
+            return self.transform(img), seed
 
 
 def collate_skip_bad(batch):
-    """Stack the good samples; report how many were dropped."""
+    """-> (images [B, 3, H, W], seeds int64 [B], number of unreadable samples dropped)."""
     good = [x for x in batch if x is not None]
-    images = torch.stack(good) if good else torch.empty(0)
-    return images, len(batch) - len(good)
+    images = torch.stack([img for img, _ in good]) if good else torch.empty(0)
+    seeds = torch.tensor([seed for _, seed in good], dtype=torch.int64)
+    return images, seeds, len(batch) - len(good)
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: seed Python's and NumPy's generators from the worker's torch seed
+    (torch's own is seeded per worker by the DataLoader; per-sample draws are re-seeded anyway)."""
+    import random
+
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
 
 
 class EpochSampler(torch.utils.data.Sampler):
     """Yields (index, augmentation seed) for one epoch: a permutation of ``repeat`` passes over the
-    data drawn from (seed, epoch), starting after ``start`` samples (mid-epoch resume)."""
+    data drawn from (seed, epoch).
+
+    Several processes: the epoch is first cut to a whole number of global batches
+    (``world_size * batch_size`` items; pass batch_size x accumulation steps), then rank r takes items
+    r, r + world_size, ...; so every rank yields the same number of full batches, and global batch k
+    holds the same items as batch k of one process with world_size times the batch. ``start`` skips
+    that many of this rank's items (mid-epoch resume)."""
 
     def __init__(self, num_items: int, seed: int, epoch: int, repeat: int = 1, start: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, batch_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(num_items * repeat, generator=g) % num_items
         seeds = torch.randint(0, 2**62, (len(order),), generator=g)
-        pairs = list(zip(order.tolist(), seeds.tolist()))
+        usable = len(order) // (world_size * batch_size) * (world_size * batch_size)
+        pairs = list(zip(order[:usable].tolist(), seeds[:usable].tolist()))
         self.items = pairs[rank::world_size][start:]
 
     def __iter__(self):

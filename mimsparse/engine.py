@@ -1,26 +1,34 @@
-"""Pretraining loop: data -> mask -> model -> loss -> optimizer -> checkpoint."""
+"""Pretraining loop: data -> mask -> model -> loss -> optimizer -> checkpoint.
+
+One code path for one process and for ``torchrun`` (DDP): collectives are no-ops with one process.
+"""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from mimsparse import distributed
 from mimsparse.backends import Backend, get_backend
 from mimsparse.build import build_fcmae
-from mimsparse.checkpoint import (CheckpointError, check_model_matches, load_checkpoint, rng_state,
-                                  save_checkpoint, set_rng_state, versions)
-from mimsparse.config import PretrainConfig, config_from_dict
+from mimsparse.checkpoint import (CheckpointError, check_model_matches, check_writable_dir, load_checkpoint,
+                                  remove_stale_temp_files, rng_state, save_checkpoint, set_rng_state, versions)
+from mimsparse.config import ConfigError, PretrainConfig, config_from_dict
 from mimsparse.data import (DataError, EpochSampler, ImageFiles, bundled_photo_paths, collate_skip_bad,
-                            list_images, pretrain_transform)
+                            list_images, pretrain_transform, seed_worker)
 from mimsparse.masking import check_image_size
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+VIS_SAMPLES = 4  # rows of the periodic reconstruction PNG
 
 
 class TrainingError(RuntimeError):
@@ -36,8 +44,15 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
 
 
 def step_seed(seed: int, batch_id: int) -> int:
-    """Every random draw of a batch (mask, drop path) derives from (seed, batch): resume is exact."""
+    """Every random draw of a batch (drop path) derives from (seed, batch): resume is exact."""
     return (seed * 1_000_003 + batch_id) % (2**63)
+
+
+def mask_seed(sample_seed: int) -> int:
+    """A sample's mask generator seed, from the seed the sampler drew for that sample (which also
+    drives its augmentation): the mask of a sample is the same whatever the batch size, the
+    accumulation steps or the number of processes."""
+    return (sample_seed * 6_364_136_223_846_793_005 + 1_442_695_040_888_963_407) % (2**63)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float):
@@ -50,12 +65,61 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def effective_lr(cfg: PretrainConfig, world_size: int = 1) -> float:
+    """lr of the effective batch (as MAE): ``cfg.lr()`` is base_lr x batch / 256 for one process's
+    batch; an optimizer step sees batch x accum_steps x processes images."""
+    return cfg.lr() * cfg.train.accum_steps * world_size
+
+
+def check_train_config(cfg: PretrainConfig) -> None:
+    """Values the dataclass types cannot rule out, refused by key before anything is built."""
+    ratio = cfg.mask.ratio
+    if not 0.0 < ratio < 1.0:
+        raise ConfigError(f"mask.ratio must be in (0, 1) for pretraining (the loss is over the masked patches "
+                          f"and some must stay visible), got {ratio}")
+    minimum = {"train.batch_size": (cfg.train.batch_size, 1), "train.accum_steps": (cfg.train.accum_steps, 1),
+               "train.epochs": (cfg.train.epochs, 1), "train.save_every_epochs": (cfg.train.save_every_epochs, 1),
+               "data.repeat": (cfg.data.repeat, 1), "data.num_workers": (cfg.data.num_workers, 0),
+               "train.keep_last": (cfg.train.keep_last, 0), "train.max_steps": (cfg.train.max_steps, 0),
+               "train.skip_nonfinite": (cfg.train.skip_nonfinite, 0), "train.vis_every": (cfg.train.vis_every, 0),
+               "train.clip_grad": (cfg.train.clip_grad, 0.0)}
+    for key, (value, low) in minimum.items():
+        if value < low:
+            raise ConfigError(f"config key {key!r} must be >= {low}, got {value}")
+    if not 0.0 < cfg.data.min_scale <= 1.0:
+        raise ConfigError(f"config key 'data.min_scale' must be in (0, 1], got {cfg.data.min_scale}")
+
+
+def check_amp(amp: str, backend: Backend, device: torch.device) -> torch.dtype | None:
+    """``train.amp`` -> autocast dtype, or a TrainingError/TypeError with the reason it cannot run."""
+    if amp not in AMP_DTYPES:
+        raise TrainingError(f"train.amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
+    dtype = AMP_DTYPES[amp]
+    if dtype is not None:
+        if torch.device(device).type != "cuda":
+            raise TrainingError(f"mixed precision (train.amp={amp}) is for CUDA; on {torch.device(device).type} "
+                                f"train in fp32 with train.amp=none")
+        backend.check_dtype(dtype, torch.device(device))
+    return dtype
+
+
 @dataclass
 class RunState:
     epoch: int = 0          # epoch in progress
-    step: int = 0           # optimizer steps done
-    batch_in_epoch: int = 0  # batches of the current epoch done
+    step: int = 0           # optimizer steps done (skipped non-finite steps included)
+    batch_in_epoch: int = 0  # batches of the current epoch done (per process)
     best_loss: float = float("inf")
+    skipped_steps: int = 0  # non-finite steps skipped so far (train.skip_nonfinite)
+
+
+@dataclass
+class _Window:
+    """What the micro-batches of one optimizer step (gradient accumulation) leave behind."""
+    loss_sum: float | torch.Tensor = 0.0
+    batches: int = 0
+    images: int = 0
+    synced: bool = True     # the last backward of the window synchronised gradients (DDP)
+    last: tuple | None = None  # (images, visible) of the last micro-batch, for the reconstruction PNG
 
 
 def image_paths(cfg: PretrainConfig):
@@ -63,48 +127,68 @@ def image_paths(cfg: PretrainConfig):
 
 
 class Pretrainer:
-    """Holds the objects of one run; ``run()`` trains to the end (or ``train.max_steps``)."""
+    """Holds the objects of one run; ``run()`` trains to the end (or ``train.max_steps``).
+
+    Under ``torchrun`` (process group initialised, see :mod:`mimsparse.distributed`) the model is
+    wrapped in DDP, each rank reads its share of every global batch, and rank 0 alone logs and
+    writes checkpoints."""
 
     def __init__(self, cfg: PretrainConfig, backend: Backend | str = "dense", device: str = "cpu",
                  resume: str | Path | None = None, show_progress: bool = True):
         self.cfg = cfg
+        self.dist = distributed.current()
         self.device = torch.device(device)
         self.backend = get_backend(backend) if isinstance(backend, str) else backend
-        self.show_progress = show_progress
+        self.show_progress = show_progress and self.dist.is_main
         self.out_dir = Path(cfg.train.output_dir)
-        self.amp_dtype = self._check_amp()
-        check_image_size(cfg.data.img_size, cfg.data.img_size, 32)
+        check_train_config(cfg)
+        self.amp_dtype = check_amp(cfg.train.amp, self.backend, self.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise TrainingError("--device cuda but CUDA is not available; use --device cpu")
+        check_writable_dir(self.out_dir)
 
         self.paths = image_paths(cfg)
         self.dataset = ImageFiles(self.paths, pretrain_transform(cfg.data.img_size, cfg.data.min_scale))
-        self.batches_per_epoch = len(self.paths) * cfg.data.repeat // cfg.train.batch_size
-        if self.batches_per_epoch == 0:
-            raise DataError(f"{len(self.paths)} images x data.repeat={cfg.data.repeat} is less than one batch of "
-                            f"{cfg.train.batch_size}; lower train.batch_size or raise data.repeat")
-        self.steps_per_epoch = self.batches_per_epoch // cfg.train.accum_steps
+        accum, world = cfg.train.accum_steps, self.dist.world_size
+        # per process; an epoch is cut to whole optimizer steps of every process
+        self.steps_per_epoch = len(self.paths) * cfg.data.repeat // (cfg.train.batch_size * accum * world)
+        self.batches_per_epoch = self.steps_per_epoch * accum
+        if self.steps_per_epoch == 0:
+            raise DataError(f"{len(self.paths)} images x data.repeat={cfg.data.repeat} is less than one optimizer step "
+                            f"of {cfg.train.batch_size * accum * world} images (train.batch_size={cfg.train.batch_size}"
+                            f" x train.accum_steps={accum} x {world} process(es)); lower train.batch_size or raise "
+                            f"data.repeat")
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
 
         torch.manual_seed(cfg.train.seed)
         self.model = build_fcmae(cfg, self.backend).to(self.device)
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.optim.weight_decay), lr=cfg.lr(),
+        try:
+            check_image_size(cfg.data.img_size, cfg.data.img_size, self.model.patch_size)
+        except ValueError as e:
+            raise ConfigError(f"data.img_size={cfg.data.img_size}: {e}") from None
+        # The model every process runs (DDP averages gradients); self.model is the FCMAE itself.
+        self.train_model = self.model
+        if self.dist.enabled:
+            # Every parameter gets a gradient at every step (no find_unused_parameters). Backends that
+            # compute in channels_last (dense) return some weight gradients in that layout; DDP then
+            # copies them into its buckets and says so once per process: harmless, so not shown.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+            self.train_model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.lr = effective_lr(cfg, world)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.optim.weight_decay), lr=self.lr,
                                            betas=(cfg.optim.beta1, cfg.optim.beta2))
         warmup = max(1, round(cfg.optim.warmup_epochs * self.steps_per_epoch))
-        min_ratio = cfg.optim.min_lr / cfg.lr() if cfg.lr() > 0 else 0.0
+        min_ratio = cfg.optim.min_lr / self.lr if self.lr > 0 else 0.0
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: warmup_cosine(s, warmup, self.total_steps, min_ratio))
+        # fp16 gradients underflow without loss scaling; bf16 and fp32 need none (then a pass-through)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.state = RunState()
+        self.last_checkpoint = None
+        self.resumed_from = None
         if resume:
             self.load(resume)
-
-    def _check_amp(self):
-        dtype = AMP_DTYPES.get(self.cfg.train.amp, "bad")
-        if dtype == "bad":
-            raise TrainingError(f"train.amp must be one of {', '.join(AMP_DTYPES)}, got {self.cfg.train.amp!r}")
-        if dtype is not None:
-            if self.device.type != "cuda":
-                raise TrainingError("mixed precision (train.amp) is for CUDA; on CPU train in fp32 with train.amp=none")
-            self.backend.check_dtype(dtype, self.device)
-        return dtype
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def checkpoint_state(self) -> dict:
@@ -112,6 +196,7 @@ class Pretrainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "run": vars(self.state).copy(),
             "config": self.cfg.to_dict(),
             "backend": self.backend.name,  # informative only: any backend can load this
@@ -142,85 +227,202 @@ class Pretrainer:
             raise CheckpointError(f"{path} does not match this model: {str(e).splitlines()[1:3]}") from e
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
         self.state = RunState(**ckpt["run"])
         set_rng_state(ckpt["rng"])
         self.resumed_from = Path(path)
 
-    # ---- training ------------------------------------------------------------------------------
+    # ---- one batch -----------------------------------------------------------------------------
     def loader(self, epoch: int, start_batch: int) -> DataLoader:
         cfg = self.cfg
         sampler = EpochSampler(len(self.paths), cfg.train.seed, epoch, cfg.data.repeat,
-                               start=start_batch * cfg.train.batch_size)
+                               start=start_batch * cfg.train.batch_size, rank=self.dist.rank,
+                               world_size=self.dist.world_size, batch_size=cfg.train.batch_size * cfg.train.accum_steps)
         return DataLoader(self.dataset, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True,
-                          num_workers=cfg.data.num_workers, collate_fn=collate_skip_bad,
-                          persistent_workers=False)
+                          num_workers=cfg.data.num_workers, collate_fn=collate_skip_bad, worker_init_fn=seed_worker,
+                          persistent_workers=False, pin_memory=self.device.type == "cuda")
 
-    def train_step(self, images: torch.Tensor, batch_id: int) -> float:
-        """Forward + backward of one batch; ``batch_id`` counts batches since the run began."""
+    def make_mask(self, images_bchw: torch.Tensor, seeds_b: torch.Tensor, progress: float) -> torch.Tensor:
+        """bool [B, h, w], True = visible. One model.make_mask call per sample, each with a generator
+        seeded by the sample's own seed (see :func:`mask_seed`)."""
+        masks = [self.model.make_mask(images_bchw[i:i + 1], torch.Generator().manual_seed(mask_seed(int(s))),
+                                      progress=progress)
+                 for i, s in enumerate(seeds_b.tolist())]
+        return torch.cat(masks)
+
+    def train_step(self, images: torch.Tensor, seeds: torch.Tensor, batch_id: int, sync: bool = True):
+        """Forward + backward of one micro-batch; ``batch_id`` counts this process's batches since the
+        run began. ``sync=False`` keeps DDP from averaging gradients (not the last micro-batch of an
+        accumulation window). Returns (loss, detached; visible mask)."""
         cfg = self.cfg
-        g = torch.Generator().manual_seed(step_seed(cfg.train.seed, batch_id))
-        torch.manual_seed(step_seed(cfg.train.seed, batch_id))  # drop path
-        visible = self.model.make_mask(images, g, progress=batch_id / max(1, self.total_steps * cfg.train.accum_steps))
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            loss, _, _ = self.model(images, visible)
-        (loss / cfg.train.accum_steps).backward()
-        return loss.item()
+        visible = self.make_mask(images, seeds, progress=self.state.step / max(1, self.total_steps))
+        torch.manual_seed(step_seed(cfg.train.seed, batch_id * self.dist.world_size + self.dist.rank))  # drop path
+        no_sync = self.train_model.no_sync if self.dist.enabled and not sync else contextlib.nullcontext
+        with no_sync():
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                loss, _, _ = self.train_model(images, visible)
+            self.scaler.scale(loss / cfg.train.accum_steps).backward()
+        return loss.detach().float(), visible
 
+    def _all_ranks_have_images(self, images: torch.Tensor) -> bool:
+        """A batch whose images were all unreadable is skipped by every process together (DDP needs
+        every process in each gradient exchange)."""
+        have = images.numel() > 0
+        if not self.dist.enabled:
+            return have
+        return int(distributed.all_reduce_sum(torch.tensor([int(have)], device=self.device))) == self.dist.world_size
+
+    def optimizer_step(self, window: _Window) -> dict | None:
+        """Average the window's loss over processes, check it, clip, step. Returns the log record
+        (``None`` when no micro-batch of the window had images)."""
+        cfg, st = self.cfg, self.state
+        if window.batches and self.dist.enabled and not window.synced:
+            distributed.average_gradients(self.model.parameters())
+        totals = torch.tensor([float(window.loss_sum), window.batches, window.images], dtype=torch.float64,
+                              device=self.device)
+        totals = distributed.all_reduce_sum(totals)
+        loss_sum, batches, images = totals.tolist()
+        lr = self.optimizer.param_groups[0]["lr"]
+        record = None
+        if batches:
+            loss = loss_sum / batches
+            self.scaler.unscale_(self.optimizer)
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            total_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+            grad_norm = float(total_norm)
+            # with fp16 loss scaling, infinite gradients are routine: the scaler skips that step itself
+            finite = math.isfinite(loss) and (self.scaler.is_enabled() or math.isfinite(grad_norm))
+            record = {"step": st.step + 1, "epoch": st.epoch, "loss": loss if finite else None, "lr": lr,
+                      "grad_norm": grad_norm if math.isfinite(grad_norm) else None}
+            if finite:
+                if cfg.train.clip_grad > 0:
+                    torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), cfg.train.clip_grad, total_norm)
+                scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
+                self.scaler.step(self.optimizer)
+            elif st.skipped_steps < cfg.train.skip_nonfinite:
+                st.skipped_steps += 1
+                record["skipped"] = f"non-finite loss {loss} (skip {st.skipped_steps} of {cfg.train.skip_nonfinite})"
+            else:
+                last = latest_checkpoint(self.out_dir)
+                kept = f"the last good checkpoint {str(last)!r} is kept" if last else "no checkpoint was written yet"
+                allowed = (f"; {st.skipped_steps} non-finite step(s) were already skipped (train.skip_nonfinite="
+                           f"{cfg.train.skip_nonfinite})" if cfg.train.skip_nonfinite else "")
+                raise TrainingError(
+                    f"non-finite loss {loss} (grad norm {grad_norm}) at step {st.step + 1} (epoch {st.epoch}); "
+                    f"training stopped and {kept}{allowed}. Lower optim.base_lr, set train.clip_grad, check the data, "
+                    f"or skip such steps with train.skip_nonfinite=K")
+            self.scaler.update()
+            if finite and scale is not None and self.scaler.get_scale() < scale:
+                record["skipped"] = f"fp16 gradient overflow; loss scale lowered to {self.scaler.get_scale():g}"
+        self.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():
+            # expected when this step was skipped (non-finite loss, fp16 overflow): no optimizer.step() ran
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            self.scheduler.step()
+        st.step += 1
+        if record is not None:
+            record["images"] = int(images)
+        return record
+
+    # ---- the run -------------------------------------------------------------------------------
     def run(self) -> dict:
         cfg, st = self.cfg, self.state
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        main = self.dist.is_main
+        if main:
+            remove_stale_temp_files(self.out_dir)
         log_path = self.out_dir / "log.jsonl"
+        writer = tensorboard_writer(self.out_dir / "tensorboard") if main and cfg.train.tensorboard else None
         history = []
-        self.model.train()
-        stop = False
+        self.train_model.train()
+        stop = bool(cfg.train.max_steps) and st.step >= cfg.train.max_steps
         while st.epoch < cfg.train.epochs and not stop:
-            epoch_losses, skipped = [], 0
+            epoch_losses, unreadable = [], 0
             bar = tqdm(total=self.batches_per_epoch, initial=st.batch_in_epoch, disable=not self.show_progress,
                        desc=f"epoch {st.epoch}", dynamic_ncols=True)
-            t0 = time.perf_counter()
-            for images, n_bad in self.loader(st.epoch, st.batch_in_epoch):
-                skipped += n_bad
-                if images.numel() == 0:
-                    continue
-                images = images.to(self.device, non_blocking=True)
-                loss = self.train_step(images, st.epoch * self.batches_per_epoch + st.batch_in_epoch)
-                if not math.isfinite(loss):
-                    raise TrainingError(f"non-finite loss {loss} at step {st.step} (epoch {st.epoch}); the last good "
-                                        f"checkpoint in {self.out_dir} is kept — lower optim.base_lr or check the data")
+            window, t0 = _Window(), time.perf_counter()
+            for images, seeds, n_bad in self.loader(st.epoch, st.batch_in_epoch):
+                unreadable += n_bad
+                last_of_window = (st.batch_in_epoch + 1) % cfg.train.accum_steps == 0
+                if self._all_ranks_have_images(images):
+                    images = images.to(self.device, non_blocking=True)
+                    batch_id = st.epoch * self.batches_per_epoch + st.batch_in_epoch
+                    loss, visible = self.train_step(images, seeds, batch_id, sync=last_of_window)
+                    window.loss_sum += loss
+                    window.batches += 1
+                    window.images += images.shape[0]
+                    window.synced, window.last = last_of_window, (images, visible)
                 st.batch_in_epoch += 1
-                if st.batch_in_epoch % cfg.train.accum_steps == 0:
-                    if cfg.train.clip_grad > 0:
-                        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.clip_grad)
-                    lr = self.optimizer.param_groups[0]["lr"]
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.scheduler.step()
-                    st.step += 1
-                    elapsed = time.perf_counter() - t0
-                    record = {"step": st.step, "epoch": st.epoch, "loss": loss, "lr": lr,
-                              "images_per_s": images.shape[0] / max(elapsed, 1e-9)}
-                    t0 = time.perf_counter()
-                    history.append(record)
-                    epoch_losses.append(loss)
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{record['images_per_s']:.1f}")
-                    if cfg.train.max_steps and st.step >= cfg.train.max_steps:
-                        stop = True
                 bar.update(1)
-                if stop:
+                if not last_of_window:
+                    continue
+                record = self.optimizer_step(window)
+                if record is not None:
+                    record["images_per_s"] = record.pop("images") / max(time.perf_counter() - t0, 1e-9)
+                    history.append(record)
+                    if record["loss"] is not None:
+                        epoch_losses.append(record["loss"])
+                    if main:
+                        self._log(record, log_path, writer, bar)
+                        if cfg.train.vis_every and st.step % cfg.train.vis_every == 0 and window.last is not None:
+                            self.visualize(*window.last, self.out_dir / "vis" / f"step-{st.step:07d}.png", writer)
+                window, t0 = _Window(), time.perf_counter()
+                if cfg.train.max_steps and st.step >= cfg.train.max_steps:
+                    stop = True
                     break
             bar.close()
-            if skipped:
-                print(f"epoch {st.epoch}: skipped {skipped} unreadable image(s)")
+            if self.dist.enabled:
+                unreadable = int(distributed.all_reduce_sum(torch.tensor([unreadable], device=self.device)))
+            if unreadable and main:
+                print(f"epoch {st.epoch}: skipped {unreadable} unreadable image(s)")
             if not stop:
                 st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+            if not distributed.replicas_agree(self.model.parameters()):
+                raise TrainingError(f"the processes' parameters differ at step {st.step}; this is a bug, please "
+                                    f"report it")
             mean = sum(epoch_losses) / len(epoch_losses) if epoch_losses else float("inf")
             is_best = mean < st.best_loss
             st.best_loss = min(st.best_loss, mean)
-            if stop or st.epoch % cfg.train.save_every_epochs == 0 or st.epoch == cfg.train.epochs:
+            if main and (stop or st.epoch % cfg.train.save_every_epochs == 0 or st.epoch == cfg.train.epochs):
                 self.last_checkpoint = self.save(is_best)
-        return {"history": history, "checkpoint": getattr(self, "last_checkpoint", None), "state": st}
+        if writer is not None:
+            writer.close()
+        if self.dist.enabled:
+            torch.distributed.barrier()  # rank 0 has finished writing before any process leaves
+        return {"history": history, "checkpoint": self.last_checkpoint, "state": st}
+
+    def _log(self, record: dict, log_path: Path, writer, bar) -> None:
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if writer is not None:
+            for key in ("loss", "lr", "grad_norm", "images_per_s"):
+                if record.get(key) is not None:
+                    writer.add_scalar(f"train/{key}", record[key], record["step"])
+        loss = f"{record['loss']:.4f}" if record["loss"] is not None else "skipped"
+        bar.set_postfix(loss=loss, lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_s']:.1f}")
+
+    def visualize(self, images: torch.Tensor, visible: torch.Tensor, path: Path, writer=None) -> Path:
+        """Reconstruction grid of (up to 4 of) the given images with their training masks."""
+        from mimsparse.visualize import grid_image, reconstruct
+
+        n = min(VIS_SAMPLES, images.shape[0])
+        grid = grid_image(reconstruct(self.model, images[:n], visible[:n]))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+        if writer is not None:
+            import numpy as np
+
+            writer.add_image("reconstruction", np.asarray(grid), self.state.step, dataformats="HWC")
+        return path
+
+
+def tensorboard_writer(folder: Path):
+    """A SummaryWriter when the tensorboard package is installed, else None (logging goes to log.jsonl)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(folder))
 
 
 def latest_checkpoint(folder: str | Path) -> Path | None:

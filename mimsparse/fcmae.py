@@ -1,38 +1,79 @@
-"""FCMAE: mask -> sparse encoder -> dense decoder -> loss on masked patches."""
+"""Masked image modeling model: mask -> sparse encoder -> decoder -> loss.
+
+The defaults are FCMAE (ConvNeXt V2). The objective's parts are options, so the same class also
+runs SimMIM's recipe (learned mask token at the encoder input, linear head, L1 loss):
+
+| option          | FCMAE / MAE (default)               | SimMIM                                   |
+|-----------------|-------------------------------------|------------------------------------------|
+| encoder_input   | ``sparse``: masked patches removed  | ``mask_token``: replaced by a learned token |
+| decoder         | ``fcmae``                           | ``linear`` (one 1x1 conv)                |
+| loss            | ``mse``                             | ``l1``                                   |
+| loss_on         | ``masked``                          | ``masked``                               |
+| norm_pix_loss   | True                                | False                                    |
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from mimsparse.decoder import FCMAEDecoder
+from mimsparse.decoder import DECODERS, build_decoder
 from mimsparse.encoder import SparseConvNeXtV2
-from mimsparse.loss import masked_reconstruction_loss, pixel_targets
-from mimsparse.masking import check_image_size, check_mask_ratio, random_patch_mask
+from mimsparse.loss import LOSS_ON, LOSSES, pixel_targets, reconstruction_loss
+from mimsparse.masking import PatchMasker, upsample_mask
+
+ENCODER_INPUTS = ("sparse", "mask_token")
 
 
 class FCMAE(nn.Module):
     def __init__(self, encoder: SparseConvNeXtV2, decoder_dim: int = 512, decoder_depth: int = 1,
-                 mask_ratio: float = 0.6, norm_pix_loss: bool = True):
+                 mask_ratio: float | None = None, norm_pix_loss: bool = True, masker: PatchMasker | None = None,
+                 decoder: str = "fcmae", encoder_input: str = "sparse", loss: str = "mse", loss_on: str = "masked"):
+        """``masker`` chooses the mask strategy (default: random at ``mask_ratio``, 0.6 if not given);
+        give one of the two. The other options select the objective (see the module docstring)."""
         super().__init__()
+        if masker is not None and mask_ratio is not None:
+            raise ValueError("give the mask ratio either as mask_ratio or inside masker, not both")
+        self.masker = masker if masker is not None else PatchMasker(ratio=0.6 if mask_ratio is None else mask_ratio)
+        check_objective(decoder, encoder_input, loss, loss_on)
         self.encoder = encoder
-        self.decoder = FCMAEDecoder(encoder.num_features, encoder.patch_size, encoder.in_chans,
-                                    decoder_dim, decoder_depth)
-        self.mask_ratio = check_mask_ratio(mask_ratio)
-        self.norm_pix_loss = norm_pix_loss
+        self.decoder = build_decoder(decoder, encoder.num_features, encoder.patch_size, encoder.in_chans,
+                                     decoder_dim, decoder_depth)
+        self.input_mask_token = None
+        if encoder_input == "mask_token":
+            # A learned stem-stride x stem-stride pixel patch tiled over the masked patches: every masked stem
+            # site gets the same learned embedding. SimMIM adds its token right after the patch embedding;
+            # entering through the stem conv, ours spans at most in_chans * stride^2 (48) dimensions.
+            s = encoder.stem_stride
+            self.input_mask_token = nn.Parameter(torch.zeros(1, encoder.in_chans, s, s))
+            nn.init.trunc_normal_(self.input_mask_token, std=0.02)
+        self.loss, self.loss_on, self.norm_pix_loss = loss, loss_on, norm_pix_loss
 
     @property
     def patch_size(self) -> int:
         return self.encoder.patch_size
 
+    @property
+    def mask_ratio(self) -> float:
+        return self.masker.ratio
+
     def make_mask(self, images_bchw: torch.Tensor, generator: torch.Generator | None = None,
                   progress: float = 0.0) -> torch.Tensor:
         """bool [B, H/p, W/p], True = visible. ``progress`` in [0, 1] is the fraction of training done."""
-        b, _, h, w = images_bchw.shape
-        grid = check_image_size(h, w, self.patch_size)
-        return random_patch_mask(b, grid, self.mask_ratio, generator, images_bchw.device)
+        return self.masker(images_bchw, self.patch_size, generator, progress)
 
     def forward_encoder(self, images_bchw, visible_bhw):
-        return self.encoder(images_bchw, visible_bhw)
+        """-> features [B, C, H/p, W/p]; with a sparse input they are zero at masked patches."""
+        if self.input_mask_token is None:
+            return self.encoder(images_bchw, visible_bhw)
+        return self.encoder(self.fill_masked(images_bchw, visible_bhw))
+
+    def fill_masked(self, images_bchw, visible_bhw):
+        """Images with every masked patch showing the tiled input mask token (SimMIM's encoder input)."""
+        _, _, h, w = images_bchw.shape
+        s = self.encoder.stem_stride
+        token = self.input_mask_token.to(images_bchw.dtype).repeat(1, 1, h // s, w // s)
+        keep = upsample_mask(visible_bhw, self.patch_size).unsqueeze(1)
+        return torch.where(keep, images_bchw, token)
 
     def forward_decoder(self, feats_bchw, visible_bhw):
         """-> predictions [B, L, p*p*C] in patch raster order."""
@@ -41,7 +82,7 @@ class FCMAE(nn.Module):
 
     def forward_loss(self, images_bchw, pred_bld, visible_bhw):
         target = pixel_targets(images_bchw, self.patch_size, self.norm_pix_loss)
-        return masked_reconstruction_loss(pred_bld, target, visible_bhw.flatten(1))
+        return reconstruction_loss(pred_bld, target, visible_bhw.flatten(1), self.loss, self.loss_on)
 
     def forward(self, images_bchw: torch.Tensor, visible_bhw: torch.Tensor | None = None,
                 generator: torch.Generator | None = None):
@@ -52,3 +93,17 @@ class FCMAE(nn.Module):
         pred = self.forward_decoder(feats, visible_bhw)
         loss = self.forward_loss(images_bchw, pred, visible_bhw)
         return loss, pred, visible_bhw
+
+
+def check_objective(decoder: str, encoder_input: str, loss: str, loss_on: str) -> None:
+    """Refuse unknown values and the one combination that cannot learn (by config key)."""
+    for key, value, allowed in (("model.decoder", decoder, DECODERS),
+                                ("model.encoder_input", encoder_input, ENCODER_INPUTS),
+                                ("model.loss", loss, LOSSES), ("model.loss_on", loss_on, LOSS_ON)):
+        if value not in allowed:
+            raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+    if decoder == "linear" and encoder_input == "sparse":
+        raise ValueError(
+            "model.decoder=linear needs model.encoder_input=mask_token: a sparse encoder computes nothing at "
+            "masked patches and a 1x1 head has no spatial mixing, so it would predict one constant there. "
+            "Use model.encoder_input=mask_token (SimMIM) or model.decoder=fcmae")

@@ -32,9 +32,29 @@ def pixel_targets(images_bchw: torch.Tensor, patch_size: int, norm_pix: bool) ->
     return target
 
 
-def masked_reconstruction_loss(pred_bld: torch.Tensor, target_bld: torch.Tensor, visible_bl: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over the masked patches only; predictions at visible patches get no
-    gradient. With nothing masked (ratio 0) the loss is 0."""
-    per_patch = (pred_bld.float() - target_bld.float()).square().mean(dim=-1)
+LOSSES = ("mse", "l1")
+LOSS_ON = ("masked", "all")
+
+
+def reconstruction_loss(pred_bld: torch.Tensor, target_bld: torch.Tensor, visible_bl: torch.Tensor,
+                        loss: str = "mse", loss_on: str = "masked") -> torch.Tensor:
+    """Mean per-value error (``mse``: squared, ``l1``: absolute) averaged per patch, then over the
+    masked patches (``loss_on="masked"``: predictions at visible patches get no gradient; with nothing
+    masked the loss is 0) or over all patches (``"all"``).
+
+    pred, target: [B, L, D]; visible: bool [B, L], True = kept."""
+    if loss not in LOSSES:
+        raise ValueError(f"model.loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    if loss_on not in LOSS_ON:
+        raise ValueError(f"model.loss_on must be one of {', '.join(LOSS_ON)}, got {loss_on!r}")
+    diff = pred_bld.float() - target_bld.float()
+    per_patch = (diff.square() if loss == "mse" else diff.abs()).mean(dim=-1)
+    if loss_on == "all":
+        return per_patch.mean()
     masked = (~visible_bl).float()
     return (per_patch * masked).sum() / masked.sum().clamp_min(1.0)
+
+
+def masked_reconstruction_loss(pred_bld: torch.Tensor, target_bld: torch.Tensor, visible_bl: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the masked patches only (the FCMAE / MAE loss)."""
+    return reconstruction_loss(pred_bld, target_bld, visible_bl, "mse", "masked")

@@ -2,6 +2,7 @@
 """FCMAE pretraining of a sparse ConvNeXt V2.
 
   tools/pretrain.py --config configs/fcmae_atto.yaml --backend dense [--data DIR] [key=value ...]
+  torchrun --standalone --nproc_per_node N tools/pretrain.py ...   (DDP: gloo on CPU, nccl on CUDA)
 """
 from __future__ import annotations
 
@@ -17,12 +18,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Overrides: section.key=value, e.g. train.epochs=5 optim.base_lr=1e-4.\n"
                                        "Precision: CPU trains in fp32; train.amp=bf16|fp16 needs CUDA and a backend\n"
-                                       "that supports it (minkowski and spconv refuse bf16).")
+                                       "that supports it (minkowski and spconv refuse bf16).\n"
+                                       "Several processes: torchrun --standalone --nproc_per_node N tools/pretrain.py\n"
+                                       "(train.batch_size is per process; rank 0 logs and writes checkpoints).")
     p.add_argument("--config", default=None, help="YAML file from configs/ (defaults are in mimsparse/config.py)")
     p.add_argument("--backend", default="dense", choices=backend_names(), help="sparse backend (default: dense)")
     p.add_argument("--data", default=None, help="ImageFolder or flat folder of images (default: bundled photos)")
+    p.add_argument("--img", type=int, default=None, help="training crop size, a multiple of 32 (= data.img_size)")
     p.add_argument("--output-dir", default=None, help="where checkpoints and logs go (= train.output_dir)")
-    p.add_argument("--resume", default=None, help="checkpoint to resume from, or 'auto' for the latest in the output dir")
+    p.add_argument("--resume", default=None,
+                   help="checkpoint to resume from, or 'auto' for the latest in the output dir")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs still go to log.jsonl)")
     p.add_argument("overrides", nargs="*", help="config overrides section.key=value")
@@ -37,29 +42,43 @@ def _cuda() -> bool:
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
+    from mimsparse import distributed
     from mimsparse.config import load_config
     from mimsparse.engine import Pretrainer
 
     overrides = list(args.overrides)
     if args.data:
         overrides.append(f"data.path={args.data}")
+    if args.img is not None:
+        overrides.append(f"data.img_size={args.img}")
     if args.output_dir:
         overrides.append(f"train.output_dir={args.output_dir}")
     cfg = load_config(args.config, overrides)
-    trainer = Pretrainer(cfg, args.backend, args.device, resume=args.resume, show_progress=not args.no_progress)
-    print(f"model {cfg.model.name} | backend {args.backend} | device {args.device} | "
-          f"{len(trainer.paths)} images | batch {cfg.train.batch_size} | "
-          f"lr {cfg.lr():.3g} (= base_lr {cfg.optim.base_lr:g} x {cfg.train.batch_size}/256) | "
-          f"{trainer.total_steps} steps | output {trainer.out_dir}")
-    if getattr(trainer, "resumed_from", None):
-        print(f"resumed from {trainer.resumed_from} at step {trainer.state.step}")
-    result = trainer.run()
-    history = result["history"]
-    if history:
-        print(f"loss: first {history[0]['loss']:.4f} (step {history[0]['step']}) -> "
-              f"last {history[-1]['loss']:.4f} (step {history[-1]['step']})")
-    print(f"checkpoint: {result['checkpoint']}")
+    env, device = distributed.init_from_env(args.device)
+    try:
+        trainer = Pretrainer(cfg, args.backend, device, resume=args.resume, show_progress=not args.no_progress)
+        say = print if env.is_main else (lambda *a, **k: None)
+        batch = f"{cfg.train.batch_size}"
+        if cfg.train.accum_steps > 1:
+            batch += f" x {cfg.train.accum_steps} accumulation steps"
+        if env.enabled:
+            batch += f" x {env.world_size} processes"
+        eff = cfg.train.batch_size * cfg.train.accum_steps * env.world_size
+        say(f"model {cfg.model.name} | backend {args.backend} | device {device} | {len(trainer.paths)} images | "
+            f"batch {batch} | lr {trainer.lr:.3g} (= base_lr {cfg.optim.base_lr:g} x {eff}/256) | "
+            f"{trainer.total_steps} steps | output {trainer.out_dir}")
+        if trainer.resumed_from:
+            say(f"resumed from {trainer.resumed_from} at step {trainer.state.step}")
+        result = trainer.run()
+        done = [r for r in result["history"] if r["loss"] is not None]
+        if done:
+            say(f"loss: first {done[0]['loss']:.4f} (step {done[0]['step']}) -> "
+                f"last {done[-1]['loss']:.4f} (step {done[-1]['step']})")
+        say(f"checkpoint: {result['checkpoint']}")
+    finally:
+        distributed.cleanup()
     return 0
 
 

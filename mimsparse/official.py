@@ -1,0 +1,227 @@
+"""Checkpoints in the layouts of the official ConvNeXt-V2 code (facebookresearch/ConvNeXt-V2).
+
+- **FCMAE layout**: ``models/fcmae.py`` ``FCMAE.state_dict()``, what ``main_pretrain.py`` saves under
+  ``'model'``. The encoder is MinkowskiEngine's: convolution kernels ``[K, C_in, C_out]`` and
+  depthwise kernels ``[K, C]`` (K = kernel volume, offsets ordered with the first spatial axis, y,
+  fastest), biases ``[1, C]``, ``MinkowskiLayerNorm``/``MinkowskiLinear`` wrappers (``.ln.``,
+  ``.linear.``), GRN ``gamma``/``beta`` ``[1, C]``. The stem is dense (``nn.Conv2d`` + channels-first
+  LayerNorm). The decoder is ``proj``, ``mask_token``, dense ConvNeXt V2 ``Block``s under ``decoder.``
+  (GRN ``[1, 1, 1, C]``) and ``pred``.
+- **dense layout**: ``models/convnextv2.py`` ``ConvNeXtV2``, the model ``main_finetune.py`` trains
+  (what its ``remap_checkpoint_keys`` turns the FCMAE layout into), without ``norm``/``head``.
+
+Our parameters are in torch's dense layout, so import and export are renames plus reshapes of the
+sparse kernels; both directions use one table of exact key templates.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import pickle
+import re
+
+import torch
+
+from mimsparse.convert import ConversionError
+from mimsparse.models import CONVNEXTV2_SPECS
+
+
+# ---- kernel layouts -------------------------------------------------------------------------------
+def conv_weight_to_me(weight_oihw: torch.Tensor) -> torch.Tensor:
+    """Dense conv weight [out, in, kh, kw] -> MinkowskiEngine kernel [kw*kh, in, out] (y fastest)."""
+    return weight_oihw.permute(3, 2, 1, 0).reshape(-1, weight_oihw.shape[1], weight_oihw.shape[0])
+
+
+def me_to_conv_weight(kernel_kio: torch.Tensor) -> torch.Tensor:
+    """MinkowskiEngine kernel [k*k, in, out] -> dense conv weight [out, in, k, k]."""
+    k = _side(kernel_kio)
+    return kernel_kio.reshape(k, k, *kernel_kio.shape[1:]).permute(3, 2, 1, 0)
+
+
+def dw_weight_to_me(weight_c1hw: torch.Tensor) -> torch.Tensor:
+    """Depthwise weight [C, 1, kh, kw] -> MinkowskiEngine channelwise kernel [kw*kh, C]."""
+    return weight_c1hw[:, 0].permute(2, 1, 0).reshape(-1, weight_c1hw.shape[0])
+
+
+def me_to_dw_weight(kernel_kc: torch.Tensor) -> torch.Tensor:
+    """MinkowskiEngine channelwise kernel [k*k, C] -> depthwise weight [C, 1, k, k]."""
+    k = _side(kernel_kc)
+    return kernel_kc.reshape(k, k, kernel_kc.shape[1]).permute(2, 1, 0)[:, None]
+
+
+def _side(kernel: torch.Tensor) -> int:
+    k = math.isqrt(kernel.shape[0])
+    if k * k != kernel.shape[0]:
+        raise ConversionError(f"kernel volume {kernel.shape[0]} is not a square k*k (2D kernels only)")
+    return k
+
+
+# layout name -> (ours -> official, official -> ours)
+_LAYOUTS = {
+    "same": (lambda t: t, lambda t: t),
+    "me_conv": (conv_weight_to_me, me_to_conv_weight),
+    "me_dw": (dw_weight_to_me, me_to_dw_weight),
+    "row": (lambda t: t.reshape(1, -1), lambda t: t.reshape(-1)),            # [C] <-> [1, C]
+    "nhwc": (lambda t: t.reshape(1, 1, 1, -1), lambda t: t.reshape(-1)),     # [C] <-> [1, 1, 1, C]
+}
+
+# ---- key tables: (our key, official key, layout); {s} stage, {b} block, {d} decoder block, {wb} weight|bias
+_DENSE_BLOCK = [  # a dense ConvNeXt V2 block: timm names (ours) -> models/convnextv2.py Block
+    ("conv_dw.{wb}", "dwconv.{wb}", "same"),
+    ("norm.{wb}", "norm.{wb}", "same"),
+    ("mlp.fc1.{wb}", "pwconv1.{wb}", "same"),
+    ("mlp.grn.weight", "grn.gamma", "nhwc"),
+    ("mlp.grn.bias", "grn.beta", "nhwc"),
+    ("mlp.fc2.{wb}", "pwconv2.{wb}", "same"),
+]
+_SPARSE_BLOCK = [  # models/convnextv2_sparse.py Block (MinkowskiEngine modules)
+    ("conv_dw.weight", "dwconv.kernel", "me_dw"),
+    ("conv_dw.bias", "dwconv.bias", "row"),
+    ("norm.{wb}", "norm.ln.{wb}", "same"),
+    ("mlp.fc1.{wb}", "pwconv1.linear.{wb}", "same"),
+    ("mlp.fc2.{wb}", "pwconv2.linear.{wb}", "same"),
+    ("mlp.grn.weight", "grn.gamma", "row"),
+    ("mlp.grn.bias", "grn.beta", "row"),
+]
+DENSE_KEYS = [
+    ("stem_conv.{wb}", "downsample_layers.0.0.{wb}", "same"),
+    ("stem_norm.{wb}", "downsample_layers.0.1.{wb}", "same"),
+    ("stages.{s}.downsample.norm.{wb}", "downsample_layers.{s}.0.{wb}", "same"),
+    ("stages.{s}.downsample.conv.{wb}", "downsample_layers.{s}.1.{wb}", "same"),
+    *[(f"stages.{{s}}.blocks.{{b}}.{a}", f"stages.{{s}}.{{b}}.{o}", t) for a, o, t in _DENSE_BLOCK],
+]
+FCMAE_KEYS = [
+    ("encoder.stem_conv.{wb}", "encoder.downsample_layers.0.0.{wb}", "same"),
+    ("encoder.stem_norm.{wb}", "encoder.downsample_layers.0.1.{wb}", "same"),
+    ("encoder.stages.{s}.downsample.norm.{wb}", "encoder.downsample_layers.{s}.0.ln.{wb}", "same"),
+    ("encoder.stages.{s}.downsample.conv.weight", "encoder.downsample_layers.{s}.1.kernel", "me_conv"),
+    ("encoder.stages.{s}.downsample.conv.bias", "encoder.downsample_layers.{s}.1.bias", "row"),
+    *[(f"encoder.stages.{{s}}.blocks.{{b}}.{a}", f"encoder.stages.{{s}}.{{b}}.{o}", t) for a, o, t in _SPARSE_BLOCK],
+    ("decoder.mask_token", "mask_token", "same"),
+    ("decoder.proj.{wb}", "proj.{wb}", "same"),
+    *[(f"decoder.blocks.{{d}}.{a}", f"decoder.{{d}}.{o}", t) for a, o, t in _DENSE_BLOCK],
+    ("decoder.pred.{wb}", "pred.{wb}", "same"),
+]
+
+_FIELDS = {"s": r"\d+", "b": r"\d+", "d": r"\d+", "wb": r"weight|bias"}
+
+
+def _pattern(template: str) -> re.Pattern:
+    parts = re.split(r"\{(\w+)\}", template)  # literal, field, literal, field, ...
+    regex = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>{_FIELDS[p]})" for i, p in enumerate(parts))
+    return re.compile(f"^{regex}$")
+
+
+def _convert(sd: dict[str, torch.Tensor], table, to_official: bool, what: str) -> dict[str, torch.Tensor]:
+    src, dst = (0, 1) if to_official else (1, 0)
+    rules = [(_pattern(row[src]), row[dst], _LAYOUTS[row[2]][0 if to_official else 1]) for row in table]
+    out = {}
+    for key, value in sd.items():
+        for pattern, target, layout in rules:
+            match = pattern.match(key)
+            if match:
+                out[target.format(**match.groupdict())] = layout(value).contiguous()
+                break
+        else:
+            raise ConversionError(f"unexpected parameter {key!r} for the {what}")
+    return out
+
+
+# ---- state dicts ----------------------------------------------------------------------------------
+def fcmae_to_official(model_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our FCMAE state dict -> official ``models/fcmae.py`` FCMAE state dict.
+
+    Only the official architecture has an official layout: a sparse encoder input, the FCMAE decoder
+    and GRN in every block (``model.encoder_input=sparse``, ``model.decoder=fcmae``, ``model.use_grn``)."""
+    if "input_mask_token" in model_sd or "decoder.mask_token" not in model_sd:
+        raise ConversionError("only models with model.decoder=fcmae and model.encoder_input=sparse have an official "
+                              "FCMAE layout; export the encoder alone (--dense, encoder_to_official_dense)")
+    if not any(k.endswith(".mlp.grn.weight") for k in model_sd):
+        raise ConversionError("the official encoder always has GRN; this model was built with model.use_grn=false")
+    return _convert(model_sd, FCMAE_KEYS, True, "official FCMAE layout")
+
+
+def fcmae_from_official(official_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official FCMAE state dict -> ours (load it with ``strict=True`` into the model that
+    :func:`official_config` describes)."""
+    return _convert(official_sd, FCMAE_KEYS, False, "official FCMAE layout")
+
+
+def encoder_to_official_dense(encoder_sd: dict[str, torch.Tensor], num_classes: int | None = None,
+                              seed: int = 0) -> dict[str, torch.Tensor]:
+    """Our encoder state dict (keys without ``encoder.``) -> official ``ConvNeXtV2`` state dict.
+
+    Without ``num_classes`` the classifier (``norm``, ``head``) is left out, as in the official FCMAE
+    weights after ``remap_checkpoint_keys``; with it a fresh one is added (final LayerNorm at identity,
+    head initialised as ``main_finetune.py`` does: trunc-normal std 2e-5, zero bias), so that
+    ``ConvNeXtV2(num_classes=N).load_state_dict(sd)`` accepts it with ``strict=True``."""
+    out = _convert(encoder_sd, DENSE_KEYS, True, "official dense layout")
+    if num_classes is not None:
+        dim = [v for k, v in encoder_sd.items() if k.endswith(".mlp.fc2.bias")][-1].shape[0]  # last stage's width
+        g = torch.Generator().manual_seed(seed)
+        head = torch.nn.init.trunc_normal_(torch.empty(num_classes, dim), std=2e-5, a=-4e-5, b=4e-5, generator=g)
+        out.update({"norm.weight": torch.ones(dim), "norm.bias": torch.zeros(dim),
+                    "head.weight": head, "head.bias": torch.zeros(num_classes)})
+    return out
+
+
+def encoder_from_official_dense(official_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official ``ConvNeXtV2`` state dict -> our encoder state dict (``norm``/``head`` are dropped)."""
+    body = {k: v for k, v in official_sd.items() if not k.startswith(("norm.", "head."))}
+    return _convert(body, DENSE_KEYS, False, "official dense layout")
+
+
+def official_config(official_sd: dict[str, torch.Tensor], args: dict | None = None) -> dict:
+    """Config sections (for :func:`mimsparse.config.config_from_dict`) of the model an official FCMAE
+    state dict belongs to: size, input channels and decoder from the shapes; mask ratio and
+    norm-pix loss from the saved ``args`` when present."""
+    stem = official_sd.get("encoder.downsample_layers.0.0.weight")
+    if stem is None or "mask_token" not in official_sd:
+        raise ConversionError("not an official FCMAE state dict (no 'encoder.downsample_layers.0.0.weight' "
+                              "or 'mask_token')")
+    num_stages = _count(official_sd, r"^encoder\.downsample_layers\.(\d+)\.")
+    dims = [stem.shape[0]]
+    for i in range(1, num_stages):
+        dims.append(official_sd[f"encoder.downsample_layers.{i}.1.kernel"].shape[2])
+    depths = [_count(official_sd, rf"^encoder\.stages\.{i}\.(\d+)\.") for i in range(num_stages)]
+    names = [n for n, spec in CONVNEXTV2_SPECS.items() if list(spec.depths) == depths and list(spec.dims) == dims]
+    if not names:
+        raise ConversionError(f"no ConvNeXt V2 size has depths {depths} and widths {dims}")
+    in_chans = stem.shape[1]
+    patch = stem.shape[-1] * 2 ** (num_stages - 1)  # stem stride x one 2x downsampling per later stage
+    if official_sd["pred.weight"].shape[0] != patch * patch * in_chans:
+        raise ConversionError(f"pred predicts {official_sd['pred.weight'].shape[0]} values per patch; expected "
+                              f"{patch}*{patch}*{in_chans} (patch size {patch})")
+    model = {"name": names[0], "in_chans": in_chans, "decoder_dim": official_sd["mask_token"].shape[1],
+             "decoder_depth": _count(official_sd, r"^decoder\.(\d+)\."), "decoder": "fcmae",
+             "encoder_input": "sparse", "use_grn": True}
+    cfg = {"model": model}
+    args = args or {}
+    if "norm_pix_loss" in args:
+        model["norm_pix_loss"] = bool(args["norm_pix_loss"])
+    if "mask_ratio" in args:
+        cfg["mask"] = {"ratio": float(args["mask_ratio"])}
+    return cfg
+
+
+def _count(sd: dict, pattern: str) -> int:
+    found = {int(m.group(1)) for m in (re.match(pattern, k) for k in sd) if m}
+    return max(found) + 1 if found else 0
+
+
+# ---- files ----------------------------------------------------------------------------------------
+def load_official_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(model state dict, args as a dict) from a file saved by the official code (``{'model': ...,
+    'args': Namespace, ...}``) or a bare state dict. Loads with ``weights_only=True``; the saved
+    ``argparse.Namespace`` is the one class allowed besides tensors and plain containers."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, pickle.UnpicklingError) as e:  # pickle errors name a refused class
+            raise ConversionError(f"cannot read {str(path)!r} as an official checkpoint: {e}") from e
+    if not isinstance(ckpt, dict):
+        raise ConversionError(f"{str(path)!r} holds a {type(ckpt).__name__}, not a checkpoint dict")
+    sd = ckpt.get("model", ckpt)
+    args = ckpt.get("args")
+    args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+    return sd, args

@@ -1,0 +1,101 @@
+"""Several processes (torchrun, DDP on gloo): the same training as one process with the global batch."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mimsparse.checkpoint import load_checkpoint
+from mimsparse.config import load_config
+from mimsparse.data import EpochSampler
+from mimsparse.engine import Pretrainer
+from tests.conftest import ROOT, tiny_overrides
+
+
+@pytest.mark.parametrize("num_items,world,batch", [(12, 2, 2), (13, 2, 2), (11, 3, 1), (25, 2, 3)])
+def test_every_rank_gets_the_same_batches_as_one_process(num_items, world, batch):
+    single = EpochSampler(num_items, seed=3, epoch=1, batch_size=world * batch).items
+    shares = [EpochSampler(num_items, seed=3, epoch=1, rank=r, world_size=world, batch_size=batch).items
+              for r in range(world)]
+    assert len({len(s) for s in shares}) == 1 and len(shares[0]) % batch == 0  # same number of full batches
+    assert len(single) == world * len(shares[0])
+    for k in range(len(shares[0]) // batch):  # global batch k = batch k of one process with world x batch
+        together = sorted(item for s in shares for item in s[k * batch:(k + 1) * batch])
+        assert together == sorted(single[k * world * batch:(k + 1) * world * batch])
+    resumed = EpochSampler(num_items, seed=3, epoch=1, rank=1, world_size=world, batch_size=batch, start=batch).items
+    assert resumed == shares[1][batch:]
+    with pytest.raises(ValueError, match="rank 2 is not in"):
+        EpochSampler(num_items, 0, 0, rank=2, world_size=2)
+
+
+def _torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "tools" / "pretrain.py"), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def _packed_available() -> str | None:
+    try:
+        import mimsparse.backends.packed  # noqa: F401
+    except ImportError as e:
+        return f"mimsparse.backends.packed does not import: {e}"
+    return None
+
+
+_PACKED = pytest.mark.skipif(_packed_available() is not None, reason=str(_packed_available()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend,batch,accum", [("dense", 2, 1), pytest.param("packed", 2, 1, marks=_PACKED),
+                                                 ("dense", 1, 2)])
+def test_two_processes_match_one_with_the_global_batch(photo_dir, tmp_path, backend, batch, accum):
+    """2 processes x batch b (x accum) == 1 process x batch 2b (x accum) after 2 steps: same lr, same
+    samples, same masks; gradients averaged by DDP (with no_sync inside an accumulation window)."""
+    common = {"data.path": str(photo_dir), "train.max_steps": 2, "train.accum_steps": accum}
+    one = Pretrainer(load_config(None, tiny_overrides(tmp_path / "one", **common, **{"train.batch_size": 2 * batch})),
+                     backend, show_progress=False)
+    history_one = one.run()["history"]
+
+    two_dir = tmp_path / "two"
+    proc = _torchrun(2, "--backend", backend, "--no-progress",
+                     *tiny_overrides(two_dir, **common, **{"train.batch_size": batch}))
+    assert "x 2 processes" in proc.stdout and proc.stdout.count("checkpoint: ") == 1  # rank 0 alone prints
+    log = [json.loads(line) for line in (two_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2]  # rank 0 alone logs
+    assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in history_one], rel=1e-5)
+    assert [r["lr"] for r in log] == pytest.approx([r["lr"] for r in history_one])
+    assert sorted(p.name for p in two_dir.glob("*.pth")) == ["checkpoint-0000002.pth", "checkpoint-best.pth"]
+
+    ddp = load_checkpoint(two_dir / "checkpoint-0000002.pth")["model"]
+    single = one.model.state_dict()
+    assert ddp.keys() == single.keys()  # no "module." prefix
+    initial = Pretrainer(one.cfg, backend, show_progress=False).model.state_dict()
+    moved = max((single[k] - v).abs().max().item() for k, v in initial.items())
+    diff = max((single[k] - v).abs().max().item() for k, v in ddp.items())
+    assert diff < 1e-6 < moved, (diff, moved)
+
+
+@pytest.mark.slow
+def test_unreadable_batch_on_one_rank_is_skipped_by_all(photo_dir, tmp_path):
+    """Batch 1 per process: whenever a rank draws the corrupt file, every rank skips that micro-batch
+    (DDP needs all of them in each gradient exchange); the count is summed over ranks."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(photo_dir, data)
+    (data / "broken.png").write_bytes((data / "chelsea.png").read_bytes()[:200])
+    out = tmp_path / "run"
+    proc = _torchrun(2, "--no-progress", *tiny_overrides(out, **{"data.path": str(data), "train.batch_size": 1,
+                                                                "train.accum_steps": 2, "train.epochs": 1,
+                                                                "train.seed": 3}))
+    # 7 files x repeat 2 = 14 items = 3 steps of 2 x 2 (2 dropped). With seed 3 rank 0 draws the broken file
+    # as the 2nd micro-batch of step 1 (the one DDP would synchronise) and the 1st of step 3.
+    assert proc.stdout.count("unreadable image(s)") == 1 and "epoch 0: skipped" in proc.stdout
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and all(r["loss"] is not None for r in log)
+    assert all(torch.isfinite(v).all() for v in load_checkpoint(out / "checkpoint-0000003.pth")["model"].values())

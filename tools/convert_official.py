@@ -1,0 +1,100 @@
+#!/usr/bin/env python
+"""Checkpoints of the official ConvNeXt-V2 code (facebookresearch/ConvNeXt-V2) <-> mimsparse.
+
+import: an official FCMAE pretraining checkpoint -> a mimsparse run folder that any backend resumes
+  tools/convert_official.py import OFFICIAL.pth --output-dir runs/from_official [--config YAML] [key=value ...]
+  tools/pretrain.py --config runs/from_official/config.yaml --resume auto --backend packed
+
+export: a mimsparse pretraining checkpoint -> the official layouts
+  tools/convert_official.py export CHECKPOINT.pth -o fcmae.pth
+      FCMAE layout: for main_pretrain.py --resume and main_finetune.py --finetune
+  tools/convert_official.py export CHECKPOINT.pth -o dense.pth --dense [--num-classes N]
+      ConvNeXtV2 layout (models/convnextv2.py), with a fresh classifier when N is given
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def import_official(args) -> int:
+    import yaml
+
+    from mimsparse.config import config_from_dict, load_config
+    from mimsparse.engine import Pretrainer
+    from mimsparse.official import fcmae_from_official, load_official_checkpoint, official_config
+
+    official_sd, official_args = load_official_checkpoint(args.checkpoint)
+    overrides = list(args.overrides) + [f"train.output_dir={args.output_dir}"]
+    if args.data:
+        overrides.append(f"data.path={args.data}")
+    base = load_config(args.config, overrides).to_dict()
+    found = official_config(official_sd, official_args)  # the architecture comes from the checkpoint
+    cfg = config_from_dict({section: {**base[section], **found.get(section, {})} for section in base})
+    trainer = Pretrainer(cfg, "dense", "cpu", show_progress=False)
+    trainer.model.load_state_dict(fcmae_from_official(official_sd), strict=True)
+    path = trainer.save()
+    config_path = Path(args.output_dir) / "config.yaml"
+    config_path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    m = cfg.model
+    print(f"imported {args.checkpoint}: {m.name}, decoder {m.decoder_dim}x{m.decoder_depth}, "
+          f"mask ratio {cfg.mask.ratio}, norm_pix_loss {m.norm_pix_loss} ({len(official_sd)} tensors)")
+    print(f"wrote {path} and {config_path}; continue with:\n"
+          f"  tools/pretrain.py --config {config_path} --resume auto --backend BACKEND")
+    return 0
+
+
+def export_official(args) -> int:
+    import torch
+
+    from mimsparse.checkpoint import load_checkpoint
+    from mimsparse.convert import encoder_state_from_checkpoint
+    from mimsparse.official import encoder_to_official_dense, fcmae_to_official
+
+    ckpt = load_checkpoint(args.checkpoint)
+    if args.dense:
+        encoder_sd, name = encoder_state_from_checkpoint(ckpt)
+        sd = encoder_to_official_dense(encoder_sd, args.num_classes)
+        head = f"fresh {args.num_classes}-class head" if args.num_classes is not None else "no head"
+        what = f"official ConvNeXtV2 ({name}, {head})"
+    else:
+        if args.num_classes is not None:
+            raise ValueError("--num-classes goes with --dense (the FCMAE layout has no classifier)")
+        sd = fcmae_to_official(ckpt["model"])
+        what = "official FCMAE"
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": sd}, out)
+    print(f"wrote {out}: {what} layout, {len(sd)} tensors")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import", help="official FCMAE checkpoint -> mimsparse run folder")
+    imp.add_argument("checkpoint", help="file saved by the official main_pretrain.py (or its 'model' state dict)")
+    imp.add_argument("--output-dir", required=True, help="run folder to create (= train.output_dir)")
+    imp.add_argument("--config", default=None,
+                     help="YAML for the training settings; the architecture comes from the checkpoint")
+    imp.add_argument("--data", default=None, help="ImageFolder or flat folder (default: bundled photos)")
+    imp.epilog = "Config overrides section.key=value may follow, e.g. train.epochs=5 optim.base_lr=1e-4."
+    exp = sub.add_parser("export", help="mimsparse checkpoint -> official layout")
+    exp.add_argument("checkpoint", help="checkpoint written by tools/pretrain.py")
+    exp.add_argument("-o", "--output", required=True)
+    exp.add_argument("--dense", action="store_true", help="official ConvNeXtV2 (fine-tuning model) layout")
+    exp.add_argument("--num-classes", type=int, default=None, help="with --dense: add a fresh classifier of N classes")
+    # config overrides (section.key=value) may follow the options, which argparse's subcommands do not allow
+    args, rest = p.parse_known_args(argv)
+    bad = [a for a in rest if a.startswith("-") or "=" not in a]
+    if bad or (rest and args.command != "import"):
+        p.error(f"unrecognized arguments: {' '.join(bad or rest)}")
+    args.overrides = rest
+    return import_official(args) if args.command == "import" else export_official(args)
+
+
+if __name__ == "__main__":
+    from mimsparse.cli import run_cli
+
+    sys.exit(run_cli(main))
