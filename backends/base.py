@@ -99,9 +99,9 @@ class Backend(ABC):
     def check_dtype(self, dtype: torch.dtype, device: torch.device) -> None:
         supported = self.supported_dtypes(torch.device(device))
         if dtype not in supported:
-            names = ", ".join(str(d).replace("torch.", "") for d in supported)
+            names = ", ".join(dtype_name(d) for d in supported)
             raise TypeError(
-                f"the {self.name} backend does not support {str(dtype).replace('torch.', '')} on "
+                f"the {self.name} backend does not support {dtype_name(dtype)} on "
                 f"{torch.device(device).type}; supported: {names} (use --amp none or another backend)"
             )
 
@@ -154,3 +154,40 @@ def per_sample_l2_norm(feats_nc: torch.Tensor, batch_n: torch.Tensor, batch_size
     positive = sumsq > 0
     norm = torch.where(positive, sumsq, torch.ones_like(sumsq)).sqrt() * positive
     return norm.to(feats_nc.dtype)
+
+
+# ---- helpers shared by the library backends -----------------------------------------------------
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast would compute in on this device type, or None when it is off."""
+    kind = device.type
+    try:
+        return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+    except TypeError:  # torch < 2.4: no device_type argument
+        if kind == "cuda" and torch.is_autocast_enabled():
+            return torch.get_autocast_gpu_dtype()
+        if kind == "cpu" and torch.is_autocast_cpu_enabled():
+            return torch.get_autocast_cpu_dtype()
+        return None
+
+
+def check_conv_weight(weight: torch.Tensor, channels: int, op: str, depthwise: bool = False) -> tuple[int, int]:
+    """Validate a dense-layout conv weight against the features; returns (kh, kw)."""
+    if weight.dim() != 4:
+        raise ValueError(f"{op}: expected a conv weight [C_out, C_in, kh, kw], got {tuple(weight.shape)}")
+    kh, kw = weight.shape[-2:]
+    if depthwise and weight.shape[1] != 1:
+        raise ValueError(f"{op}: depthwise weight must be [C, 1, kh, kw], got {tuple(weight.shape)}")
+    c_in = weight.shape[0] if depthwise else weight.shape[1]
+    if c_in != channels:
+        raise ValueError(f"{op}: weight {tuple(weight.shape)} expects {c_in} input channels, features have {channels}")
+    if op != "downsample" and (kh % 2 == 0 or kw % 2 == 0):
+        raise ValueError(f"{op}: submanifold convs need odd kernel sizes, got {kh}x{kw}")
+    return kh, kw
+
+
+def add_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return out if bias is None else out + bias.to(out.dtype)

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 
 from mimsparse.sparse import SparseBatch
 
-from .base import RowBackend
+from .base import RowBackend, add_bias, autocast_dtype, check_conv_weight, dtype_name
 
 with warnings.catch_warnings():
     # a CPU-only build warns at every import that it is one
@@ -196,13 +196,13 @@ class MinkowskiBackend(RowBackend):
 
     def _check_compute(self, feats: torch.Tensor, weight: torch.Tensor | None = None) -> None:
         """Refuse dtypes ME cannot compute in, also when autocast would produce them."""
-        dtype = _autocast_dtype(feats.device) or feats.dtype
+        dtype = autocast_dtype(feats.device) or feats.dtype
         self.check_dtype(dtype, feats.device)
         if weight is not None:
             if weight.device != feats.device:
                 raise ValueError(f"weight on {weight.device} but features on {feats.device}")
             if weight.dtype != feats.dtype:
-                raise TypeError(f"weight dtype {_name(weight.dtype)} differs from the features' {_name(feats.dtype)}")
+                raise TypeError(f"weight dtype {dtype_name(weight.dtype)} differs from the features' {dtype_name(feats.dtype)}")
 
     # ---- entering and leaving -------------------------------------------------------------------
     def from_sparse(self, sb: SparseBatch) -> MinkowskiTensor:
@@ -271,16 +271,16 @@ class MinkowskiBackend(RowBackend):
 
     # ---- convolutions ---------------------------------------------------------------------------
     def conv(self, t, weight, bias):
-        kh, kw = _check_weight(weight, t.F.shape[1], "conv")
+        kh, kw = check_conv_weight(weight, t.F.shape[1], "conv")
         self._check_compute(t.F, weight)
         if kh == kw == 1:
             out = F.linear(t.F, weight[:, :, 0, 0])
         else:
             out = self._me_conv(t.F, weight, kh, kw, 1, t.key, t.key, t.manager)
-        return t.replace(_add_bias(out, bias))
+        return t.replace(add_bias(out, bias))
 
     def downsample(self, t, weight, bias):
-        kh, kw = _check_weight(weight, t.F.shape[1], "downsample")
+        kh, kw = check_conv_weight(weight, t.F.shape[1], "downsample")
         if kh != kw:
             raise ValueError(f"downsample: expected a square kernel [C_out, C_in, k, k], got {tuple(weight.shape)}")
         k = kh
@@ -291,14 +291,14 @@ class MinkowskiBackend(RowBackend):
             raise ValueError(f"cannot downsample a {h}x{w} map with a {k}x{k} stride-{k} conv")
         if k == 1:
             return MinkowskiTensor(t.st, t.batch_size, out_shape, t.stride, t.cache).replace(
-                _add_bias(F.linear(t.F, weight[:, :, 0, 0]), bias))
+                add_bias(F.linear(t.F, weight[:, :, 0, 0]), bias))
         feats, in_key = t.F, t.key
         if h % k or w % k:
             _, y, x = t.grid_coords()
             keep = (y < out_shape[0] * k) & (x < out_shape[1] * k)
             if not bool(keep.any()):
                 # no site in a complete block: no output site (ME's pruning would print a warning)
-                out = _add_bias(F.linear(feats[:0], weight[:, :, 0, 0]), bias)
+                out = add_bias(F.linear(feats[:0], weight[:, :, 0, 0]), bias)
                 return self._new_tensor(out, feats.new_zeros(0, 3, dtype=torch.int32), t.batch_size, out_shape,
                                         t.stride * k, t.tensor_stride * k)
             if not bool(keep.all()):
@@ -309,12 +309,12 @@ class MinkowskiBackend(RowBackend):
             # ME centres odd kernels; F.conv2d's block starts at the corner, as ME's even kernels do
             weight = F.pad(weight, (0, 1, 0, 1))
         out = self._me_conv(feats, weight, weight.shape[-2], weight.shape[-1], k, in_key, out_key, t.manager)
-        st = ME.SparseTensor(_add_bias(out, bias), coordinate_map_key=out_key, coordinate_manager=t.manager)
+        st = ME.SparseTensor(add_bias(out, bias), coordinate_map_key=out_key, coordinate_manager=t.manager)
         return MinkowskiTensor(st, t.batch_size, out_shape, t.stride * k)
 
     def dwconv(self, t, weight, bias):
         c = t.F.shape[1]
-        kh, kw = _check_weight(weight, c, "dwconv", depthwise=True)
+        kh, kw = check_conv_weight(weight, c, "dwconv", depthwise=True)
         self._check_compute(t.F, weight)
         if kh == kw == 1:
             out = t.F * weight[:, 0, 0, 0]
@@ -322,7 +322,7 @@ class MinkowskiBackend(RowBackend):
             out = self._dwconv_dense(t, weight)
         else:
             out = self._dwconv_kernel_map(t, weight, kh, kw)
-        return t.replace(_add_bias(out, bias))
+        return t.replace(add_bias(out, bias))
 
     def _dwconv_dense(self, t: MinkowskiTensor, weight: torch.Tensor) -> torch.Tensor:
         """Scatter to a zero channels-last map, grouped F.conv2d, gather the active sites."""
@@ -368,39 +368,3 @@ class MinkowskiBackend(RowBackend):
         return ME.MinkowskiConvolutionFunction.apply(
             feats.contiguous(), me_kernel(weight), self._kernel_generator(kh, kw, stride),
             ConvolutionMode.DEFAULT, in_key, out_key, manager)
-
-
-# ---- helpers ----------------------------------------------------------------------------------------
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-def _autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The dtype autocast would compute in on this device type, or None when it is off."""
-    kind = device.type
-    try:
-        return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
-    except TypeError:  # torch < 2.4: no device_type argument
-        if kind == "cuda" and torch.is_autocast_enabled():
-            return torch.get_autocast_gpu_dtype()
-        if kind == "cpu" and torch.is_autocast_cpu_enabled():
-            return torch.get_autocast_cpu_dtype()
-        return None
-
-
-def _check_weight(weight: torch.Tensor, channels: int, op: str, depthwise: bool = False) -> tuple[int, int]:
-    if weight.dim() != 4:
-        raise ValueError(f"{op}: expected a conv weight [C_out, C_in, kh, kw], got {tuple(weight.shape)}")
-    kh, kw = weight.shape[-2:]
-    if depthwise and weight.shape[1] != 1:
-        raise ValueError(f"{op}: depthwise weight must be [C, 1, kh, kw], got {tuple(weight.shape)}")
-    c_in = weight.shape[0] if depthwise else weight.shape[1]
-    if c_in != channels:
-        raise ValueError(f"{op}: weight {tuple(weight.shape)} expects {c_in} input channels, features have {channels}")
-    if op != "downsample" and (kh % 2 == 0 or kw % 2 == 0):
-        raise ValueError(f"{op}: submanifold convs need odd kernel sizes, got {kh}x{kw}")
-    return kh, kw
-
-
-def _add_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return out if bias is None else out + bias.to(out.dtype)

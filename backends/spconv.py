@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from mimsparse.sparse import SparseBatch
 
-from .base import RowBackend
+from .base import RowBackend, add_bias, autocast_dtype, check_conv_weight, dtype_name
 
 with warnings.catch_warnings():
     # spconv decorates its autograd functions with the deprecated torch.cuda.amp.custom_fwd
@@ -116,23 +116,8 @@ def _make_tensor(feats, indices, spatial_shape, batch_size, stride) -> SpconvTen
     return SpconvTensor(sp, stride)
 
 
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
-def _autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The dtype autocast would compute in on this device type, or None when it is off."""
-    kind = device.type
-    try:
-        if torch.is_autocast_enabled(kind):
-            return torch.get_autocast_dtype(kind)
-        return None
-    except TypeError:  # torch < 2.4: no device_type argument
-        if kind == "cuda" and torch.is_autocast_enabled():
-            return torch.get_autocast_gpu_dtype()
-        if kind == "cpu" and torch.is_autocast_cpu_enabled():
-            return torch.get_autocast_cpu_dtype()
-        return None
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -176,14 +161,14 @@ class SpconvBackend(RowBackend):
 
     def _check_compute(self, feats: torch.Tensor, weight: torch.Tensor | None = None) -> None:
         """Refuse dtypes spconv cannot compute in (also when autocast would produce them)."""
-        dtype = _autocast_dtype(feats.device) or feats.dtype
+        dtype = autocast_dtype(feats.device) or feats.dtype
         self.check_dtype(dtype, feats.device)
         if weight is not None:
             if weight.device != feats.device:
                 raise ValueError(f"weight on {weight.device} but features on {feats.device}")
-            if _autocast_dtype(feats.device) is None and weight.dtype != feats.dtype:
-                raise TypeError(f"weight dtype {_name(weight.dtype)} differs from the features' "
-                                f"{_name(feats.dtype)} (use autocast for mixed precision)")
+            if autocast_dtype(feats.device) is None and weight.dtype != feats.dtype:
+                raise TypeError(f"weight dtype {dtype_name(weight.dtype)} differs from the features' "
+                                f"{dtype_name(feats.dtype)} (use autocast for mixed precision)")
 
     # ---- entering and leaving -------------------------------------------------------------------
     def from_sparse(self, sb: SparseBatch) -> SpconvTensor:
@@ -231,7 +216,7 @@ class SpconvBackend(RowBackend):
         else:
             algo = self._algo_for(feats, weight, k, 1, subm=True)
             out = self._spconv_conv(t, weight, k, 1, subm=True, algo=algo)[0]
-        return self.with_feats(t, _add_bias(out, bias))
+        return self.with_feats(t, add_bias(out, bias))
 
     def downsample(self, t, weight, bias):
         k = _check_weight(weight, t.features.shape[1], "downsample", depthwise=False)
@@ -250,7 +235,7 @@ class SpconvBackend(RowBackend):
         else:
             algo = self._algo_for(feats, weight, k, k, subm=False)
             out, idx = self._spconv_conv(t, weight, k, k, subm=False, algo=algo)
-        return _make_tensor(_add_bias(out, bias), idx, out_shape, t.sp.batch_size, t.stride * k)
+        return _make_tensor(add_bias(out, bias), idx, out_shape, t.sp.batch_size, t.stride * k)
 
     @staticmethod
     def _any_site_in_blocks(t: SpconvTensor, k: int) -> bool:
@@ -273,7 +258,7 @@ class SpconvBackend(RowBackend):
             out = self._dwconv_dense(t, weight)
         else:
             out = self._dwconv_rulebook(t, weight, k)
-        return self.with_feats(t, _add_bias(out, bias))
+        return self.with_feats(t, add_bias(out, bias))
 
     def _dwconv_dense(self, t: SpconvTensor, weight: torch.Tensor) -> torch.Tensor:
         """Scatter to a zero channels-last map, grouped F.conv2d, gather the active sites."""
@@ -386,7 +371,7 @@ class SpconvBackend(RowBackend):
         device = feats.device
         if device.type != "cuda":
             return ConvAlgo.Native  # the only algorithm spconv runs on CPU
-        dtype = _autocast_dtype(device) or feats.dtype
+        dtype = autocast_dtype(device) or feats.dtype
         return self._resolve_algo(device, dtype, k, stride, subm, weight.shape[1], weight.shape[0])
 
     def _resolve_algo(self, device: torch.device, dtype: torch.dtype, k: int, stride: int, subm: bool,
@@ -413,7 +398,7 @@ class SpconvBackend(RowBackend):
             failures.append(f"{algo.name}: relative error {err:.3g} against F.conv2d")
         raise RuntimeError(
             f"spconv gives wrong results or fails for a {k}x{k} stride-{stride} "
-            f"{'submanifold ' if subm else ''}conv ({c_in}->{c_out} channels, {_name(dtype)}) on {device}: "
+            f"{'submanifold ' if subm else ''}conv ({c_in}->{c_out} channels, {dtype_name(dtype)}) on {device}: "
             f"{'; '.join(failures)}. Use another backend (dense, packed) or another spconv build."
         )
 
@@ -467,18 +452,7 @@ def _order_key(k: int, stride: int, algo: ConvAlgo) -> tuple:
 
 
 def _check_weight(weight: torch.Tensor, channels: int, op: str, depthwise: bool) -> int:
-    if weight.dim() != 4 or weight.shape[-1] != weight.shape[-2]:
+    kh, kw = check_conv_weight(weight, channels, op, depthwise)
+    if kh != kw:
         raise ValueError(f"{op}: expected a square kernel weight [C_out, C_in, k, k], got {tuple(weight.shape)}")
-    k = weight.shape[-1]
-    c_in = weight.shape[0] if depthwise else weight.shape[1]
-    if depthwise and weight.shape[1] != 1:
-        raise ValueError(f"{op}: depthwise weight must be [C, 1, k, k], got {tuple(weight.shape)}")
-    if c_in != channels:
-        raise ValueError(f"{op}: weight {tuple(weight.shape)} expects {c_in} input channels, features have {channels}")
-    if op != "downsample" and k % 2 == 0:
-        raise ValueError(f"{op}: submanifold convs need an odd kernel size, got {k}")
-    return k
-
-
-def _add_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return out if bias is None else out + bias.to(out.dtype)
+    return kh

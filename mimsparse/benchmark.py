@@ -200,7 +200,7 @@ def machine_info() -> dict:
         info["gpu"] = torch.cuda.get_device_name()
     for pkg in ("spconv", "MinkowskiEngine"):
         try:
-            from importlib.metadata import PackageNotFoundError, version
+            from importlib.metadata import version
             info[pkg] = version({"spconv": "spconv-cu120"}.get(pkg, pkg))
         except Exception:
             pass
