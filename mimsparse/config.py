@@ -80,9 +80,10 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    def lr(self) -> float:
-        """The one place the effective learning rate is derived."""
-        return self.optim.base_lr * self.train.batch_size / 256
+    def lr(self, world_size: int = 1) -> float:
+        """The one place the learning rate is derived (as MAE): base_lr x effective batch / 256, where
+        an optimizer step sees batch_size x accum_steps x processes images."""
+        return self.optim.base_lr * self.train.batch_size * self.train.accum_steps * world_size / 256
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

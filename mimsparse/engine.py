@@ -65,12 +65,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def effective_lr(cfg: PretrainConfig, world_size: int = 1) -> float:
-    """lr of the effective batch (as MAE): ``cfg.lr()`` is base_lr x batch / 256 for one process's
-    batch; an optimizer step sees batch x accum_steps x processes images."""
-    return cfg.lr() * cfg.train.accum_steps * world_size
-
-
 def check_train_config(cfg: PretrainConfig) -> None:
     """Values the dataclass types cannot rule out, refused by key before anything is built."""
     ratio = cfg.mask.ratio
@@ -175,7 +169,7 @@ class Pretrainer:
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
             self.train_model = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.lr = effective_lr(cfg, world)
+        self.lr = cfg.lr(world)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.optim.weight_decay), lr=self.lr,
                                            betas=(cfg.optim.beta1, cfg.optim.beta2))
         warmup = max(1, round(cfg.optim.warmup_epochs * self.steps_per_epoch))

@@ -18,7 +18,7 @@ from mimsparse.build import build_fcmae
 from mimsparse.checkpoint import CheckpointError, load_checkpoint
 from mimsparse.config import ConfigError, config_from_dict, load_config
 from mimsparse.data import ImageFiles, list_images, pretrain_transform, to_rgb
-from mimsparse.engine import Pretrainer, TrainingError, check_amp, effective_lr
+from mimsparse.engine import Pretrainer, TrainingError, check_amp
 from tests.conftest import ROOT, run_tool, tiny_overrides
 
 
@@ -376,7 +376,7 @@ def test_mixed_precision_trains_on_cuda(photo_dir, tmp_path, amp):
 def test_accumulation_matches_a_larger_batch(photo_dir, tmp_path):
     big = _cfg(tmp_path / "big", photo_dir, **{"train.batch_size": 4, "train.max_steps": 2})
     accum = _cfg(tmp_path / "acc", photo_dir, **{"train.batch_size": 2, "train.accum_steps": 2, "train.max_steps": 2})
-    assert effective_lr(big) == effective_lr(accum)
+    assert big.lr() == accum.lr() == pytest.approx(1e-2 * 4 / 256)
     a, b = (Pretrainer(c, "dense", show_progress=False) for c in (big, accum))
     ha, hb = a.run()["history"], b.run()["history"]
     assert [r["loss"] for r in ha] == pytest.approx([r["loss"] for r in hb], rel=1e-5)
