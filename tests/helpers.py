@@ -32,3 +32,16 @@ def random_active(batch: int, h: int, w: int, p_active: float, seed: int = 0, em
     if empty_sample is not None:
         active[empty_sample] = False
     return active
+
+
+def fit_fixed_batch(model, images, visible, lr: float, steps: int) -> list[float]:
+    """AdamW steps on one batch and mask; returns the losses (to check that the model can learn)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss, _, _ = model(images, visible)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

@@ -7,7 +7,7 @@ from mimsparse.convert import conversion_error, timm_to_encoder, to_timm_model_s
 from mimsparse.encoder import SparseConvNeXtV2
 from mimsparse.fcmae import FCMAE
 from mimsparse.loss import masked_reconstruction_loss, patchify, pixel_targets, unpatchify
-from tests.helpers import randomize_, rel_err
+from tests.helpers import fit_fixed_batch, randomize_, rel_err
 
 
 @pytest.mark.parametrize("name", ["convnextv2_atto", "convnextv2_tiny"])
@@ -79,14 +79,7 @@ def test_few_steps_lower_the_loss_on_a_fixed_batch():
     model = FCMAE(SparseConvNeXtV2.from_name("convnextv2_atto"), decoder_dim=64, mask_ratio=0.6)
     x = torch.randn(4, 3, 64, 64)
     visible = model.make_mask(x, torch.Generator().manual_seed(0))
-    opt = torch.optim.AdamW(model.parameters(), lr=4e-3)
-    losses = []
-    for _ in range(10):
-        loss, _, _ = model(x, visible)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit_fixed_batch(model, x, visible, lr=4e-3, steps=10)
     assert losses[-1] < 0.9 * losses[0], losses
 
 

@@ -9,7 +9,7 @@ from mimsparse.decoder import FCMAEDecoder, LinearDecoder
 from mimsparse.loss import patchify, pixel_targets, reconstruction_loss, unpatchify
 from mimsparse.masking import random_patch_mask
 from tests.conftest import ROOT
-from tests.helpers import randomize_, rel_err
+from tests.helpers import fit_fixed_batch, randomize_, rel_err
 
 SIMMIM = str(ROOT / "configs" / "simmim_atto.yaml")
 
@@ -125,14 +125,7 @@ def test_simmim_learns_on_a_fixed_batch():
     model = _tiny()
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(7))
     visible = model.make_mask(x, torch.Generator().manual_seed(7))
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    losses = []
-    for _ in range(8):
-        loss, _, _ = model(x, visible)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit_fixed_batch(model, x, visible, lr=2e-3, steps=8)
     assert losses[-1] < 0.9 * losses[0], losses
 
 
