@@ -22,9 +22,8 @@ import csv
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from mimsparse.data import IMAGENET_MEAN, IMAGENET_STD, DataError, bundled_photo_paths, list_images, to_rgb
+from mimsparse.data import DataError, bundled_photo_paths, list_images
 
 
 def channel_cosine_distance(feats_chw: torch.Tensor, exclude_self: bool = False) -> float:
@@ -83,26 +82,13 @@ def load_timm_model(ckpt: dict, model_name: str | None = None):
 
 
 def load_images(paths, img_size: int = 224) -> torch.Tensor:
-    """[N, 3, S, S] ImageNet-normalised: shorter side resized to S (bicubic), centre-cropped to S."""
-    from PIL import Image
-    from torchvision import transforms
+    """[N, 3, S, S] ImageNet-normalised: scaled to cover S x S (bicubic), centre-cropped."""
+    from mimsparse.visualize import load_image
 
-    tf = transforms.Compose([
-        transforms.Resize(img_size, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(img_size),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
-    out = []
-    for p in paths:
-        try:
-            with Image.open(p) as img:
-                out.append(tf(to_rgb(img)))
-        except OSError as e:
-            raise DataError(f"cannot read image {str(p)!r}: {e}") from e
-    if not out:
+    if not paths:
         raise DataError("no images to analyse")
-    return torch.stack(out)
+    # any square size works: the analysis runs the dense timm model, which has no patch grid to fit
+    return torch.cat([load_image(p, (img_size, img_size), patch_size=1) for p in paths])
 
 
 @torch.no_grad()
