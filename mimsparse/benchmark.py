@@ -17,6 +17,7 @@ import torch
 from mimsparse.backends import BackendUnavailable, get_backend
 from mimsparse.decoder import FCMAEDecoder
 from mimsparse.encoder import SparseConvNeXtV2
+from mimsparse.engine import AMP_DTYPES
 from mimsparse.fcmae import FCMAE
 from mimsparse.loss import masked_reconstruction_loss, pixel_targets
 from mimsparse.masking import random_patch_mask
@@ -131,7 +132,7 @@ def run_benchmark(model: str = "convnextv2_atto", backends=("dense", "packed"), 
                   batch: int = 8, img: int = 224, device: str = "cpu", repeats: int = 5, warmup: int = 1,
                   amp: str = "none", compile_model: bool = False, seed: int = 0, log=print) -> dict:
     dev = torch.device(device)
-    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    amp_dtype = AMP_DTYPES[amp]
     images = torch.randn(batch, 3, img, img, generator=torch.Generator().manual_seed(seed)).to(dev)
     skipped, runners, cases = {}, {}, []
     for name in backends:
