@@ -1,5 +1,6 @@
-"""Images -> augmented tensors. Sources: an ImageFolder / flat folder, or the real photos that ship
-inside scikit-image (so the demo needs no download)."""
+"""Images -> augmented tensors. Sources: an ImageFolder / flat folder, the real photos that ship
+inside scikit-image (so the demo needs no download), or a built-in labelled dataset's training
+images (:mod:`mimsparse.datasets`; labels unused)."""
 from __future__ import annotations
 
 import warnings
@@ -82,28 +83,45 @@ def pretrain_transform(img_size: int, min_scale: float) -> transforms.Compose:
     ])
 
 
-class ImageFiles(Dataset):
-    """Images from a list of files, indexed by (index, seed): each sample's augmentation draws from
-    its own seeded generator, so a run is reproducible whatever the worker count, and resumable.
-    Returns (image [3, H, W], seed); the seed also keys the sample's mask in the engine. A corrupt
-    or truncated file yields None (the collate function drops it and counts it)."""
+class FileSource:
+    """Image files as an image source: ``image(i)`` opens the i-th file as RGB."""
 
-    def __init__(self, paths: list[Path], transform):
+    def __init__(self, paths: list[Path]):
         self.paths = list(paths)
-        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def image(self, index: int) -> Image.Image:
+        with Image.open(self.paths[index]) as img:
+            img.load()
+            return to_rgb(img)
+
+    def describe(self, index: int) -> str:
+        return str(self.paths[index])
+
+
+class SeededImages(Dataset):
+    """Images from a source (anything with ``len()`` and ``image(i) -> PIL RGB``), indexed by
+    (index, seed): each sample's augmentation draws from its own seeded generator, so a run is
+    reproducible whatever the worker count, and resumable. Returns (image [3, H, W], seed); the seed
+    also keys the sample's mask in the engine. A corrupt or truncated file yields None (the collate
+    function drops it and counts it)."""
+
+    def __init__(self, source, transform):
+        self.source = source
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
     def __getitem__(self, item):
         index, seed = item
-        path = self.paths[index]
         try:
-            with Image.open(path) as img:
-                img.load()
-                img = to_rgb(img)
+            img = self.source.image(index)
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-            warnings.warn(f"skipping unreadable image {path}: {e}")
+            where = self.source.describe(index) if hasattr(self.source, "describe") else f"image {index}"
+            warnings.warn(f"skipping unreadable image {where}: {e}")
             return None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -23,8 +23,9 @@ from mimsparse.build import build_fcmae
 from mimsparse.checkpoint import (CheckpointError, check_model_matches, check_writable_dir, load_checkpoint,
                                   remove_stale_temp_files, rng_state, save_checkpoint, set_rng_state, versions)
 from mimsparse.config import ConfigError, PretrainConfig, config_from_dict
-from mimsparse.data import (DataError, EpochSampler, ImageFiles, bundled_photo_paths, collate_skip_bad,
-                            list_images, pretrain_transform, seed_worker)
+from mimsparse.data import (DataError, EpochSampler, FileSource, SeededImages, bundled_photo_paths,
+                            collate_skip_bad, list_images, pretrain_transform, seed_worker)
+from mimsparse.datasets import is_builtin, load_labelled
 from mimsparse.masking import check_image_size
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -116,8 +117,13 @@ class _Window:
     last: tuple | None = None  # (images, visible) of the last micro-batch, for the reconstruction PNG
 
 
-def image_paths(cfg: PretrainConfig):
-    return list_images(cfg.data.path) if cfg.data.path else bundled_photo_paths()
+def pretrain_source(cfg: PretrainConfig):
+    """data.path: "" = the bundled photos, a built-in dataset name (its training images), or a folder."""
+    if not cfg.data.path:
+        return FileSource(bundled_photo_paths())
+    if is_builtin(cfg.data.path):
+        return load_labelled(cfg.data.path, "train")
+    return FileSource(list_images(cfg.data.path))
 
 
 class Pretrainer:
@@ -141,14 +147,13 @@ class Pretrainer:
             raise TrainingError("--device cuda but CUDA is not available; use --device cpu")
         check_writable_dir(self.out_dir)
 
-        self.paths = image_paths(cfg)
-        self.dataset = ImageFiles(self.paths, pretrain_transform(cfg.data.img_size, cfg.data.min_scale))
+        self.dataset = SeededImages(pretrain_source(cfg), pretrain_transform(cfg.data.img_size, cfg.data.min_scale))
         accum, world = cfg.train.accum_steps, self.dist.world_size
         # per process; an epoch is cut to whole optimizer steps of every process
-        self.steps_per_epoch = len(self.paths) * cfg.data.repeat // (cfg.train.batch_size * accum * world)
+        self.steps_per_epoch = len(self.dataset) * cfg.data.repeat // (cfg.train.batch_size * accum * world)
         self.batches_per_epoch = self.steps_per_epoch * accum
         if self.steps_per_epoch == 0:
-            raise DataError(f"{len(self.paths)} images x data.repeat={cfg.data.repeat} is less than one optimizer step "
+            raise DataError(f"{len(self.dataset)} images x data.repeat={cfg.data.repeat} is less than one optimizer step "
                             f"of {cfg.train.batch_size * accum * world} images (train.batch_size={cfg.train.batch_size}"
                             f" x train.accum_steps={accum} x {world} process(es)); lower train.batch_size or raise "
                             f"data.repeat")
@@ -230,7 +235,7 @@ class Pretrainer:
     # ---- one batch -----------------------------------------------------------------------------
     def loader(self, epoch: int, start_batch: int) -> DataLoader:
         cfg = self.cfg
-        sampler = EpochSampler(len(self.paths), cfg.train.seed, epoch, cfg.data.repeat,
+        sampler = EpochSampler(len(self.dataset), cfg.train.seed, epoch, cfg.data.repeat,
                                start=start_batch * cfg.train.batch_size, rank=self.dist.rank,
                                world_size=self.dist.world_size, batch_size=cfg.train.batch_size * cfg.train.accum_steps)
         return DataLoader(self.dataset, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True,

@@ -9,7 +9,7 @@ VENV=.venv
 STAMP=$VENV/.mimsparse-installed
 REQS="torch==2.14.1 torchvision==0.29.1 timm>=1.0.20 pyyaml tqdm pillow matplotlib safetensors pytest scikit-image spconv-cu120"
 # Any change to the requirements or to pyproject.toml re-runs pip; otherwise nothing happens.
-KEY=$( (echo "$REQS"; cat pyproject.toml scripts/build_minkowski.sh scripts/minkowski-0.5.4.patch) | sha256sum | cut -c1-16)
+KEY=$( (echo "$REQS"; cat pyproject.toml scripts/build_minkowski.sh scripts/minkowski-0.5.4.patch scripts/install_fashion_mnist.sh) | sha256sum | cut -c1-16)
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV with $($PY --version)"
@@ -22,6 +22,9 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$KEY" ]; then
   # shellcheck disable=SC2086
   "$VENV/bin/python" -m pip install -q $REQS
   "$VENV/bin/python" -m pip install -q --no-deps -e .
+  # foolbox only for the labelled ImageNet/CIFAR/MNIST samples its wheel ships (no deps needed)
+  "$VENV/bin/python" -m pip install -q --no-deps foolbox==3.3.4
+  bash scripts/install_fashion_mnist.sh || echo "[setup] Fashion-MNIST not installed (optional: only the fashion-mnist dataset needs it)"
   bash scripts/build_minkowski.sh "$VENV/bin/python"
   echo "$KEY" > "$STAMP"
 else

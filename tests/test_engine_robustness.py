@@ -17,7 +17,7 @@ from mimsparse.backends import BackendUnavailable, get_backend
 from mimsparse.build import build_fcmae
 from mimsparse.checkpoint import CheckpointError, load_checkpoint
 from mimsparse.config import ConfigError, config_from_dict, load_config
-from mimsparse.data import ImageFiles, list_images, pretrain_transform, to_rgb
+from mimsparse.data import FileSource, SeededImages, list_images, pretrain_transform, to_rgb
 from mimsparse.engine import Pretrainer, TrainingError, check_amp
 from tests.conftest import ROOT, run_tool, tiny_overrides
 
@@ -181,7 +181,7 @@ def test_to_rgb_converts_every_mode_of_a_real_photo(photo_dir, tmp_path):
 
     # The training dataset reads all of them as 3-channel crops.
     paths = list_images(tmp_path)
-    dataset = ImageFiles(paths, pretrain_transform(64, 0.5))
+    dataset = SeededImages(FileSource(paths), pretrain_transform(64, 0.5))
     for i in range(len(paths)):
         image, seed = dataset[(i, i)]
         assert image.shape == (3, 64, 64) and torch.isfinite(image).all() and seed == i

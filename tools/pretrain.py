@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """FCMAE pretraining of a sparse ConvNeXt V2.
 
-  tools/pretrain.py --config configs/fcmae_atto.yaml --backend dense [--data DIR] [key=value ...]
+  tools/pretrain.py --config configs/fcmae_atto.yaml --backend dense [--data DIR|fashion-mnist] [key=value ...]
   torchrun --standalone --nproc_per_node N tools/pretrain.py ...   (DDP: gloo on CPU, nccl on CUDA)
 """
 from __future__ import annotations
@@ -23,7 +23,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                        "(train.batch_size is per process; rank 0 logs and writes checkpoints).")
     p.add_argument("--config", default=None, help="YAML file from configs/ (defaults are in mimsparse/config.py)")
     p.add_argument("--backend", default="dense", choices=backend_names(), help="sparse backend (default: dense)")
-    p.add_argument("--data", default=None, help="ImageFolder or flat folder of images (default: bundled photos)")
+    p.add_argument("--data", default=None, help="ImageFolder or flat folder of images, or a built-in dataset "
+                   "(fashion-mnist, lfw-subset, foolbox-imagenet: its training images) (default: bundled photos)")
     p.add_argument("--img", type=int, default=None, help="training crop size, a multiple of 32 (= data.img_size)")
     p.add_argument("--output-dir", default=None, help="where checkpoints and logs go (= train.output_dir)")
     p.add_argument("--resume", default=None,
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
         if env.enabled:
             batch += f" x {env.world_size} processes"
         eff = cfg.train.batch_size * cfg.train.accum_steps * env.world_size
-        say(f"model {cfg.model.name} | backend {args.backend} | device {device} | {len(trainer.paths)} images | "
+        say(f"model {cfg.model.name} | backend {args.backend} | device {device} | {len(trainer.dataset)} images | "
             f"batch {batch} | lr {trainer.lr:.3g} (= base_lr {cfg.optim.base_lr:g} x {eff}/256) | "
             f"{trainer.total_steps} steps | output {trainer.out_dir}")
         if trainer.resumed_from:
