@@ -14,7 +14,10 @@ exactly 1/2, and two opposite channels give 1.
 A channel whose map is all zeros (a dead channel) has no direction; we take its cosine with any other
 channel to be 0, i.e. a distance of 1/2, and its self-pair contributes 0 like every other self-pair.
 
-Per block the distance is averaged over images (each image is its own activation tensor).
+Per block the distance is averaged over images (each image is its own activation tensor). The
+activation is the block's output (``where="block"``) or the MLP's expansion layer after GELU, the
+4C-channel tensor GRN normalises (``where="mlp"``; the paper's Fig. 3 shows those), taken before GRN
+so that models with and without GRN are measured at the same place.
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ from pathlib import Path
 import torch
 
 from mimsparse.data import DataError, bundled_photo_paths, list_images
+
+WHERE = ("block", "mlp")
 
 
 def channel_cosine_distance(feats_chw: torch.Tensor, exclude_self: bool = False) -> float:
@@ -91,19 +96,32 @@ def load_images(paths, img_size: int = 224) -> torch.Tensor:
     return torch.cat([load_image(p, (img_size, img_size), patch_size=1) for p in paths])
 
 
+def _hook_point(block, where: str):
+    """(module whose output is measured, whether that output is channels-last [B, H, W, C])."""
+    if where == "block":
+        return block, False
+    if where == "mlp":
+        # timm runs the MLP on NCHW with 1x1 convs (conv_mlp: atto..nano) or on NHWC with Linear layers
+        return block.mlp.act, not block.use_conv_mlp
+    raise ValueError(f"where must be one of {', '.join(WHERE)}, got {where!r}")
+
+
 @torch.no_grad()
-def feature_collapse(model, images: torch.Tensor, exclude_self: bool = False, batch_size: int = 8) -> list[dict]:
-    """Per block of ``model.stages[i].blocks[j]``: the channel cosine distance of its output, averaged over
-    images. Returns rows {layer, stage, block, channels, distance} in network order (layer from 0)."""
+def feature_collapse(model, images: torch.Tensor, exclude_self: bool = False, batch_size: int = 8,
+                     where: str = "block") -> list[dict]:
+    """Per block of ``model.stages[i].blocks[j]``: the channel cosine distance of its output (or of its
+    MLP expansion activation, ``where="mlp"``), averaged over images. Returns rows
+    {layer, stage, block, channels, distance} in network order (layer from 0)."""
     blocks = [(i, j, blk) for i, stage in enumerate(model.stages) for j, blk in enumerate(stage.blocks)]
     sums = [0.0] * len(blocks)
     channels = [0] * len(blocks)
     handles = []
 
-    def hook(k):
+    def hook(k, channels_last):
         def fn(_module, _inp, out):
             if out.dim() != 4:
-                raise ValueError(f"block output has shape {tuple(out.shape)}, expected [B, C, H, W]")
+                raise ValueError(f"activation has shape {tuple(out.shape)}, expected 4 dims")
+            out = out.permute(0, 3, 1, 2) if channels_last else out
             channels[k] = out.shape[1]
             sums[k] += sum(channel_cosine_distance(f, exclude_self) for f in out)
         return fn
@@ -112,7 +130,8 @@ def feature_collapse(model, images: torch.Tensor, exclude_self: bool = False, ba
     model.eval()
     try:
         for k, (_, _, blk) in enumerate(blocks):
-            handles.append(blk.register_forward_hook(hook(k)))
+            module, channels_last = _hook_point(blk, where)
+            handles.append(module.register_forward_hook(hook(k, channels_last)))
         for start in range(0, len(images), batch_size):
             model.forward_features(images[start:start + batch_size])
     finally:
@@ -124,17 +143,20 @@ def feature_collapse(model, images: torch.Tensor, exclude_self: bool = False, ba
             for k, (i, j, _) in enumerate(blocks)]
 
 
-def write_csv(rows: list[dict], path: str | Path) -> None:
+def write_csv(curves: dict[str, list[dict]], path: str | Path) -> None:
+    """One row per (model, block)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["layer", "stage", "block", "channels", "distance"])
+        w = csv.DictWriter(f, fieldnames=["model", "layer", "stage", "block", "channels", "distance"])
         w.writeheader()
-        for r in rows:
-            w.writerow({**r, "distance": f"{r['distance']:.6f}"})
+        for label, rows in curves.items():
+            for r in rows:
+                w.writerow({"model": label, **r, "distance": f"{r['distance']:.6f}"})
 
 
-def plot(rows: list[dict], path: str | Path, title: str = "") -> None:
+def plot(curves: dict[str, list[dict]], path: str | Path, title: str = "") -> None:
+    """One curve per model (label -> rows of :func:`feature_collapse`), stage boundaries as grey lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,13 +165,18 @@ def plot(rows: list[dict], path: str | Path, title: str = "") -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.plot([r["layer"] for r in rows], [r["distance"] for r in rows], marker="o", ms=3)
-    for r in rows[1:]:  # stage boundaries
+    for label, rows in curves.items():
+        ax.plot([r["layer"] for r in rows], [r["distance"] for r in rows], marker="o", ms=3, label=label)
+    first = next(iter(curves.values()))
+    for r in first[1:]:
         if r["block"] == 0:
             ax.axvline(r["layer"] - 0.5, color="0.8", lw=0.8, zorder=0)
     ax.set_xlabel("layer (block index)")
     ax.set_ylabel("avg. pairwise cosine distance")
-    ax.set_ylim(0, max(0.55, 1.05 * max(r["distance"] for r in rows)))
+    top = max(r["distance"] for rows in curves.values() for r in rows)
+    ax.set_ylim(0, max(0.55, 1.05 * top))
+    if len(curves) > 1:
+        ax.legend()
     if title:
         ax.set_title(title)
     fig.tight_layout()
@@ -157,5 +184,19 @@ def plot(rows: list[dict], path: str | Path, title: str = "") -> None:
     plt.close(fig)
 
 
-def image_paths(folder: str | Path | None):
-    return bundled_photo_paths() if folder is None else list_images(folder)
+def analysis_images(source: str | Path | None, img_size: int, limit: int = 0) -> torch.Tensor:
+    """[N, 3, S, S] normalised images: the bundled photos (None), a folder, or a built-in dataset's
+    test split (mimsparse.datasets), the first ``limit`` of them (0 = all)."""
+    from mimsparse.datasets import is_builtin, load_labelled
+
+    if source is not None and is_builtin(str(source)):
+        from torchvision.transforms.functional import normalize, resize, to_tensor
+
+        from mimsparse.data import IMAGENET_MEAN, IMAGENET_STD
+
+        data = load_labelled(str(source), "test")
+        count = len(data) if limit <= 0 else min(limit, len(data))
+        return torch.stack([normalize(to_tensor(resize(data.image(i), [img_size, img_size])), IMAGENET_MEAN,
+                                      IMAGENET_STD) for i in range(count)])
+    paths = bundled_photo_paths() if source is None else list_images(source)
+    return load_images(paths[:limit] if limit > 0 else paths, img_size)

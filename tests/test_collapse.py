@@ -75,11 +75,25 @@ def test_cli_on_tiny_pretraining_checkpoint(photo_dir, tmp_path):
     with open(table) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 + 2 + 6 + 2  # convnextv2_atto depths
+    assert {r["model"] for r in rows} == {"checkpoint-0000001"}
     assert [int(r["layer"]) for r in rows] == list(range(12))
     assert [(int(r["stage"]), int(r["block"])) for r in rows][:5] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0)]
     assert [int(r["channels"]) for r in rows] == [40] * 2 + [80] * 2 + [160] * 6 + [320] * 2
     assert all(0.0 <= float(r["distance"]) <= 1.0 for r in rows)
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # two checkpoints -> two labelled curves at the MLP expansion (4C channels), on a built-in dataset
+    proc = run_tool("feature_collapse.py", str(ckpt), str(ckpt), "--label", "a", "--label", "b", "--where", "mlp",
+                    "--images", "lfw-subset", "--num-images", "3", "--img-size", "64", "--csv", str(table),
+                    "-o", str(png))
+    with open(table) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["model"] for r in rows] == ["a"] * 12 + ["b"] * 12
+    assert [int(r["channels"]) for r in rows[:12]] == [160] * 2 + [320] * 2 + [640] * 6 + [1280] * 2
+    assert [r["distance"] for r in rows[:12]] == [r["distance"] for r in rows[12:]]
+    assert "3 images, 2 model(s)" in proc.stdout
+    proc = run_tool("feature_collapse.py", str(ckpt), str(ckpt), "--label", "a", check=False)
+    assert proc.returncode == 2 and "one per checkpoint" in proc.stderr
 
     # a missing file is one clear error line
     proc = run_tool("feature_collapse.py", str(photo_dir / "nope.pth"), check=False)
@@ -105,3 +119,40 @@ def test_plain_timm_state_dict_in_process():
     feats = model.stages[0].blocks[0](model.stem(images))
     expected = sum(channel_cosine_distance(f) for f in feats) / 3
     assert rows[0]["distance"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["convnextv2_atto", "convnextv2_tiny"])  # 1x1-conv MLP (NCHW) and Linear MLP (NHWC)
+def test_mlp_activation_is_gelu_of_fc1_before_grn(name):
+    """where="mlp" measures GELU(fc1(LN(dwconv(x)))) of each block, computed here by hand from the weights."""
+    import timm
+    import torch.nn.functional as F
+
+    from mimsparse.collapse import feature_collapse
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=0).eval()
+    x = torch.randn(2, 3, 64, 64)
+    captured = {}
+    blk = model.stages[0].blocks[1]
+    handle = blk.register_forward_hook(lambda m, inp, out: captured.setdefault("in", inp[0]))
+    rows = feature_collapse(model, x, where="mlp")
+    handle.remove()
+    h = blk.conv_dw(captured["in"]).permute(0, 2, 3, 1)
+    h = F.layer_norm(h, h.shape[-1:], blk.norm.weight, blk.norm.bias, blk.norm.eps)
+    w = blk.mlp.fc1.weight.flatten(1)
+    act = F.gelu(h @ w.T + blk.mlp.fc1.bias).permute(0, 3, 1, 2)
+    expected = sum(channel_cosine_distance(a) for a in act) / 2
+    assert rows[1]["channels"] == w.shape[0] == 4 * blk.conv_dw.weight.shape[0]
+    assert rows[1]["distance"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_analysis_images_from_builtin_dataset():
+    from mimsparse.collapse import analysis_images
+
+    images = analysis_images("lfw-subset", 32, limit=4)
+    assert images.shape == (4, 3, 32, 32)
+    # grayscale faces: the three channels hold the same picture before normalisation
+    std = torch.tensor((0.229, 0.224, 0.225)).view(3, 1, 1)
+    mean = torch.tensor((0.485, 0.456, 0.406)).view(3, 1, 1)
+    raw = images * std + mean
+    assert torch.allclose(raw[:, 0], raw[:, 1], atol=1e-5) and torch.allclose(raw[:, 1], raw[:, 2], atol=1e-5)
