@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from mimsparse.sparse import SparseBatch
 
-from .base import Backend
+from .base import Backend, batch_norm_rows, check_conv_weight, check_window_op
 
 
 @dataclass
@@ -57,6 +57,28 @@ class MaskedDenseBackend(Backend):
         active = F.max_pool2d(t.active_bhw.unsqueeze(1).float(), k).squeeze(1) > 0
         out = MaskedDense(F.conv2d(t.x_bchw, weight, bias, stride=k), active, t.stride * k)
         return out.masked(out.x_bchw)
+
+    def strided_conv(self, t, weight, bias, stride, active_out_bhw):
+        k = weight.shape[-1]
+        check_conv_weight(weight, t.x_bchw.shape[1], "strided_conv")
+        check_window_op("strided_conv", k, stride, t.x_bchw.shape[0], t.x_bchw.shape[2:], active_out_bhw)
+        out = F.conv2d(t.x_bchw, weight, bias, stride=stride, padding=k // 2)
+        return MaskedDense(out, active_out_bhw, t.stride * stride).masked(out)
+
+    def max_pool(self, t, kernel, stride, active_out_bhw):
+        check_window_op("max_pool", kernel, stride, t.x_bchw.shape[0], t.x_bchw.shape[2:], active_out_bhw)
+        # -inf at inactive sites (and in max_pool2d's padding): only active sites can win
+        x = t.x_bchw.masked_fill(~t.active_bhw.unsqueeze(1), float("-inf"))
+        out = F.max_pool2d(x, kernel, stride, padding=kernel // 2)
+        out = out.masked_fill(out == float("-inf"), 0.0)  # windows without an active site
+        return MaskedDense(out, active_out_bhw, t.stride * stride).masked(out)
+
+    def batch_norm(self, t, bn):
+        # statistics over the active sites only: normalise their gathered rows, scatter them back
+        x = t.x_bchw.permute(0, 2, 3, 1)
+        rows = batch_norm_rows(x[t.active_bhw], bn)
+        out = rows.new_zeros(x.shape).index_put((t.active_bhw,), rows)
+        return MaskedDense(out.permute(0, 3, 1, 2), t.active_bhw, t.stride)
 
     def map_feats(self, t, fn):
         return t.masked(fn(t.x_bchw.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))

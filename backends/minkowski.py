@@ -23,6 +23,10 @@ What ME gives and what this module adds (see /work/shared/notes/minkowski.md for
   are first removed with ``MinkowskiPruningFunction``. ME offsets an even kernel 0..k-1 from the
   block corner, as F.conv2d does; an odd one it centres, so an odd k is run as a (k+1)-kernel
   whose extra last row and column of taps are zero.
+- ``strided_conv`` (ResNet): ``MinkowskiConvolutionFunction`` from the input map to a map of the
+  given output sites, inserted into the same manager (``insert_and_map``) and reused for the
+  shortcut of the same block, so both land on one map and ``add`` lines up. ``max_pool`` writes
+  into that map too, from a gather of each output site's window rows.
 - Depthwise convs: ME 0.5.4 has no depthwise kernel (``MinkowskiDepthwiseConvolution`` is in a
   CUDA-only fork); ``MinkowskiChannelwiseConvolution`` is a Python loop over ME's kernel map. Two
   implementations, ``MinkowskiBackend(dwconv=...)`` or ``MIMSPARSE_MINKOWSKI_DWCONV``:
@@ -63,7 +67,16 @@ import torch.nn.functional as F
 
 from mimsparse.sparse import SparseBatch
 
-from .base import RowBackend, add_bias, autocast_dtype, check_conv_weight, dtype_name
+from .base import (
+    RowBackend,
+    add_bias,
+    autocast_dtype,
+    check_conv_weight,
+    check_window_op,
+    dtype_name,
+    window_max,
+    window_rows,
+)
 
 with warnings.catch_warnings():
     # a CPU-only build warns at every import that it is one
@@ -311,6 +324,46 @@ class MinkowskiBackend(RowBackend):
         out = self._me_conv(feats, weight, weight.shape[-2], weight.shape[-1], k, in_key, out_key, t.manager)
         st = ME.SparseTensor(add_bias(out, bias), coordinate_map_key=out_key, coordinate_manager=t.manager)
         return MinkowskiTensor(st, t.batch_size, out_shape, t.stride * k)
+
+    def strided_conv(self, t, weight, bias, stride, active_out_bhw):
+        kh, kw = check_conv_weight(weight, t.F.shape[1], "strided_conv")
+        check_window_op("strided_conv", kw, stride, t.batch_size, t.spatial_shape, active_out_bhw)
+        self._check_compute(t.F, weight)
+        out_key, _ = self._out_sites(t, stride, active_out_bhw)
+        # ME centres an odd kernel on the output coordinate and steps by the input's tensor stride:
+        # output (i, j) reads input (stride*i + dy - k//2, stride*j + dx - k//2), as torchvision's convs
+        out = self._me_conv(t.F, weight, kh, kw, stride, t.key, out_key, t.manager)
+        st = ME.SparseTensor(add_bias(out, bias), coordinate_map_key=out_key, coordinate_manager=t.manager)
+        return MinkowskiTensor(st, t.batch_size, tuple(active_out_bhw.shape[1:]), t.stride * stride)
+
+    def max_pool(self, t, kernel, stride, active_out_bhw):
+        """The max over the active sites of each window, gathered from the rows (ME's max pooling
+        has no notion of an output site whose window is empty)."""
+        check_window_op("max_pool", kernel, stride, t.batch_size, t.spatial_shape, active_out_bhw)
+        out_key, out_coords = self._out_sites(t, stride, active_out_bhw)
+        sb = SparseBatch(torch.stack(t.grid_coords(), 1).to(torch.int32), t.F, t.batch_size, t.spatial_shape)
+        out = window_max(t.F, window_rows(sb, out_coords, kernel, stride))
+        st = ME.SparseTensor(out, coordinate_map_key=out_key, coordinate_manager=t.manager)
+        return MinkowskiTensor(st, t.batch_size, tuple(active_out_bhw.shape[1:]), t.stride * stride)
+
+    @staticmethod
+    def _out_sites(t: MinkowskiTensor, stride: int, active_out_bhw: torch.Tensor):
+        """(key, int32 (b, y, x) [M, 3] in the map's row order) of a coordinate map in t's manager
+        holding the sites ``active_out_bhw`` at tensor stride t.tensor_stride * stride. Reused while
+        the same mask comes back for t's sites: a strided block's conv and its shortcut then land
+        on one map, whose rows line up for ``add``."""
+        key = ("out_sites", stride)
+        hit = t.cache.get(key)
+        if hit is not None and torch.equal(hit[0], active_out_bhw):
+            return hit[1]
+        ts = t.tensor_stride * stride
+        coords = active_out_bhw.nonzero().to(torch.int32)
+        coords[:, 1:] *= ts
+        out_key, (unique, _) = t.manager.insert_and_map(coords.contiguous(), [ts, ts], "mimsparse")
+        coords = coords.index_select(0, unique.to(coords.device).long())  # the map's row order
+        coords[:, 1:] //= ts
+        t.cache[key] = (active_out_bhw, (out_key, coords))
+        return out_key, coords
 
     def dwconv(self, t, weight, bias):
         c = t.F.shape[1]

@@ -15,6 +15,9 @@ only the visible sites:
 - ``conv`` (full channels, stride 1, submanifold): rows are written into a cached dense
   channels-last buffer whose inactive sites stay zero, a dense ``conv2d`` runs on it and the active
   rows are read back; backward is ``aten.convolution_backward`` on the same buffers.
+- ``strided_conv``/``max_pool`` (ResNet): RowBackend's gather of the k*k window rows of each
+  given output site (a zero / -inf row for missing taps), then one matmul / a max; these window
+  indices are built per call, not cached on the geometry (a few ops per network).
 - ``grn``: one fused autograd function; per-sample statistics are views of ``[B, n, C]`` when all
   samples have the same number of visible sites (as ``random_patch_mask`` makes them).
 

@@ -21,6 +21,9 @@ What spconv gives and what this module adds (see /work/shared/notes/spconv.md fo
   ``indice_dict`` (spconv's indice_key mechanism: every tensor over the same sites shares that
   dict), so all blocks of a stage reuse one rulebook per kernel size; a downsample starts a new dict.
 - Strided outputs are reordered to (batch, raster) order, like every ``SparseBatch``.
+- ResNet's ``strided_conv``/``max_pool`` are RowBackend's gather of each output site's window rows
+  (one matmul / a max): spconv's strided conv creates every output site its window touches, and
+  cannot be told to evaluate at given sites only (SparK keeps the visible patches' sites).
 - Algorithm: ``ConvAlgo.Native`` on CPU (the only one that runs there). On CUDA the requested
   algorithm (default Native; ``MIMSPARSE_SPCONV_ALGO=mask_implicit_gemm`` to try the implicit GEMM
   kernels) is checked once per (device, dtype, kernel, stride, channels) against ``F.conv2d`` on a

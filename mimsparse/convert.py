@@ -1,4 +1,5 @@
-"""Sparse encoder <-> timm ``convnextv2_*`` state dicts.
+"""Sparse encoder <-> timm ``convnextv2_*`` state dicts; ``convert_checkpoint`` also takes ResNet
+checkpoints (``resnet*``, see ``mimsparse.convert_resnet``: torchvision and timm keys alike).
 
 Our parameter names already follow timm's except the stem and the downsample layers; the conv-MLP
 sizes (atto..nano) store the MLP as 1x1 convs, so Linear weights get a reshape.
@@ -6,10 +7,12 @@ sizes (atto..nano) store the MLP as 1x1 convs, so Linear weights get a reshape.
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 import torch
 
 from mimsparse.models import get_spec
+from mimsparse.resnet import RESNET_ARCHS
 
 # (our name, timm name) as exact-match regexes.
 _TO_TIMM = [
@@ -111,26 +114,30 @@ def to_timm_model_state(encoder_sd: dict[str, torch.Tensor], model_name: str, nu
 
 
 @torch.no_grad()
-def conversion_error(encoder, timm_model, img_size: tuple[int, int] = (64, 96), batch: int = 2, seed: int = 0) -> float:
-    """Max relative error between the sparse encoder at mask ratio 0 and the dense timm model's
-    ``forward_features`` on the same random images: max|a - b| / max|b|."""
+def conversion_error(encoder, timm_model, img_size: tuple[int, int] = (64, 96), batch: int = 2, seed: int = 0,
+                     features: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+    """Max relative error between the sparse encoder at mask ratio 0 and the dense model's last
+    feature map (``features(x)``, default ``timm_model.forward_features``), both in eval mode, on
+    the same random images: max|a - b| / max|b|."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, encoder.in_chans, *img_size, generator=g)
+    features = timm_model.forward_features if features is None else features
     encoder_was_training, timm_was_training = encoder.training, timm_model.training
     encoder.eval(), timm_model.eval()
     try:
         ours = encoder(x)
-        ref = timm_model.forward_features(x)
+        ref = features(x)
     finally:
         encoder.train(encoder_was_training), timm_model.train(timm_was_training)
     return ((ours - ref).abs().max() / ref.abs().max()).item()
 
 
 def convert_checkpoint(ckpt: dict, num_classes: int = 1000, verify: bool = True, tolerance: float = 1e-4):
-    """Pretraining checkpoint -> (timm state dict, model name, max relative error or None).
+    """Pretraining checkpoint -> (dense state dict, model name, max relative error or None).
 
-    With ``verify`` the converted timm model is compared to the sparse encoder at mask ratio 0 and a
-    ConversionError is raised above ``tolerance``.
+    ``convnextv2_*``: a timm state dict. ``resnet*``: a state dict that torchvision's and timm's
+    ResNet both load (``mimsparse.convert_resnet``). With ``verify`` the converted dense model is
+    compared to the sparse encoder at mask ratio 0 and a ConversionError is raised above ``tolerance``.
     """
     import timm
 
@@ -138,6 +145,11 @@ def convert_checkpoint(ckpt: dict, num_classes: int = 1000, verify: bool = True,
     from mimsparse.config import config_from_dict
 
     encoder_sd, name = encoder_state_from_checkpoint(ckpt)
+    if name in RESNET_ARCHS:
+        from mimsparse.convert_resnet import convert_resnet  # it imports this module
+
+        sd, error = convert_resnet(encoder_sd, name, num_classes, verify, tolerance)
+        return sd, name, error
     timm_sd = to_timm_model_state(encoder_sd, name, num_classes)
     error = None
     if verify:

@@ -1,5 +1,8 @@
 #!/usr/bin/env python
-"""Sparse pretraining checkpoint -> timm ``convnextv2_*`` state dict (strict-loadable).
+"""Sparse pretraining checkpoint -> dense state dict (strict-loadable, fresh classifier head).
+
+ConvNeXt V2 encoders become timm ``convnextv2_*`` state dicts; ResNet encoders (``resnet18/34/50/101``)
+become one state dict that torchvision's ``resnet*`` and timm's ``resnet*`` both load (same keys).
 
   tools/convert_to_dense.py runs/pretrain/checkpoint-0000100.pth [-o dense.pth] [--num-classes N]
 """
@@ -21,6 +24,7 @@ def main(argv=None) -> int:
 
     from mimsparse.checkpoint import load_checkpoint, save_checkpoint
     from mimsparse.convert import convert_checkpoint
+    from mimsparse.resnet import RESNET_ARCHS
 
     ckpt = load_checkpoint(args.checkpoint)
     sd, name, error = convert_checkpoint(ckpt, args.num_classes, verify=not args.no_verify, tolerance=args.tolerance)
@@ -28,8 +32,11 @@ def main(argv=None) -> int:
         Path(args.checkpoint).stem + "-timm.pth")
     save_checkpoint(sd, out)
     check = f"max relative error vs sparse encoder at mask ratio 0: {error:.2e}" if error is not None else "not verified"
-    print(f"wrote {out}: timm {name} (num_classes={args.num_classes}); {check}")
+    resnet = name in RESNET_ARCHS
+    print(f"wrote {out}: {'torchvision/timm' if resnet else 'timm'} {name} (num_classes={args.num_classes}); {check}")
     print(f"load with: timm.create_model('{name}', num_classes={args.num_classes}).load_state_dict(torch.load('{out}'))")
+    if resnet:
+        print(f"       or: torchvision.models.{name}(num_classes={args.num_classes}).load_state_dict(torch.load('{out}'))")
     return 0
 
 
