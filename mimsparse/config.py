@@ -12,14 +12,14 @@ import yaml
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "convnextv2_atto"
+    name: str = "convnextv2_atto"   # convnextv2_atto ... convnextv2_huge | resnet18|34|50|101
     in_chans: int = 3
-    drop_path: float = 0.0
-    use_grn: bool = True
-    decoder_dim: int = 512
-    decoder_depth: int = 1
+    drop_path: float = 0.0          # ConvNeXt V2 only (refused > 0 for ResNet)
+    use_grn: bool = True            # ConvNeXt V2 only (a ResNet has no GRN; the value changes nothing there)
+    decoder_dim: int = 512          # fcmae: width; spark: width at the coarsest stage, halved per x2 upsampling
+    decoder_depth: int = 1          # fcmae: ConvNeXt V2 blocks; spark: conv pairs per upsampling block
     norm_pix_loss: bool = True
-    decoder: str = "fcmae"          # fcmae (ConvNeXt V2 block decoder) | linear (SimMIM: one 1x1 conv)
+    decoder: str = "fcmae"          # fcmae (ConvNeXt V2 block) | linear (SimMIM: one 1x1 conv) | spark (SparK: all stages, UNet)
     encoder_input: str = "sparse"   # sparse (masked patches removed) | mask_token (SimMIM: learned token, dense)
     loss: str = "mse"               # mse | l1
     loss_on: str = "masked"         # masked | all (patches the loss averages over)
@@ -37,7 +37,7 @@ class MaskConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    path: str = ""              # ImageFolder or flat folder; "" = the bundled real photos
+    path: str = ""              # ImageFolder / flat folder, a built-in dataset name (mimsparse.datasets); "" = bundled photos
     img_size: int = 224
     min_scale: float = 0.2      # RandomResizedCrop scale range (min_scale, 1)
     repeat: int = 1             # passes over a small dataset per epoch

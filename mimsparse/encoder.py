@@ -64,6 +64,16 @@ class SparseConvNeXtV2(nn.Module):
     def num_features(self) -> int:
         return self.dims[-1]
 
+    @property
+    def stage_dims(self) -> tuple[int, ...]:
+        """Channels of each stage's output, finest first."""
+        return self.dims
+
+    @property
+    def stage_strides(self) -> tuple[int, ...]:
+        """Stride of each stage's output w.r.t. the image, finest first: the stem, then x2 per downsample."""
+        return tuple(self.stem_stride * 2 ** i for i in range(len(self.dims)))
+
     def forward_sparse(self, image_bchw: torch.Tensor, visible_bhw: torch.Tensor, return_stages: bool = False):
         """image: [B, C, H, W]; visible: bool [B, H/p, W/p] (True = kept), p = patch_size.
         Returns the backend's native tensor of the last stage (or a list of all stages)."""
@@ -86,11 +96,19 @@ class SparseConvNeXtV2(nn.Module):
 
     def forward(self, image_bchw: torch.Tensor, visible_bhw: torch.Tensor | None = None) -> torch.Tensor:
         """Dense [B, C_last, H/p, W/p] features, zero at masked patches. No mask = all visible."""
-        if visible_bhw is None:
-            b, _, h, w = image_bchw.shape
-            grid = check_image_size(h, w, self.patch_size)
-            visible_bhw = torch.ones(b, *grid, dtype=torch.bool, device=image_bchw.device)
+        visible_bhw = self._all_visible(image_bchw) if visible_bhw is None else visible_bhw
         return self.backend.to_dense(self.forward_sparse(image_bchw, visible_bhw))
+
+    def forward_hierarchical(self, image_bchw: torch.Tensor, visible_bhw: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Dense features of every stage, finest first: [B, stage_dims[i], H/stage_strides[i], W/stage_strides[i]],
+        zero at the sites of masked patches. No mask = all visible."""
+        visible_bhw = self._all_visible(image_bchw) if visible_bhw is None else visible_bhw
+        return [self.backend.to_dense(x) for x in self.forward_sparse(image_bchw, visible_bhw, return_stages=True)]
+
+    def _all_visible(self, image_bchw: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = image_bchw.shape
+        grid = check_image_size(h, w, self.patch_size)
+        return torch.ones(b, *grid, dtype=torch.bool, device=image_bchw.device)
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -3,10 +3,13 @@ import pytest
 import timm
 import torch
 
+from mimsparse.build import build_encoder
+from mimsparse.config import ConfigError, ModelConfig
 from mimsparse.convert import conversion_error, timm_to_encoder, to_timm_model_state
 from mimsparse.encoder import SparseConvNeXtV2
 from mimsparse.fcmae import FCMAE
 from mimsparse.loss import masked_reconstruction_loss, patchify, pixel_targets, unpatchify
+from mimsparse.masking import upsample_mask
 from tests.helpers import fit_fixed_batch, randomize_, rel_err
 
 
@@ -89,3 +92,39 @@ def test_mask_shape_mismatch_is_a_clear_error():
         enc(torch.randn(1, 3, 64, 80))
     with pytest.raises(ValueError, match="mask shape"):
         enc(torch.randn(1, 3, 64, 64), torch.ones(1, 3, 3, dtype=torch.bool))
+
+
+def test_stage_geometry_is_derived_from_the_stem_and_the_stages():
+    enc = SparseConvNeXtV2.from_name("convnextv2_atto")
+    assert enc.stage_dims == (40, 80, 160, 320) and enc.stage_strides == (4, 8, 16, 32) and enc.patch_size == 32
+    small = SparseConvNeXtV2(depths=(1, 1, 1), dims=(8, 16, 32), stem_stride=2)
+    assert small.stage_strides == (2, 4, 8) and small.patch_size == 8
+
+
+def test_forward_hierarchical_gives_every_stage_zero_at_masked_sites():
+    enc = randomize_(SparseConvNeXtV2.from_name("convnextv2_atto"), seed=5, std=0.05)
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(5))
+    visible = torch.tensor([[[True, False, True], [False, True, True]], [[False, False, True], [True, False, False]]])
+    with torch.no_grad():
+        feats = enc.forward_hierarchical(x, visible)
+        assert [f.shape for f in feats] == [(2, c, 64 // s, 96 // s) for c, s in zip(enc.stage_dims, enc.stage_strides)]
+        for f, s in zip(feats, enc.stage_strides):
+            keep = upsample_mask(visible, 32 // s).unsqueeze(1)
+            assert (f.masked_fill(keep, 0) == 0).all() and (f.abs().sum(1, keepdim=True)[keep] > 0).all()
+        assert torch.equal(feats[-1], enc(x, visible))
+        # another backend, the same maps (to_dense at every stage, not only the last)
+        enc.backend = "packed"
+        assert all(rel_err(a, b) < 1e-4 for a, b in zip(enc.forward_hierarchical(x, visible), feats))
+        # no mask = every site visible
+        everything = torch.ones(2, 2, 3, dtype=torch.bool)
+        assert all(torch.equal(a, b) for a, b in zip(enc.forward_hierarchical(x), enc.forward_hierarchical(x, everything)))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"name": "vit_base"}, r"model.name='vit_base' is not a known encoder; choose convnextv2_atto .* resnet18\|34\|50\|101"),
+    ({"name": "convnextv2_giant"}, r"model.name: unknown model 'convnextv2_giant'"),
+    ({"name": "resnet50", "drop_path": 0.1}, r"model.drop_path=0.1: stochastic depth is implemented for ConvNeXt V2 only"),
+])
+def test_unknown_encoders_and_convnext_only_settings_are_refused_by_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        build_encoder(ModelConfig(**overrides))

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from mimsparse.build import build_fcmae
 from mimsparse.config import ConfigError, load_config
-from mimsparse.decoder import FCMAEDecoder, LinearDecoder
+from mimsparse.decoder import FCMAEDecoder, LinearDecoder, SparKDecoder
 from mimsparse.loss import patchify, pixel_targets, reconstruction_loss, unpatchify
 from mimsparse.masking import random_patch_mask
 from tests.conftest import ROOT
@@ -109,11 +109,13 @@ def test_simmim_config_end_to_end_loss_and_gradients():
     ([], "fcmae"),
     (["model.loss=l1", "model.loss_on=all", "model.norm_pix_loss=false"], "fcmae"),
     (["model.decoder=linear", "model.encoder_input=mask_token"], "linear"),
+    (["model.decoder=spark"], "spark"),
+    (["model.decoder=spark", "model.loss=l1", "model.loss_on=all", "model.norm_pix_loss=false"], "spark"),
 ])
 def test_every_combination_is_selectable_and_computes_its_loss(overrides, kind):
     torch.manual_seed(0)
     model = _tiny(overrides, config=None)
-    assert isinstance(model.decoder, FCMAEDecoder if kind == "fcmae" else LinearDecoder)
+    assert isinstance(model.decoder, {"fcmae": FCMAEDecoder, "linear": LinearDecoder, "spark": SparKDecoder}[kind])
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(6))
     loss, pred, visible = model(x, generator=torch.Generator().manual_seed(6))
     target = pixel_targets(x, 32, model.norm_pix_loss)
