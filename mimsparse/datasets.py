@@ -15,6 +15,7 @@ Small images are resized by the transforms to the size the config states (a mult
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,11 +62,16 @@ class LabelledImages:
 def read_idx(path: Path) -> np.ndarray:
     """An IDX file (MNIST's format, optionally gzipped) -> uint8 array with the stored shape."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; a cut-off gzip stream raises EOFError
+        raise DataError(f"{path} cannot be read ({type(e).__name__}: {e})") from e
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise DataError(f"{path} is not an unsigned-byte IDX file (bad magic number)")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise DataError(f"{path} is truncated: its header is cut off")
     shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):
@@ -104,11 +110,11 @@ def lfw_subset(split: str) -> LabelledImages:
 def foolbox_imagenet(split: str) -> LabelledImages:
     """The 20 labelled ImageNet photos in the foolbox wheel (label in the file name,
     imagenet_<i>_<label>.jpg); too few to split, so train and test are the same 20 images."""
-    try:
-        import foolbox
-    except ImportError as e:
-        raise DataError("foolbox-imagenet comes from the foolbox wheel: pip install --no-deps foolbox==3.3.4") from e
-    paths = sorted((Path(foolbox.__file__).parent / "data").glob("imagenet_*_*.jpg"))
+    # find the package without importing it: installed with --no-deps, `import foolbox` fails (no eagerpy)
+    spec = importlib.util.find_spec("foolbox")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("foolbox-imagenet comes from the foolbox wheel: pip install --no-deps foolbox==3.3.4")
+    paths = sorted((Path(spec.submodule_search_locations[0]) / "data").glob("imagenet_*_*.jpg"))
     if not paths:
         raise DataError("the installed foolbox has no data/imagenet_*.jpg samples; install foolbox==3.3.4")
     labels = torch.tensor([int(p.stem.rsplit("_", 1)[1]) for p in paths])

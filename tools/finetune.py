@@ -1,0 +1,73 @@
+#!/usr/bin/env python
+"""Finetune a dense timm classifier (ConvNeXt V2 recipe, scaled down) on labelled images and report
+top-1 on the test split after every epoch.
+
+  tools/finetune.py --ckpt runs/fcmae_atto/checkpoint-0000160.pth --data lfw-subset --img-size 64
+  tools/finetune.py --ckpt atto-timm.pth --model convnextv2_atto --data fashion-mnist --img-size 64 --label-fraction 0.1
+  tools/finetune.py --ckpt random --model convnextv2_atto --data DIR          # the baseline
+
+--ckpt: a checkpoint of tools/pretrain.py (converted on the fly; names its model), a timm state dict
+(tools/convert_to_dense.py; needs --model; a classifier of another size is replaced), or "random".
+--data: an ImageFolder (DIR/<class>/<image>, or DIR/train/... and DIR/test/...), or fashion-mnist,
+lfw-subset, foolbox-imagenet. Writes <output-dir>/log.jsonl (one line per epoch), results.json and
+best.pth (a plain timm state dict: timm.create_model(model, num_classes=N).load_state_dict(torch.load(p))).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    import torch
+
+    p = argparse.ArgumentParser("finetune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="pretraining checkpoint, timm state dict, or 'random'")
+    p.add_argument("--data", required=True, help="ImageFolder, or fashion-mnist | lfw-subset | foolbox-imagenet")
+    p.add_argument("--model", default=None, help="timm model name, e.g. convnextv2_atto (default: the one a "
+                   "pretraining checkpoint names; required for a timm state dict and for random)")
+    p.add_argument("--output-dir", default="runs/finetune",
+                   help="log.jsonl, results.json, best.pth (default %(default)s)")
+    p.add_argument("--img-size", type=int, default=224, help="input size, a multiple of 32; smaller images are "
+                   "resized up (default %(default)s)")
+    p.add_argument("--label-fraction", type=float, default=1.0, help="train on this fraction of the labelled "
+                   "training images, per class, drawn from --seed (e.g. 0.1; default %(default)s)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up, then cosine, per step")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (overrides --blr)")
+    p.add_argument("--blr", type=float, default=1e-3, help="base learning rate: without --lr, lr = blr x batch size "
+                   "/ 256 (default %(default)s)")
+    p.add_argument("--min-lr", type=float, default=1e-6, help="lr at the end of the cosine")
+    p.add_argument("--layer-decay", type=float, default=0.9, help="layer-wise lr decay: lr x decay^(depth of the head "
+                   "- depth of the layer), depth from timm's group_matcher (default %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (none on norms and biases)")
+    p.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate")
+    p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    p.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0 = off)")
+    p.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0 = off)")
+    p.add_argument("--head-init-scale", type=float, default=0.001, help="scale of a fresh classifier's initial "
+                   "weights (ConvNeXt V2: 0.001)")
+    p.add_argument("--seed", type=int, default=0, help="head init, label subset, order, augmentation, drop path")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (smoke tests); the "
+                   "schedule still spans --epochs")
+    p.add_argument("--eval-limit", type=int, default=0, help="evaluate on about N test images, stratified, the "
+                   "same whatever --seed (default: all)")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    return p
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    from mimsparse.finetune import main as finetune
+
+    finetune(args)
+    return 0
+
+
+if __name__ == "__main__":
+    from mimsparse.cli import run_cli
+
+    sys.exit(run_cli(main))

@@ -1,0 +1,64 @@
+#!/usr/bin/env python
+"""Linear probe (MAE protocol): train BatchNorm (no affine) + Linear on the frozen encoder's globally
+average-pooled forward_features, computed once per image without augmentation; report top-1 on the
+test split per epoch and at the end.
+
+  tools/linear_probe.py --ckpt runs/fcmae_atto/checkpoint-0000160.pth --data lfw-subset --img-size 64
+  tools/linear_probe.py --ckpt atto-timm.pth --model convnextv2_atto --data fashion-mnist --img-size 64 \\
+      --train-limit 5000
+  tools/linear_probe.py --ckpt random --model convnextv2_atto --data DIR          # the baseline
+
+--ckpt and --data as for tools/finetune.py. Optimiser: SGD, momentum 0.9, per-step warm-up + cosine,
+weight decay 0 (MAE uses LARS at batch 16384; plain SGD suits cached features and small batches).
+Writes <output-dir>/log.jsonl (one line per epoch) and results.json.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    import torch
+
+    p = argparse.ArgumentParser("linear_probe", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="pretraining checkpoint, timm state dict, or 'random'")
+    p.add_argument("--data", required=True, help="ImageFolder, or fashion-mnist | lfw-subset | foolbox-imagenet")
+    p.add_argument("--model", default=None, help="timm model name, e.g. convnextv2_atto (default: the one a "
+                   "pretraining checkpoint names; required for a timm state dict and for random)")
+    p.add_argument("--output-dir", default="runs/linear_probe", help="log.jsonl, results.json (default %(default)s)")
+    p.add_argument("--img-size", type=int, default=224, help="input size, a multiple of 32; smaller images are "
+                   "resized up (default %(default)s)")
+    p.add_argument("--train-limit", type=int, default=0, help="probe on about N training images, stratified, drawn "
+                   "from --seed (default: all)")
+    p.add_argument("--eval-limit", type=int, default=0, help="evaluate on about N test images, stratified, the "
+                   "same whatever --seed (default: all)")
+    p.add_argument("--epochs", type=int, default=90)
+    p.add_argument("--warmup-epochs", type=float, default=10.0, help="linear warm-up, then cosine, per step")
+    p.add_argument("--batch-size", type=int, default=256, help="probe batch (capped at the number of training images)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (overrides --blr)")
+    p.add_argument("--blr", type=float, default=0.1, help="base learning rate: without --lr, lr = blr x batch size "
+                   "/ 256 (default %(default)s)")
+    p.add_argument("--min-lr", type=float, default=0.0, help="lr at the end of the cosine")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0, help="training subset, head init, batch order")
+    p.add_argument("--extract-batch-size", type=int, default=64, help="images per forward pass of the encoder")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    return p
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    from mimsparse.linear_probe import main as linear_probe
+
+    linear_probe(args)
+    return 0
+
+
+if __name__ == "__main__":
+    from mimsparse.cli import run_cli
+
+    sys.exit(run_cli(main))
