@@ -101,6 +101,10 @@ def to_timm_model_state(encoder_sd: dict[str, torch.Tensor], model_name: str, nu
     fresh = timm.create_model(model_name, num_classes=num_classes).state_dict()
     sd = encoder_to_timm(encoder_sd, model_name)
     expected = {k for k in fresh if not k.startswith("head.")}
+    if not any(".mlp.grn." in k for k in sd):
+        # Encoder pretrained with model.use_grn=false: timm's GRN computes x + weight * (x * Nx) + bias,
+        # the identity when both are zero, so zero GRN parameters reproduce the GRN-free blocks exactly.
+        sd.update({k: torch.zeros_like(fresh[k]) for k in expected - sd.keys() if ".mlp.grn." in k})
     missing, extra = expected - sd.keys(), sd.keys() - expected
     if missing or extra:
         raise ConversionError(

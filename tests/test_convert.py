@@ -49,3 +49,28 @@ def test_converter_cli_errors(tmp_path):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pth")
     proc = run_tool("convert_to_dense.py", str(tmp_path / "other.pth"), check=False)
     assert proc.returncode == 2 and "not a mimsparse pretraining checkpoint" in proc.stderr
+
+
+def test_model_without_grn_converts_to_timm_with_identity_grn():
+    """model.use_grn=false: the converted timm model (zero GRN) equals the GRN-free sparse encoder."""
+    from mimsparse.config import config_from_dict
+    from mimsparse.convert import convert_checkpoint
+    from tests.helpers import randomize_
+
+    cfg = config_from_dict({"model": {"use_grn": False}})
+    encoder = randomize_(SparseConvNeXtV2.from_name("convnextv2_atto", use_grn=False))
+    assert not any(".grn." in k for k in encoder.state_dict())
+    ckpt = {"model": {f"encoder.{k}": v for k, v in encoder.state_dict().items()}, "config": cfg.to_dict()}
+    sd, name, error = convert_checkpoint(ckpt, num_classes=5)
+    assert error < 1e-4
+    grn = [k for k in sd if ".mlp.grn." in k]
+    assert len(grn) == 2 * 12 and all(sd[k].abs().sum() == 0 for k in grn)
+    model = timm.create_model(name, num_classes=5)
+    model.load_state_dict(sd, strict=True)
+    # independent check: with GRN weights non-zero the outputs would differ
+    x = torch.randn(2, 3, 64, 64)
+    model.eval()
+    ref = model.forward_features(x)
+    with torch.no_grad():
+        model.stages[0].blocks[0].mlp.grn.weight.fill_(1.0)
+    assert not torch.allclose(model.forward_features(x), ref)
