@@ -160,3 +160,36 @@ def test_pretrain_cli_with_spark_then_convert_loads_strict_into_timm(photo_dir, 
     model = timm.create_model("convnextv2_atto", num_classes=5)
     model.load_state_dict(torch.load(out, weights_only=True), strict=True)
     assert torch.equal(model.stem[0].weight, trained["model"]["encoder.stem_conv.weight"])
+
+
+@pytest.mark.slow
+@pytest.mark.minkowski
+def test_spark_resnet50_config_trains_resumes_on_another_backend_and_loads_into_torchvision_and_timm(photo_dir, tmp_path):
+    """Issue 9's 'done when': configs/spark_resnet50.yaml trains (minkowski), resumes (packed) with the same
+    loss the first backend gives for that step, converts, and strict-loads into torchvision and timm."""
+    pytest.importorskip("MinkowskiEngine")
+    import json
+
+    import torchvision
+
+    config = str(ROOT / "configs" / "spark_resnet50.yaml")
+    small = {"model.decoder_dim": 64, "train.epochs": 2, "data.repeat": 1}  # 6 photos, batch 4: 2 steps
+    runs = {}
+    for name, backend, steps in (("mink", "minkowski", 2), ("ref", "dense", 1)):
+        runs[name] = tmp_path / name
+        run_tool("pretrain.py", "--config", config, "--backend", backend, "--data", str(photo_dir), "--no-progress",
+                 *tiny_overrides(runs[name], **small, **{"train.max_steps": steps}))
+    # resume the 1-step dense run on packed: its second step must equal minkowski's second step
+    run_tool("pretrain.py", "--config", config, "--backend", "packed", "--data", str(photo_dir), "--no-progress",
+             "--resume", "auto", *tiny_overrides(runs["ref"], **small, **{"train.max_steps": 2}))
+    losses = {k: [json.loads(line)["loss"] for line in open(v / "log.jsonl") if '"loss"' in line] for k, v in runs.items()}
+    assert len(losses["mink"]) == len(losses["ref"]) == 2
+    assert losses["ref"] == pytest.approx(losses["mink"], rel=1e-4)
+
+    out = tmp_path / "resnet50.pth"
+    proc = run_tool("convert_to_dense.py", str(runs["ref"] / "checkpoint-0000002.pth"), "-o", str(out),
+                    "--num-classes", "7")
+    assert float(proc.stdout.split("mask ratio 0: ")[1].split()[0]) < 1e-4
+    sd = torch.load(out, weights_only=True)
+    torchvision.models.resnet50(num_classes=7).load_state_dict(sd, strict=True)
+    timm.create_model("resnet50", num_classes=7).load_state_dict(sd, strict=True)
