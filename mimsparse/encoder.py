@@ -4,13 +4,14 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from mimsparse.backends import Backend, get_backend
+from mimsparse.backends import Backend
 from mimsparse.layers import SparseConvNeXtBlock, SparseDownsample
-from mimsparse.masking import check_image_size, upsample_mask
+from mimsparse.masking import upsample_mask
 from mimsparse.models import get_spec
+from mimsparse.sparse_encoder import SparseEncoder
 
 
-class SparseConvNeXtV2(nn.Module):
+class SparseConvNeXtV2(SparseEncoder):
     """ConvNeXt V2 whose convolutions are submanifold sparse convolutions over the visible sites.
 
     Parameter names follow timm's ``ConvNeXt`` (``stages.i.blocks.j.conv_dw`` ...), so conversion to
@@ -46,24 +47,6 @@ class SparseConvNeXtV2(nn.Module):
         spec = get_spec(name)
         return cls(depths=spec.depths, dims=spec.dims, **kwargs)
 
-    # The backend is a stateless strategy object, not a module: swapping it never changes the state dict.
-    @property
-    def backend(self) -> Backend:
-        return self._backend
-
-    @backend.setter
-    def backend(self, backend: Backend | str) -> None:
-        self._backend = get_backend(backend) if isinstance(backend, str) else backend
-
-    @property
-    def patch_size(self) -> int:
-        """Total stride: the mask's patch size, so every stage sees whole patches."""
-        return self.stem_stride * 2 ** (len(self.dims) - 1)
-
-    @property
-    def num_features(self) -> int:
-        return self.dims[-1]
-
     @property
     def stage_dims(self) -> tuple[int, ...]:
         """Channels of each stage's output, finest first."""
@@ -77,11 +60,8 @@ class SparseConvNeXtV2(nn.Module):
     def forward_sparse(self, image_bchw: torch.Tensor, visible_bhw: torch.Tensor, return_stages: bool = False):
         """image: [B, C, H, W]; visible: bool [B, H/p, W/p] (True = kept), p = patch_size.
         Returns the backend's native tensor of the last stage (or a list of all stages)."""
-        b, _, h, w = image_bchw.shape
-        grid = check_image_size(h, w, self.patch_size)
-        if visible_bhw.shape != (b, *grid):
-            raise ValueError(f"mask shape {tuple(visible_bhw.shape)} != (batch, H/{self.patch_size}, W/{self.patch_size}) = {(b, *grid)}")
-        backend = self.backend
+        self.check_mask(image_bchw, visible_bhw)
+        b, backend = image_bchw.shape[0], self.backend
         x = backend.patch_embed(image_bchw, upsample_mask(visible_bhw, self.patch_size // self.stem_stride),
                                 self.stem_conv.weight, self.stem_conv.bias, self.stem_stride)
         x = backend.map_feats(x, self.stem_norm)
@@ -93,22 +73,6 @@ class SparseConvNeXtV2(nn.Module):
                 x = block(x, backend, b)
             outs.append(x)
         return outs if return_stages else x
-
-    def forward(self, image_bchw: torch.Tensor, visible_bhw: torch.Tensor | None = None) -> torch.Tensor:
-        """Dense [B, C_last, H/p, W/p] features, zero at masked patches. No mask = all visible."""
-        visible_bhw = self._all_visible(image_bchw) if visible_bhw is None else visible_bhw
-        return self.backend.to_dense(self.forward_sparse(image_bchw, visible_bhw))
-
-    def forward_hierarchical(self, image_bchw: torch.Tensor, visible_bhw: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Dense features of every stage, finest first: [B, stage_dims[i], H/stage_strides[i], W/stage_strides[i]],
-        zero at the sites of masked patches. No mask = all visible."""
-        visible_bhw = self._all_visible(image_bchw) if visible_bhw is None else visible_bhw
-        return [self.backend.to_dense(x) for x in self.forward_sparse(image_bchw, visible_bhw, return_stages=True)]
-
-    def _all_visible(self, image_bchw: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = image_bchw.shape
-        grid = check_image_size(h, w, self.patch_size)
-        return torch.ones(b, *grid, dtype=torch.bool, device=image_bchw.device)
 
 
 def _init_weights(module: nn.Module) -> None:

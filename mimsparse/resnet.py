@@ -17,8 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mimsparse.backends import Backend, get_backend
-from mimsparse.masking import check_image_size, upsample_mask
+from mimsparse.backends import Backend
+from mimsparse.masking import upsample_mask
+from mimsparse.sparse_encoder import SparseEncoder
 
 # name -> (block, blocks per stage), as torchvision.models.resnet* / timm's resnet*
 RESNET_ARCHS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
@@ -106,11 +107,11 @@ def _apply_shortcut(backend: Backend, x, downsample: nn.Sequential | None, activ
 BLOCKS = {"basic": SparseBasicBlock, "bottleneck": SparseBottleneck}
 
 
-class SparseResNet(nn.Module):
+class SparseResNet(SparseEncoder):
     """ResNet whose convolutions, BatchNorms and max pool run over the visible sites only (SparK).
 
-    Same encoder contract as ``SparseConvNeXtV2``: ``forward`` gives the last stage densely,
-    ``forward_hierarchical`` all four stages (strides 4, 8, 16, 32), zero at masked patches.
+    The encoder contract of :class:`~mimsparse.sparse_encoder.SparseEncoder`: ``forward`` gives the last
+    stage densely, ``forward_hierarchical`` all four stages (strides 4, 8, 16, 32), zero at masked patches.
     """
 
     def __init__(self, block: str = "bottleneck", layers=(3, 4, 6, 3), in_chans: int = 3,
@@ -146,24 +147,6 @@ class SparseResNet(nn.Module):
         block, layers = RESNET_ARCHS[name]
         return cls(block, layers, in_chans=in_chans, backend=backend, **kwargs)
 
-    # The backend is a stateless strategy object, not a module: swapping it never changes the state dict.
-    @property
-    def backend(self) -> Backend:
-        return self._backend
-
-    @backend.setter
-    def backend(self, backend: Backend | str) -> None:
-        self._backend = get_backend(backend) if isinstance(backend, str) else backend
-
-    @property
-    def patch_size(self) -> int:
-        """Total stride (32): the mask's patch size, so every stage sees whole patches."""
-        return self.stage_strides[-1]
-
-    @property
-    def num_features(self) -> int:
-        return self.stage_dims[-1]
-
     def stage_masks(self, visible_bhw: torch.Tensor) -> list[torch.Tensor]:
         """The active sites of each stage: bool [B, H/s, W/s] for s in ``stage_strides``."""
         return [upsample_mask(visible_bhw, self.patch_size // s) for s in self.stage_strides]
@@ -171,11 +154,7 @@ class SparseResNet(nn.Module):
     def forward_sparse(self, image_bchw: torch.Tensor, visible_bhw: torch.Tensor, return_stages: bool = False):
         """image: [B, C, H, W]; visible: bool [B, H/32, W/32] (True = kept).
         Returns the backend's native tensor of the last stage (or a list of all four, finest first)."""
-        b, _, h, w = image_bchw.shape
-        grid = check_image_size(h, w, self.patch_size)
-        if visible_bhw.shape != (b, *grid):
-            raise ValueError(f"mask shape {tuple(visible_bhw.shape)} != (batch, H/{self.patch_size}, "
-                             f"W/{self.patch_size}) = {(b, *grid)}")
+        self.check_mask(image_bchw, visible_bhw)
         backend = self.backend
         # Stem: the image is dense with few channels, so its 7x7 conv runs densely on the image with
         # masked pixels zeroed (exactly what a sparse conv reading visible pixels only computes) and
@@ -192,23 +171,6 @@ class SparseResNet(nn.Module):
                 x = block(x, backend, active)
             outs.append(x)
         return outs if return_stages else x
-
-    def forward(self, image_bchw: torch.Tensor, visible_bhw: torch.Tensor | None = None) -> torch.Tensor:
-        """Dense [B, C_last, H/32, W/32] features, zero at masked patches. No mask = all visible."""
-        visible_bhw = self._all_visible(image_bchw) if visible_bhw is None else visible_bhw
-        return self.backend.to_dense(self.forward_sparse(image_bchw, visible_bhw))
-
-    def forward_hierarchical(self, image_bchw: torch.Tensor,
-                             visible_bhw: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Dense [B, stage_dims[i], H/stage_strides[i], W/stage_strides[i]] for the four stages,
-        finest first, zero at the sites of masked patches. No mask = all visible."""
-        visible_bhw = self._all_visible(image_bchw) if visible_bhw is None else visible_bhw
-        return [self.backend.to_dense(x) for x in self.forward_sparse(image_bchw, visible_bhw, return_stages=True)]
-
-    def _all_visible(self, image_bchw: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = image_bchw.shape
-        grid = check_image_size(h, w, self.patch_size)
-        return torch.ones(b, *grid, dtype=torch.bool, device=image_bchw.device)
 
 
 def _init_weights(module: nn.Module) -> None:
