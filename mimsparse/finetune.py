@@ -16,6 +16,7 @@ Top-1 on the test split after every epoch; the best model is saved as a plain ti
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -47,6 +48,24 @@ class Weights:
     name: str
     source: str  # one line for the log
     fresh_head: bool  # the classifier must be initialised here, whatever the state dict holds
+
+
+def weights_and_data_args() -> argparse.ArgumentParser:
+    """The options tools/finetune.py and tools/linear_probe.py share (weights, data, device), as a
+    parent parser (``argparse.ArgumentParser(parents=[...])``)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--ckpt", required=True, help="pretraining checkpoint, timm state dict, or 'random'")
+    p.add_argument("--data", required=True, help="ImageFolder, or fashion-mnist | lfw-subset | foolbox-imagenet")
+    p.add_argument("--model", default=None, help="timm model name, e.g. convnextv2_atto (default: the one a "
+                   "pretraining checkpoint names; required for a timm state dict and for random)")
+    p.add_argument("--img-size", type=int, default=224, help="input size, a multiple of 32; smaller images are "
+                   "resized up (default %(default)s)")
+    p.add_argument("--eval-limit", type=int, default=0, help="evaluate on about N test images, stratified, the "
+                   "same whatever --seed (default: all)")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    return p
 
 
 def is_pretraining_checkpoint(ckpt: dict) -> bool:

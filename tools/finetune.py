@@ -19,17 +19,12 @@ import sys
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    import torch
+    from mimsparse.finetune import weights_and_data_args
 
-    p = argparse.ArgumentParser("finetune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="pretraining checkpoint, timm state dict, or 'random'")
-    p.add_argument("--data", required=True, help="ImageFolder, or fashion-mnist | lfw-subset | foolbox-imagenet")
-    p.add_argument("--model", default=None, help="timm model name, e.g. convnextv2_atto (default: the one a "
-                   "pretraining checkpoint names; required for a timm state dict and for random)")
+    p = argparse.ArgumentParser("finetune", description=__doc__, parents=[weights_and_data_args()],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default="runs/finetune",
                    help="log.jsonl, results.json, best.pth (default %(default)s)")
-    p.add_argument("--img-size", type=int, default=224, help="input size, a multiple of 32; smaller images are "
-                   "resized up (default %(default)s)")
     p.add_argument("--label-fraction", type=float, default=1.0, help="train on this fraction of the labelled "
                    "training images, per class, drawn from --seed (e.g. 0.1; default %(default)s)")
     p.add_argument("--epochs", type=int, default=10)
@@ -51,11 +46,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="head init, label subset, order, augmentation, drop path")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (smoke tests); the "
                    "schedule still spans --epochs")
-    p.add_argument("--eval-limit", type=int, default=0, help="evaluate on about N test images, stratified, the "
-                   "same whatever --seed (default: all)")
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return p
 
 

@@ -19,21 +19,13 @@ import sys
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    import torch
+    from mimsparse.finetune import weights_and_data_args
 
-    p = argparse.ArgumentParser("linear_probe", description=__doc__,
+    p = argparse.ArgumentParser("linear_probe", description=__doc__, parents=[weights_and_data_args()],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="pretraining checkpoint, timm state dict, or 'random'")
-    p.add_argument("--data", required=True, help="ImageFolder, or fashion-mnist | lfw-subset | foolbox-imagenet")
-    p.add_argument("--model", default=None, help="timm model name, e.g. convnextv2_atto (default: the one a "
-                   "pretraining checkpoint names; required for a timm state dict and for random)")
     p.add_argument("--output-dir", default="runs/linear_probe", help="log.jsonl, results.json (default %(default)s)")
-    p.add_argument("--img-size", type=int, default=224, help="input size, a multiple of 32; smaller images are "
-                   "resized up (default %(default)s)")
     p.add_argument("--train-limit", type=int, default=0, help="probe on about N training images, stratified, drawn "
                    "from --seed (default: all)")
-    p.add_argument("--eval-limit", type=int, default=0, help="evaluate on about N test images, stratified, the "
-                   "same whatever --seed (default: all)")
     p.add_argument("--epochs", type=int, default=90)
     p.add_argument("--warmup-epochs", type=float, default=10.0, help="linear warm-up, then cosine, per step")
     p.add_argument("--batch-size", type=int, default=256, help="probe batch (capped at the number of training images)")
@@ -44,9 +36,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0, help="training subset, head init, batch order")
     p.add_argument("--extract-batch-size", type=int, default=64, help="images per forward pass of the encoder")
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return p
 
 
