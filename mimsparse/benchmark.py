@@ -1,8 +1,8 @@
 """Backend throughput: encoder forward, encoder forward+backward and a full FCMAE training step per
 backend and mask ratio, interleaved in one process so that machine noise hits every row alike.
 
-Reference rows in the same run: timm's dense ``convnextv2_*`` on the unmasked image, and the ideal
-sparse cost = that time x (1 - r).
+Reference rows in the same run: timm's dense model (``convnextv2_*`` or ``resnet*``) on the unmasked
+image, and the ideal sparse cost = that time x (1 - r).
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import torch
 
 from mimsparse.backends import BackendUnavailable, get_backend
 from mimsparse.decoder import FCMAEDecoder
-from mimsparse.encoder import SparseConvNeXtV2
+from mimsparse.build import build_encoder
+from mimsparse.config import ModelConfig
 from mimsparse.engine import AMP_DTYPES
 from mimsparse.fcmae import FCMAE
 from mimsparse.loss import masked_reconstruction_loss, pixel_targets
@@ -89,13 +90,13 @@ def _runners(model_name, backend_name, ratio, images, device, amp_dtype, compile
     grid = (h // 32, w // 32)
     visible = random_patch_mask(b, grid, ratio, torch.Generator().manual_seed(seed), device)
     if backend_name == TIMM_DENSE:
-        model = DenseReference(model_name, FCMAEDecoder(SparseConvNeXtV2.from_name(model_name).num_features, 32), 32)
+        model = DenseReference(model_name, FCMAEDecoder(build_encoder(ModelConfig(name=model_name)).num_features, 32), 32)
         visible = torch.zeros_like(visible)  # every patch is a target: the cost of a dense step
         model.to(device)
         encode = lambda: model.encoder.forward_features(images)
         step_loss = lambda: model(images, visible)
     else:
-        model = FCMAE(SparseConvNeXtV2.from_name(model_name, backend=backend_name), mask_ratio=ratio).to(device)
+        model = FCMAE(build_encoder(ModelConfig(name=model_name), backend_name), mask_ratio=ratio).to(device)
         encode = lambda: model.encoder(images, visible)
         step_loss = lambda: model(images, visible)[0]
     if compile_model:

@@ -38,3 +38,9 @@ def test_cli_writes_json_table_and_plot(tmp_path):
     assert data["command"].startswith("tools/benchmark.py") and data["date"]
     assert (tmp_path / "t.md").read_text().count("| dense |") == 1
     assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resnet_rows_run_the_sparse_resnet_and_timm_resnet():
+    result = run_benchmark("resnet18", ["packed"], [0.5], batch=1, img=64, repeats=1, warmup=0, log=lambda *_: None)
+    assert {(r["backend"], r["mask_ratio"]) for r in result["rows"]} == {(TIMM_DENSE, 0.0), ("packed", 0.5)}
+    assert not result["skipped"]

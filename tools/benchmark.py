@@ -16,7 +16,7 @@ from pathlib import Path
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="convnextv2_atto")
+    p.add_argument("--model", default="convnextv2_atto", help="convnextv2_<size> or resnet18|34|50|101")
     p.add_argument("--backends", default="dense,packed,spconv,minkowski")
     p.add_argument("--mask-ratios", default="0,0.3,0.6,0.75,0.9")
     p.add_argument("--batch", type=int, default=8)
