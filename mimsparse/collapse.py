@@ -15,9 +15,10 @@ A channel whose map is all zeros (a dead channel) has no direction; we take its 
 channel to be 0, i.e. a distance of 1/2, and its self-pair contributes 0 like every other self-pair.
 
 Per block the distance is averaged over images (each image is its own activation tensor). The
-activation is the block's output (``where="block"``) or the MLP's expansion layer after GELU, the
-4C-channel tensor GRN normalises (``where="mlp"``; the paper's Fig. 3 shows those), taken before GRN
-so that models with and without GRN are measured at the same place.
+activation is the block's output (``where="block"``), the MLP's expansion layer after GELU, the
+4C-channel tensor GRN normalises (``where="mlp"``; the paper's Fig. 3 shows those), or the same
+tensor after GRN (``where="grn"``; what fc2 reads). A model pretrained without GRN is exported with
+an identity GRN, so its "grn" and "mlp" values are equal.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import torch
 
 from mimsparse.data import DataError, bundled_photo_paths, list_images
 
-WHERE = ("block", "mlp")
+WHERE = ("block", "mlp", "grn")
 
 
 def channel_cosine_distance(feats_chw: torch.Tensor, exclude_self: bool = False) -> float:
@@ -100,9 +101,9 @@ def _hook_point(block, where: str):
     """(module whose output is measured, whether that output is channels-last [B, H, W, C])."""
     if where == "block":
         return block, False
-    if where == "mlp":
+    if where in ("mlp", "grn"):
         # timm runs the MLP on NCHW with 1x1 convs (conv_mlp: atto..nano) or on NHWC with Linear layers
-        return block.mlp.act, not block.use_conv_mlp
+        return (block.mlp.act if where == "mlp" else block.mlp.grn), not block.use_conv_mlp
     raise ValueError(f"where must be one of {', '.join(WHERE)}, got {where!r}")
 
 
@@ -110,7 +111,7 @@ def _hook_point(block, where: str):
 def feature_collapse(model, images: torch.Tensor, exclude_self: bool = False, batch_size: int = 8,
                      where: str = "block") -> list[dict]:
     """Per block of ``model.stages[i].blocks[j]``: the channel cosine distance of its output (or of its
-    MLP expansion activation, ``where="mlp"``), averaged over images. Returns rows
+    MLP expansion activation before / after GRN, ``where="mlp"`` / ``"grn"``), averaged over images. Returns rows
     {layer, stage, block, channels, distance} in network order (layer from 0)."""
     blocks = [(i, j, blk) for i, stage in enumerate(model.stages) for j, blk in enumerate(stage.blocks)]
     sums = [0.0] * len(blocks)

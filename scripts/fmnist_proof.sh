@@ -34,7 +34,7 @@ for seed in $SEEDS; do
   done
 done
 
-for where in mlp block; do
+for where in mlp grn block; do
   $PY tools/feature_collapse.py "$CKPT" "$CKPT_NOGRN" --label "FCMAE with GRN" --label "FCMAE without GRN" \
       --where $where --images fashion-mnist --num-images 100 --img-size 96 \
       -o "$OUT/collapse-$where.png" --csv "$OUT/collapse-$where.csv" > "$OUT/collapse-$where.txt"

@@ -122,8 +122,8 @@ def test_plain_timm_state_dict_in_process():
 
 
 @pytest.mark.parametrize("name", ["convnextv2_atto", "convnextv2_tiny"])  # 1x1-conv MLP (NCHW) and Linear MLP (NHWC)
-def test_mlp_activation_is_gelu_of_fc1_before_grn(name):
-    """where="mlp" measures GELU(fc1(LN(dwconv(x)))) of each block, computed here by hand from the weights."""
+def test_mlp_activation_before_and_after_grn_match_a_hand_computation(name):
+    """where="mlp" measures GELU(fc1(LN(dwconv(x)))) of each block, "grn" the GRN of it; both by hand here."""
     import timm
     import torch.nn.functional as F
 
@@ -144,6 +144,18 @@ def test_mlp_activation_is_gelu_of_fc1_before_grn(name):
     expected = sum(channel_cosine_distance(a) for a in act) / 2
     assert rows[1]["channels"] == w.shape[0] == 4 * blk.conv_dw.weight.shape[0]
     assert rows[1]["distance"] == pytest.approx(expected, rel=1e-5)
+
+    # where="grn": the same activation after GRN, x + gamma * (x * Nx) + beta with per-sample statistics
+    with torch.no_grad():
+        blk.mlp.grn.weight.normal_()
+        blk.mlp.grn.bias.normal_()
+    rows = feature_collapse(model, x, where="grn")
+    gx = act.norm(p=2, dim=(2, 3), keepdim=True)
+    nx = gx / (gx.mean(dim=1, keepdim=True) + 1e-6)
+    g, b = blk.mlp.grn.weight.view(1, -1, 1, 1), blk.mlp.grn.bias.view(1, -1, 1, 1)
+    after = act + g * (act * nx) + b
+    expected = sum(channel_cosine_distance(a) for a in after) / 2
+    assert rows[1]["distance"] == pytest.approx(expected, rel=1e-4)
 
 
 def test_analysis_images_from_builtin_dataset():

@@ -26,8 +26,9 @@ def main(argv=None) -> int:
                    "split, e.g. fashion-mnist); default: the bundled scikit-image photos")
     p.add_argument("--num-images", type=int, default=0, help="use the first N images (default: all)")
     p.add_argument("--img-size", type=int, default=224, help="resize shorter side + centre crop (default 224)")
-    p.add_argument("--where", default="block", choices=["block", "mlp"],
-                   help="block output (default) or the MLP expansion activation before GRN (paper Fig. 3)")
+    p.add_argument("--where", default="block", choices=["block", "mlp", "grn"],
+                   help="block output (default), the MLP expansion activation before GRN (mlp, paper Fig. 3) "
+                   "or after it (grn)")
     p.add_argument("--exclude-self", action="store_true",
                    help="average over the C(C-1) pairs i != j instead of the paper's C^2 pairs")
     p.add_argument("-o", "--output", default=None, help="PNG plot (default: <first checkpoint>-collapse.png)")
