@@ -436,3 +436,11 @@ def test_progress_bar_and_log_show_loss_lr_and_speed(photo_dir, tmp_path, capsys
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2]
     assert all({"loss", "lr", "grad_norm", "images_per_s", "epoch"} <= r.keys() and r["images_per_s"] > 0 for r in log)
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_do(photo_dir, tmp_path):
+    overrides = tiny_overrides(tmp_path / "run", **{"train.epochs": 1, "data.repeat": 1})  # 6 photos, batch 4: 1 step
+    run_tool("pretrain.py", "--data", str(photo_dir), "--no-progress", *overrides)
+    proc = run_tool("pretrain.py", "--data", str(photo_dir), "--no-progress", "--resume", "auto", *overrides)
+    assert "nothing to do: the run already finished all 1 steps" in proc.stdout
+    assert str(tmp_path / "run" / "checkpoint-0000001.pth") in proc.stdout

@@ -77,7 +77,11 @@ def main(argv=None) -> int:
         if done:
             say(f"loss: first {done[0]['loss']:.4f} (step {done[0]['step']}) -> "
                 f"last {done[-1]['loss']:.4f} (step {done[-1]['step']})")
-        say(f"checkpoint: {result['checkpoint']}")
+        if result["checkpoint"] is None and trainer.resumed_from:
+            say(f"nothing to do: the run already finished all {trainer.total_steps} steps (raise train.epochs to go on); "
+                f"checkpoint: {trainer.resumed_from}")
+        else:
+            say(f"checkpoint: {result['checkpoint']}")
     finally:
         distributed.cleanup()
     return 0
