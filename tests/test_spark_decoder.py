@@ -126,11 +126,11 @@ def test_loss_is_the_mean_over_masked_patches_of_the_normalised_pixel_error():
     assert len(terms) == 6 and torch.allclose(loss, sum(terms) / len(terms))
 
 
-@pytest.mark.parametrize("name", ["convnextv2_atto", "resnet18"])
-def test_spark_learns_on_a_fixed_batch(photo_dir, name):
+@pytest.mark.parametrize("name, decoder", [("convnextv2_atto", "spark"), ("resnet18", "spark"), ("resnet18", "fcmae")])
+def test_each_decoder_learns_on_a_fixed_batch(photo_dir, name, decoder):
     # Real photos: a convolutional full-resolution decoder predicts masked patches from their
     # surroundings, which random noise does not have (FCMAE's per-patch head can memorise noise).
-    model = _model(f"model.name={name}")
+    model = _model(f"model.name={name}", f"model.decoder={decoder}")
     x = torch.cat([load_image(path, (64, 64)) for path in sorted(photo_dir.glob("*.png"))[:4]])
     visible = model.make_mask(x, torch.Generator().manual_seed(0))
     losses = fit_fixed_batch(model, x, visible, lr=1e-2, steps=15)
