@@ -45,3 +45,28 @@ def fit_fixed_batch(model, images, visible, lr: float, steps: int) -> list[float
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+# Backends that need a library that may be missing, and the pytest marker that selects their tests.
+LIBRARY_BACKENDS = ("spconv", "minkowski")
+
+
+def backend_param(name: str, *values, id: str | None = None):  # noqa: A002 (pytest.param's name)
+    """``pytest.param(name, *values)`` carrying the marker of the library the backend needs
+    (``spconv`` / ``minkowski``; none for the plain-torch backends)."""
+    import pytest
+
+    marks = [getattr(pytest.mark, name)] if name in LIBRARY_BACKENDS else []
+    return pytest.param(name, *values, marks=marks, id=id)
+
+
+def backend_or_skip(name: str):
+    """``get_backend(name)``, or skip the test when its library is not installed."""
+    import pytest
+
+    from mimsparse.backends import BackendUnavailable, get_backend
+
+    try:
+        return get_backend(name)
+    except BackendUnavailable as e:  # spconv / MinkowskiEngine not installed
+        pytest.skip(str(e))

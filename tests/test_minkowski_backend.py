@@ -1,5 +1,5 @@
-"""The MinkowskiEngine backend against the masked-dense reference backend and plain torch (CPU)."""
-import copy
+"""What only the MinkowskiEngine backend has: its kernel layout, non-square kernels, tensor strides, thread
+count, float64, dtype refusals and options (the checks shared with spconv are in test_library_backends.py)."""
 import sys
 
 import pytest
@@ -15,16 +15,13 @@ import MinkowskiEngine as ME  # noqa: E402
 from mimsparse.backends import get_backend  # noqa: E402
 from mimsparse.backends.minkowski import (  # noqa: E402
     MinkowskiBackend,
-    MinkowskiTensor,
     channelwise_kernel,
     dense_weight,
     me_kernel,
 )
-from mimsparse.encoder import SparseConvNeXtV2  # noqa: E402
-from mimsparse.masking import random_patch_mask  # noqa: E402
 from mimsparse.sparse import SparseBatch  # noqa: E402
 from tests.conftest import run_tool, tiny_overrides  # noqa: E402
-from tests.helpers import random_active, randomize_, rel_err  # noqa: E402
+from tests.helpers import random_active, rel_err  # noqa: E402
 
 pytestmark = pytest.mark.minkowski
 
@@ -36,20 +33,6 @@ kernel_map = MinkowskiBackend(dwconv="kernel_map")
 
 def _masked(x, active):
     return x * active.unsqueeze(1)
-
-
-def _run_both(op, backend, x, active, weight, bias):
-    """``op`` with ``backend`` and with the dense backend on copies of the same leaves, then the
-    same random output gradient through both: (tensor, out, ref, [(grad, ref grad) for x, weight, bias])."""
-    leaves = [x.clone().requires_grad_(), weight.clone().requires_grad_(), bias.clone().requires_grad_()]
-    ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
-    t = getattr(backend, op)(backend.from_dense(leaves[0], active), leaves[1], leaves[2])
-    t_ref = getattr(dense, op)(dense.from_dense(ref_leaves[0], active), ref_leaves[1], ref_leaves[2])
-    out, ref = backend.to_dense(t), dense.to_dense(t_ref)
-    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7))
-    (out * g).sum().backward()
-    (ref * g).sum().backward()
-    return t, out, ref, [(a.grad, r.grad) for a, r in zip(leaves, ref_leaves)]
 
 
 def _grad_check(fn, x, active, weight, bias):
@@ -100,60 +83,6 @@ def test_non_square_kernels_on_non_square_maps_equal_conv2d(kh, kw):
                 assert rel_err(grad, ref_grad) < TOL, (op, backend)
 
 
-# ---- each op against the dense backend and F.conv2d --------------------------------------------------
-@pytest.mark.parametrize("k", [1, 3, 7])
-def test_conv_equals_dense_and_conv2d(k):
-    x = torch.randn(3, 6, 9, 13)
-    active = random_active(3, 9, 13, 0.4, seed=k, empty_sample=1)
-    w, b = torch.randn(5, 6, k, k), torch.randn(5)
-    t, out, ref, grads = _run_both("conv", mink, x, active, w, b)
-    assert isinstance(t, MinkowskiTensor) and isinstance(t.st, ME.SparseTensor) and t.stride == 1
-    assert rel_err(out, ref) < TOL
-    assert rel_err(out, _masked(F.conv2d(_masked(x, active), w, b, padding=k // 2), active)) < TOL
-    assert torch.equal(mink.to_sparse(t).active_mask(), active)
-    for grad, ref_grad in grads:
-        assert rel_err(grad, ref_grad) < TOL
-
-
-@pytest.mark.parametrize("backend", [mink, kernel_map], ids=["dense-dw", "kernel_map-dw"])
-@pytest.mark.parametrize("k", [1, 3, 7])
-def test_dwconv_equals_dense_and_grouped_conv2d(backend, k):
-    x = torch.randn(3, 8, 10, 7)
-    active = random_active(3, 10, 7, 0.5, seed=10 + k, empty_sample=2)
-    w, b = torch.randn(8, 1, k, k), torch.randn(8)
-    _, out, ref, grads = _run_both("dwconv", backend, x, active, w, b)
-    assert rel_err(out, ref) < TOL
-    assert rel_err(out, _masked(F.conv2d(_masked(x, active), w, b, padding=k // 2, groups=8), active)) < TOL
-    for grad, ref_grad in grads:
-        assert rel_err(grad, ref_grad) < TOL
-
-
-@pytest.mark.parametrize("k,shape", [(2, (8, 12)), (2, (9, 13)), (3, (9, 12)), (4, (9, 10))])
-def test_downsample_equals_dense(k, shape):
-    h, w = shape
-    x = torch.randn(3, 4, h, w)
-    active = random_active(3, h, w, 0.3, seed=5, empty_sample=0)
-    weight, b = torch.randn(7, 4, k, k), torch.randn(7)
-    t, out, ref, grads = _run_both("downsample", mink, x, active, weight, b)
-    ref_t = dense.downsample(dense.from_dense(x, active), weight, b)
-    # ME's strided map: coordinates in input units, multiples of the tensor stride
-    assert t.tensor_stride == k and list(t.st.tensor_stride) == [k, k]
-    assert (t.st.C[:, 1:] % k == 0).all()
-    sb = mink.to_sparse(t)
-    assert t.stride == k and sb.stride == k and sb.spatial_shape == (h // k, w // k)
-    assert torch.equal(sb.active_mask(), ref_t.active_bhw)
-    assert torch.equal(ref_t.active_bhw, F.max_pool2d(active[:, None].float(), k)[:, 0] > 0)
-    # rows in (batch, raster) order, and each row's coordinates carry its own features
-    b_, y_, x_ = sb.coords.long().unbind(1)
-    flat = (b_ * (h // k) + y_) * (w // k) + x_
-    assert torch.equal(flat, flat.sort().values)
-    assert rel_err(sb.feats, ref.permute(0, 2, 3, 1)[b_, y_, x_]) < TOL
-    assert rel_err(out, ref) < TOL
-    assert rel_err(out, _masked(F.conv2d(_masked(x, active), weight, b, stride=k), ref_t.active_bhw)) < TOL
-    for grad, ref_grad in grads:
-        assert rel_err(grad, ref_grad) < TOL
-
-
 def test_convs_after_downsample_use_the_coarse_grid():
     # a stride-2 ME tensor (coordinates multiples of 2): its 3x3 neighbours are 2 input units apart
     x = torch.randn(2, 4, 12, 10)
@@ -166,28 +95,6 @@ def test_convs_after_downsample_use_the_coarse_grid():
         assert rel_err(backend.to_dense(backend.conv(t, wc, None)), dense.to_dense(dense.conv(r, wc, None))) < TOL
         t2 = backend.downsample(t, torch.randn(3, 6, 2, 2), None)
         assert t2.tensor_stride == 4 and t2.stride == 4 and t2.spatial_shape == (3, 2)
-
-
-def test_downsample_of_sites_only_in_a_partial_block_is_empty(capfd):
-    sb = SparseBatch(torch.tensor([[0, 2, 1], [1, 0, 2]], dtype=torch.int32), torch.randn(2, 4), 2, (3, 3))
-    weight = torch.randn(5, 4, 2, 2, requires_grad=True)
-    t = mink.downsample(mink.from_sparse(sb), weight, torch.randn(5))
-    assert t.F.shape == (0, 5) and t.spatial_shape == (1, 1) and t.stride == 2 and t.tensor_stride == 2
-    mink.to_dense(t).sum().backward()
-    assert "MinkowskiPruning" not in capfd.readouterr().err  # ME's pruning complains when it empties a map
-
-
-def test_grn_is_per_sample():
-    torch.manual_seed(0)
-    x = torch.randn(3, 16, 6, 5)
-    active = random_active(3, 6, 5, 0.5, seed=2, empty_sample=1)
-    weight, bias = torch.randn(16), torch.randn(16)
-    out = mink.to_dense(mink.grn(mink.from_dense(x, active), weight, bias))
-    ref = dense.to_dense(dense.grn(dense.from_dense(x, active), weight, bias))
-    assert rel_err(out, ref) < TOL
-    # sample 0 alone gives the same answer: no statistic crosses samples
-    alone = mink.to_dense(mink.grn(mink.from_dense(x[:1], active[:1]), weight, bias))
-    assert rel_err(out[:1], alone) < TOL
 
 
 # ---- entering and leaving --------------------------------------------------------------------------
@@ -206,37 +113,6 @@ def test_round_trip_keeps_all_zero_rows_and_the_explicit_shape():
     assert torch.equal(mink.to_dense(t), _masked(x, active))
 
 
-def test_non_contiguous_coords_are_read_correctly():
-    # Tensor.nonzero() returns column-major indices, which ME refuses
-    x = torch.randn(2, 3, 7, 9)
-    active = random_active(2, 7, 9, 0.5, seed=3)
-    sb = SparseBatch.from_dense(x, active)
-    coords_t = sb.coords.t().contiguous().t()
-    assert not coords_t.is_contiguous()
-    sb_t = SparseBatch(coords_t, sb.feats, 2, (7, 9))
-    sb_t.coords = coords_t  # SparseBatch makes them contiguous itself: bypass that
-    w = torch.randn(4, 3, 3, 3)
-    out = mink.to_dense(mink.conv(mink.from_sparse(sb_t), w, None))
-    assert rel_err(out, _masked(F.conv2d(_masked(x, active), w, padding=1), active)) < TOL
-
-
-def test_all_masked_batch_has_no_rows_and_backpropagates():
-    x = torch.randn(2, 4, 6, 6, requires_grad=True)
-    active = torch.zeros(2, 6, 6, dtype=torch.bool)
-    w_dw, w_c, w_d = (torch.randn(*s, requires_grad=True) for s in ((4, 1, 7, 7), (4, 4, 3, 3), (8, 4, 2, 2)))
-    for backend in (mink, kernel_map):
-        t = backend.from_dense(x, active)
-        assert t.F.shape == (0, 4)
-        y = backend.conv(backend.dwconv(t, w_dw, None), w_c, torch.zeros(4))
-        y = backend.grn(backend.map_feats(y, torch.nn.functional.gelu), torch.ones(4), torch.zeros(4))
-        y = backend.downsample(y, w_d, torch.zeros(8))
-        assert y.F.shape == (0, 8) and y.spatial_shape == (3, 3) and y.stride == 2
-        assert backend.to_sparse(y).coords.shape == (0, 3)
-        assert backend.to_dense(y).shape == (2, 8, 3, 3) and backend.to_dense(y).abs().sum() == 0
-        backend.to_dense(y).sum().backward()
-    assert x.grad.abs().sum() == 0 and w_d.grad.abs().sum() == 0
-
-
 def test_torch_thread_count_is_left_alone():
     # ME's CoordinateManager calls omp_set_num_threads(OMP_NUM_THREADS or CPU count, read at import)
     # in the OpenMP runtime torch uses: a plain ME.SparseTensor resets torch's setting.
@@ -252,39 +128,6 @@ def test_torch_thread_count_is_left_alone():
         assert torch.get_num_threads() == me_threads + 1
     finally:
         torch.set_num_threads(before)
-
-
-# ---- whole models ---------------------------------------------------------------------------------------
-def _encoder_pair(seed=0, backend=mink, **kwargs):
-    enc = randomize_(SparseConvNeXtV2.from_name("convnextv2_atto", backend="dense", **kwargs), seed=seed, std=0.1)
-    enc_mk = copy.deepcopy(enc)
-    enc_mk.backend = backend
-    return enc, enc_mk
-
-
-def _visible(b, grid, seed):
-    visible = random_patch_mask(b, grid, 0.6, torch.Generator().manual_seed(seed))
-    visible[-1] = False  # one sample with every patch masked
-    return visible
-
-
-
-
-def test_encoder_stages_equal_dense_with_kernel_map_dwconv():
-    enc, enc_mk = _encoder_pair(seed=5, backend=kernel_map)
-    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
-    visible = _visible(2, (2, 2), seed=6)
-    visible[0] = torch.tensor([[True, False], [False, True]])
-    with torch.no_grad():
-        ref = enc.forward_sparse(x, visible, return_stages=True)
-        out = enc_mk.forward_sparse(x, visible, return_stages=True)
-    for i, (a, r) in enumerate(zip(out, ref)):
-        assert a.stride == r.stride == 4 * 2 ** i and a.tensor_stride == 2 ** i
-        assert rel_err(kernel_map.to_dense(a), r.x_bchw) < TOL, f"stage {i}"
-
-
-
-
 
 
 # ---- refusals ---------------------------------------------------------------------------------------
@@ -315,26 +158,6 @@ def test_float64_runs_and_matches_conv2d_to_rounding():
     ref = F.conv2d(_masked(F.conv2d(_masked(x, active), w, padding=(1, 2)), active), wd, stride=2)
     assert t.F.dtype == torch.float64
     assert rel_err(mink.to_dense(t), _masked(ref, F.max_pool2d(active[:, None].double(), 2)[:, 0] > 0)) < 1e-12
-
-
-def test_bad_coordinates_weights_and_options_are_refused():
-    feats = torch.randn(2, 3)
-    for coords, match in (([[0, 0, 0], [0, 5, 1]], "outside the spatial shape"),
-                          ([[0, 0, 0], [2, 1, 1]], "batch index out of range"),
-                          ([[0, 1, 2], [0, 1, 2]], "duplicate")):  # ME would silently merge these
-        with pytest.raises(ValueError, match=match):
-            mink.from_sparse(SparseBatch(torch.tensor(coords, dtype=torch.int32), feats, 2, (5, 4)))
-    t = mink.from_dense(torch.randn(1, 4, 5, 5), random_active(1, 5, 5, 0.5, seed=0))
-    with pytest.raises(ValueError, match="input channels"):
-        mink.conv(t, torch.randn(3, 5, 3, 3), None)
-    with pytest.raises(ValueError, match="odd kernel"):
-        mink.dwconv(t, torch.randn(4, 1, 4, 4), None)
-    with pytest.raises(ValueError, match="square kernel"):
-        mink.downsample(t, torch.randn(4, 4, 2, 3), None)
-    with pytest.raises(ValueError, match="cannot downsample"):
-        mink.downsample(t, torch.randn(4, 4, 8, 8), None)
-    with pytest.raises(ValueError, match="unknown depthwise"):
-        MinkowskiBackend(dwconv="grouped")
 
 
 def test_registry_and_option_from_environment(monkeypatch):

@@ -9,24 +9,19 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from mimsparse.backends import BackendUnavailable, get_backend
 from mimsparse.convert import ConversionError, convert_checkpoint
 from mimsparse.convert_resnet import resnet_model_state, torchvision_features
 from mimsparse.masking import upsample_mask
 from mimsparse.resnet import RESNET_ARCHS, SparseResNet
 from tests.conftest import run_tool
-from tests.helpers import random_active, rel_err
+from tests.helpers import backend_or_skip, backend_param, random_active, rel_err
 
 TOL = 1e-4
 
 
-@pytest.fixture(params=["packed", pytest.param("spconv", marks=pytest.mark.spconv),
-                        pytest.param("minkowski", marks=pytest.mark.minkowski)])
+@pytest.fixture(params=[backend_param(name) for name in ("packed", "spconv", "minkowski")])
 def backend(request):
-    try:
-        return get_backend(request.param)
-    except BackendUnavailable as e:  # spconv / MinkowskiEngine not installed
-        pytest.skip(str(e))
+    return backend_or_skip(request.param)
 
 
 def _visible(b, h, w, seed):

@@ -5,19 +5,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mimsparse.backends import BackendUnavailable, get_backend
-from tests.helpers import random_active, rel_err
+from tests.helpers import backend_or_skip, backend_param, random_active, rel_err
 
 TOL = 1e-5
 
 
-@pytest.fixture(params=["dense", "packed", pytest.param("spconv", marks=pytest.mark.spconv),
-                        pytest.param("minkowski", marks=pytest.mark.minkowski)])
+@pytest.fixture(params=[backend_param(name) for name in ("dense", "packed", "spconv", "minkowski")])
 def backend(request):
-    try:
-        return get_backend(request.param)
-    except BackendUnavailable as e:  # spconv / MinkowskiEngine not installed
-        pytest.skip(str(e))
+    return backend_or_skip(request.param)
 
 
 def _leaves(*tensors):
