@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Does FCMAE pretraining help? Fashion-MNIST, convnextv2_atto at 96x96, CPU. Every step resumes or
-# skips what is done, so the script can be re-run after an interruption. About 2 h on 2 cores.
+# skips what is done, so the script can be re-run after an interruption. About 2.5 h on 2 cores.
 #   1. pretrain on the 60k training images (labels unused), with GRN and without
 #   2. linear probe (10k training images, all 10k test images) and finetune (10 % of the labels),
 #      pretrained vs random init, seeds 0 and 1
 #   3. feature-collapse curves, GRN vs no GRN; summary tables in runs/fmnist/summary.md
+#   4. the linear probe again after a 5-epoch pretraining (does a longer run help more?)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -40,6 +41,14 @@ for where in mlp grn block; do
       -o "$OUT/collapse-$where.png" --csv "$OUT/collapse-$where.csv" > "$OUT/collapse-$where.txt"
 done
 
+pretrain pretrain-grn-5ep train.epochs=5
+CKPT_5EP=$(ls "$OUT"/pretrain-grn-5ep/checkpoint-[0-9]*.pth | tail -n 1)
+for seed in $SEEDS; do
+  [ -f "$OUT/probe-pre5ep-s$seed/results.json" ] || $PY tools/linear_probe.py --ckpt "$CKPT_5EP" --data fashion-mnist \
+      --img-size 96 --train-limit 10000 --epochs 30 --seed "$seed" --no-progress --output-dir "$OUT/probe-pre5ep-s$seed"
+done
+
 $PY tools/compare_results.py -o "$OUT/summary.md" \
     "linear probe, FCMAE-pretrained=$OUT/probe-pre-s*" "linear probe, random init=$OUT/probe-rand-s*" \
-    "finetune 10 % labels, FCMAE-pretrained=$OUT/finetune-pre-s*" "finetune 10 % labels, random init=$OUT/finetune-rand-s*"
+    "finetune 10 % labels, FCMAE-pretrained=$OUT/finetune-pre-s*" "finetune 10 % labels, random init=$OUT/finetune-rand-s*" \
+    "linear probe, FCMAE-pretrained 5 epochs=$OUT/probe-pre5ep-s*"
