@@ -191,13 +191,11 @@ def analysis_images(source: str | Path | None, img_size: int, limit: int = 0) ->
     from mimsparse.datasets import is_builtin, load_labelled
 
     if source is not None and is_builtin(str(source)):
-        from torchvision.transforms.functional import normalize, resize, to_tensor
-
-        from mimsparse.data import IMAGENET_MEAN, IMAGENET_STD
+        from mimsparse.classify_data import eval_transform
 
         data = load_labelled(str(source), "test")
         count = len(data) if limit <= 0 else min(limit, len(data))
-        return torch.stack([normalize(to_tensor(resize(data.image(i), [img_size, img_size])), IMAGENET_MEAN,
-                                      IMAGENET_STD) for i in range(count)])
+        transform = eval_transform(img_size)  # the finetune / probe evaluation view of the same images
+        return torch.stack([transform(data.image(i)) for i in range(count)])
     paths = bundled_photo_paths() if source is None else list_images(source)
     return load_images(paths[:limit] if limit > 0 else paths, img_size)
