@@ -91,6 +91,18 @@ def encoder_state_from_checkpoint(ckpt: dict) -> tuple[dict[str, torch.Tensor], 
     return sd, name
 
 
+def check_encoder_entries(sd: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], expected: set[str],
+                          target: str) -> None:
+    """``sd`` must hold exactly the ``expected`` keys of the dense ``reference`` state dict, with its shapes."""
+    missing, extra = expected - sd.keys(), sd.keys() - expected
+    if missing or extra:
+        raise ConversionError(f"encoder does not match {target}: missing {sorted(missing)[:5]}, "
+                              f"unexpected {sorted(extra)[:5]}")
+    for k, v in sd.items():
+        if v.shape != reference[k].shape:
+            raise ConversionError(f"{k}: shape {tuple(v.shape)} does not match {target} {tuple(reference[k].shape)}")
+
+
 def to_timm_model_state(encoder_sd: dict[str, torch.Tensor], model_name: str, num_classes: int = 1000,
                         seed: int = 0) -> dict[str, torch.Tensor]:
     """A complete state dict that ``timm.create_model(model_name, num_classes=N)`` loads with
@@ -105,14 +117,7 @@ def to_timm_model_state(encoder_sd: dict[str, torch.Tensor], model_name: str, nu
         # Encoder pretrained with model.use_grn=false: timm's GRN computes x + weight * (x * Nx) + bias,
         # the identity when both are zero, so zero GRN parameters reproduce the GRN-free blocks exactly.
         sd.update({k: torch.zeros_like(fresh[k]) for k in expected - sd.keys() if ".mlp.grn." in k})
-    missing, extra = expected - sd.keys(), sd.keys() - expected
-    if missing or extra:
-        raise ConversionError(
-            f"encoder does not match timm {model_name}: missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}"
-        )
-    for k, v in sd.items():
-        if v.shape != fresh[k].shape:
-            raise ConversionError(f"{k}: shape {tuple(v.shape)} does not match timm {model_name} {tuple(fresh[k].shape)}")
+    check_encoder_entries(sd, fresh, expected, f"timm {model_name}")
     sd.update({k: v for k, v in fresh.items() if k.startswith("head.")})
     return {k: sd[k].detach().clone().contiguous() for k in fresh}
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from mimsparse.convert import ConversionError, conversion_error
+from mimsparse.convert import ConversionError, check_encoder_entries, conversion_error
 from mimsparse.resnet import RESNET_ARCHS, SparseResNet
 
 
@@ -30,15 +30,7 @@ def resnet_model_state(encoder_sd: dict[str, torch.Tensor], model_name: str, num
     in_chans = encoder_sd["conv1.weight"].shape[1]
     with torch.device("meta"):
         ref = timm.create_model(model_name, num_classes=num_classes, in_chans=in_chans).state_dict()
-    expected = {k for k in ref if not k.startswith("fc.")}
-    missing, extra = expected - encoder_sd.keys(), encoder_sd.keys() - expected
-    if missing or extra:
-        raise ConversionError(f"encoder does not match {model_name}: missing {sorted(missing)[:5]}, "
-                              f"unexpected {sorted(extra)[:5]}")
-    for k in expected:
-        if encoder_sd[k].shape != ref[k].shape:
-            raise ConversionError(f"{k}: shape {tuple(encoder_sd[k].shape)} does not match "
-                                  f"{model_name} {tuple(ref[k].shape)}")
+    check_encoder_entries(encoder_sd, ref, {k for k in ref if not k.startswith("fc.")}, model_name)
     sd = dict(encoder_sd)
     if "fc.weight" in ref:  # timm's num_classes=0 has no classifier
         with torch.random.fork_rng(devices=[]):
