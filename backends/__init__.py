@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import importlib
 
+from mimsparse.errors import MimsparseError
+
 from .base import Backend, RowBackend
 
 # name -> (module, class, how to install what it needs)
@@ -16,7 +18,7 @@ _BACKENDS: dict[str, tuple[str, str, str]] = {
 }
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(MimsparseError, RuntimeError):
     pass
 
 

@@ -4,7 +4,7 @@ Native tensor: ``MinkowskiTensor`` = an ``ME.SparseTensor`` (features [N, C], co
 (b, y, x) in its coordinate manager) plus what ME does not keep: batch_size (a sample may have no
 site at all), spatial_shape (H, W) of the current grid and the stride in image pixels.
 
-What ME gives and what this module adds (see /work/shared/notes/minkowski.md for the build and API):
+What ME gives and what this module adds (scripts/build_minkowski.sh builds it; README, "Backends"):
 
 - Coordinates are explicit: ``SparseTensor(features, coordinates=...)`` from the ``SparseBatch``,
   never ``MinkowskiOps.to_sparse`` (which drops all-zero rows). ME coordinates stay in units of the
@@ -67,6 +67,7 @@ import torch.nn.functional as F
 
 from mimsparse.sparse import SparseBatch
 
+from .minkowski_layout import channelwise_kernel, me_kernel
 from .base import (
     RowBackend,
     add_bias,
@@ -163,25 +164,6 @@ class MinkowskiTensor:
     def __repr__(self) -> str:
         return (f"MinkowskiTensor(sites={self.F.shape[0]}, channels={self.F.shape[1]}, batch={self.batch_size}, "
                 f"spatial_shape={self.spatial_shape}, stride={self.stride}, tensor_stride={self.tensor_stride})")
-
-
-# ---- weight layouts ---------------------------------------------------------------------------------
-def me_kernel(weight: torch.Tensor) -> torch.Tensor:
-    """Dense [C_out, C_in, kh, kw] -> ME [kh*kw, C_in, C_out] for ``kernel_size=[kh, kw]`` on (y, x)
-    coordinates (ME's offset index: y fastest, i.e. ix * kh + iy). Differentiable."""
-    c_out, c_in, kh, kw = weight.shape
-    return weight.permute(3, 2, 1, 0).reshape(kw * kh, c_in, c_out).contiguous()
-
-
-def dense_weight(kernel: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
-    """Inverse of ``me_kernel``: ME [kh*kw, C_in, C_out] -> dense [C_out, C_in, kh, kw]."""
-    return kernel.reshape(kw, kh, kernel.shape[1], kernel.shape[2]).permute(3, 2, 1, 0)
-
-
-def channelwise_kernel(weight: torch.Tensor) -> torch.Tensor:
-    """Depthwise [C, 1, kh, kw] -> ``MinkowskiChannelwiseConvolution``'s [kh*kw, C]."""
-    c, _, kh, kw = weight.shape
-    return weight[:, 0].permute(2, 1, 0).reshape(kw * kh, c)
 
 
 # ---- the backend ------------------------------------------------------------------------------------

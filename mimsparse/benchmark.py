@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 import torch
 
 from mimsparse.backends import BackendUnavailable, get_backend
-from mimsparse.decoder import FCMAEDecoder
-from mimsparse.build import build_encoder
+from mimsparse.models.decoders import FCMAEDecoder
+from mimsparse.models.build import build_encoder
 from mimsparse.config import ModelConfig
-from mimsparse.engine import AMP_DTYPES
-from mimsparse.fcmae import FCMAE
-from mimsparse.loss import masked_reconstruction_loss, pixel_targets
+from mimsparse.train.engine import AMP_DTYPES
+from mimsparse.models.fcmae import FCMAE
+from mimsparse.models.loss import masked_reconstruction_loss, pixel_targets
 from mimsparse.masking import random_patch_mask
 
 MEASURES = ("enc_fwd", "enc_fwd_bwd", "train_step")

@@ -4,18 +4,18 @@ from __future__ import annotations
 import sys
 
 from mimsparse.backends import BackendUnavailable
-from mimsparse.checkpoint import CheckpointError
+from mimsparse.train.checkpoint import CheckpointError
 from mimsparse.config import ConfigError
-from mimsparse.convert import ConversionError
-from mimsparse.data import DataError
-from mimsparse.distributed import DistributedError
+from mimsparse.errors import ConversionError
+from mimsparse.train.data import DataError
+from mimsparse.train.distributed import DistributedError
 
 USER_ERRORS = (BackendUnavailable, CheckpointError, ConfigError, ConversionError, DataError, DistributedError,
                ValueError, TypeError)
 
 
 def run_cli(main) -> int:
-    from mimsparse.engine import TrainingError
+    from mimsparse.train.engine import TrainingError
 
     try:
         return main()

@@ -1,6 +1,7 @@
 """Pretraining configuration: frozen dataclasses are the truth; YAML files and ``key=value``
 command-line overrides only change fields, and unknown keys or wrong types are refused by name."""
 from __future__ import annotations
+from mimsparse.errors import ConfigError
 
 import dataclasses
 import typing
@@ -37,7 +38,7 @@ class MaskConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    path: str = ""              # ImageFolder / flat folder, a built-in dataset name (mimsparse.datasets); "" = bundled photos
+    path: str = ""              # ImageFolder / flat folder, a built-in dataset name (mimsparse.evaluate.datasets); "" = bundled photos
     img_size: int = 224
     min_scale: float = 0.2      # RandomResizedCrop scale range (min_scale, 1)
     repeat: int = 1             # passes over a small dataset per epoch
@@ -87,10 +88,6 @@ class PretrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def _coerce(value, typ, key: str):

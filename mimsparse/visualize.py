@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from mimsparse.data import IMAGENET_MEAN, IMAGENET_STD, to_rgb
-from mimsparse.loss import patchify, unpatchify
+from mimsparse.train.data import IMAGENET_MEAN, IMAGENET_STD, to_rgb
+from mimsparse.models.loss import patchify, unpatchify
 from mimsparse.masking import check_image_size, upsample_mask
 
 PANELS = ("original", "masked input", "reconstruction", "visible pasted back")
@@ -33,7 +33,7 @@ def pred_to_pixels(pred_bld: torch.Tensor, images_bchw: torch.Tensor, patch_size
     """Predictions [B, L, p*p*C] -> image [B, C, H, W] in the (ImageNet-normalised) input space.
 
     With ``norm_pix`` the model predicts each patch standardised by its own mean and variance
-    (:func:`mimsparse.loss.pixel_targets`); those statistics come from the original patch:
+    (:func:`mimsparse.models.loss.pixel_targets`); those statistics come from the original patch:
     pixels = pred * sqrt(var + 1e-6) + mean."""
     b, c, h, w = images_bchw.shape
     pred = pred_bld.float()

@@ -14,7 +14,7 @@ def photo_dir(tmp_path_factory) -> Path:
     """Six real photos (scikit-image's bundled ones), downsized so tests stay fast."""
     from PIL import Image
 
-    from mimsparse.data import bundled_photo_paths
+    from mimsparse.train.data import bundled_photo_paths
 
     folder = tmp_path_factory.mktemp("photos")
     for path in bundled_photo_paths()[:6]:

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mimsparse.backends import BackendUnavailable, get_backend
-from mimsparse.encoder import SparseConvNeXtV2
-from mimsparse.fcmae import FCMAE
+from mimsparse.models.convnextv2 import SparseConvNeXtV2
+from mimsparse.models.fcmae import FCMAE
 from tests.helpers import random_active, randomize_, rel_err
 
 TOL = 1e-4

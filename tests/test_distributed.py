@@ -7,10 +7,10 @@ import sys
 import pytest
 import torch
 
-from mimsparse.checkpoint import load_checkpoint
+from mimsparse.train.checkpoint import load_checkpoint
 from mimsparse.config import load_config
-from mimsparse.data import EpochSampler
-from mimsparse.engine import Pretrainer
+from mimsparse.train.data import EpochSampler
+from mimsparse.train.engine import Pretrainer
 from tests.conftest import ROOT, tiny_overrides
 
 

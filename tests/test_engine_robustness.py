@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 
 from mimsparse.backends import BackendUnavailable, get_backend
-from mimsparse.build import build_fcmae
-from mimsparse.checkpoint import CheckpointError, load_checkpoint
+from mimsparse.models.build import build_fcmae
+from mimsparse.train.checkpoint import CheckpointError, load_checkpoint
 from mimsparse.config import ConfigError, config_from_dict, load_config
-from mimsparse.data import FileSource, SeededImages, list_images, pretrain_transform, to_rgb
-from mimsparse.engine import Pretrainer, TrainingError, check_amp
+from mimsparse.train.data import FileSource, SeededImages, list_images, pretrain_transform, to_rgb
+from mimsparse.train.engine import Pretrainer, TrainingError, check_amp
 from tests.conftest import ROOT, run_tool, tiny_overrides
 
 
@@ -409,7 +409,7 @@ def test_worker_processes_give_the_same_batches(photo_dir, tmp_path):
 
 
 def test_tensorboard_is_optional(photo_dir, tmp_path, monkeypatch):
-    import mimsparse.engine as engine
+    import mimsparse.train.engine as engine
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
     assert engine.tensorboard_writer(tmp_path / "tb") is None

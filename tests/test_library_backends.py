@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mimsparse.backends import get_backend
-from mimsparse.encoder import SparseConvNeXtV2
+from mimsparse.models.convnextv2 import SparseConvNeXtV2
 from mimsparse.sparse import SparseBatch
 from tests.helpers import backend_or_skip, backend_param, random_active, randomize_, rel_err
 

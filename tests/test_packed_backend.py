@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from mimsparse.backends import get_backend
 from mimsparse.backends.dense import MaskedDenseBackend
 from mimsparse.backends.packed import TILE_CHUNK_FLOATS, PackedBackend, PackedGeometry, PackedTensor
-from mimsparse.build import build_fcmae
+from mimsparse.models.build import build_fcmae
 from mimsparse.config import PretrainConfig
-from mimsparse.encoder import SparseConvNeXtV2
+from mimsparse.models.convnextv2 import SparseConvNeXtV2
 from mimsparse.masking import random_patch_mask, upsample_mask
 from mimsparse.sparse import SparseBatch
 

@@ -22,8 +22,8 @@ def import_official(args) -> int:
     import yaml
 
     from mimsparse.config import config_from_dict, load_config
-    from mimsparse.engine import Pretrainer
-    from mimsparse.official import fcmae_from_official, load_official_checkpoint, official_config
+    from mimsparse.train.engine import Pretrainer
+    from mimsparse.convert.official import fcmae_from_official, load_official_checkpoint, official_config
 
     official_sd, official_args = load_official_checkpoint(args.checkpoint)
     overrides = list(args.overrides) + [f"train.output_dir={args.output_dir}"]
@@ -48,9 +48,9 @@ def import_official(args) -> int:
 def export_official(args) -> int:
     import torch
 
-    from mimsparse.checkpoint import load_checkpoint
+    from mimsparse.train.checkpoint import load_checkpoint
     from mimsparse.convert import encoder_state_from_checkpoint
-    from mimsparse.official import encoder_to_official_dense, fcmae_to_official
+    from mimsparse.convert.official import encoder_to_official_dense, fcmae_to_official
 
     ckpt = load_checkpoint(args.checkpoint)
     if args.dense:

@@ -45,9 +45,9 @@ def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
-    from mimsparse import distributed
+    from mimsparse.train import distributed
     from mimsparse.config import load_config
-    from mimsparse.engine import Pretrainer
+    from mimsparse.train.engine import Pretrainer
 
     overrides = list(args.overrides)
     if args.data:

@@ -30,9 +30,9 @@ def main(argv=None) -> int:
 
     import torch
 
-    from mimsparse.build import build_encoder, build_masker
+    from mimsparse.models.build import build_encoder, build_masker
     from mimsparse.config import load_config
-    from mimsparse.data import bundled_photo_paths
+    from mimsparse.train.data import bundled_photo_paths
     from mimsparse.masking import upsample_mask
     from mimsparse.visualize import MASKED_GRAY, load_image, parse_size, save_grid, unnormalize
 

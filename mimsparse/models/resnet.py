@@ -5,6 +5,11 @@ the shortcut is a 1x1 strided conv + BN). Parameters live in ``nn.Conv2d`` / ``n
 modules named exactly as in torchvision and timm (``conv1``, ``bn1``, ``layer1.0.conv1``, ...,
 ``layer1.0.downsample.0/1``), so the encoder's state dict is the dense model's without ``fc``.
 
+Export: timm's ResNet uses torchvision's keys and shapes for resnet18/34/50/101, so ``to_dense`` is the
+identity on the encoder's entries (BatchNorm statistics included) plus a fresh ``fc``, and one state dict
+loads with ``strict=True`` into both ``torchvision.models.resnet50(num_classes=N)`` and
+``timm.create_model("resnet50", num_classes=N)``.
+
 Sparsity (SparK): the active sites of every stage are the visible patches upsampled to that stage's
 grid. Convs read active sites only (masked ones count as zero), strided convs and the max pool are
 evaluated at the next stage's active sites only, and BatchNorm statistics come from active sites
@@ -18,11 +23,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mimsparse.backends import Backend
+from mimsparse.errors import ConfigError, ConversionError
 from mimsparse.masking import upsample_mask
-from mimsparse.sparse_encoder import SparseEncoder
+from mimsparse.models.encoder import SparseEncoder
+from mimsparse.models.keymap import check_encoder_entries
 
 # name -> (block, blocks per stage), as torchvision.models.resnet* / timm's resnet*
-RESNET_ARCHS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
+RESNET_SIZES: dict[str, tuple[str, tuple[int, int, int, int]]] = {
     "resnet18": ("basic", (2, 2, 2, 2)),
     "resnet34": ("basic", (3, 4, 6, 3)),
     "resnet50": ("bottleneck", (3, 4, 6, 3)),
@@ -110,7 +117,7 @@ BLOCKS = {"basic": SparseBasicBlock, "bottleneck": SparseBottleneck}
 class SparseResNet(SparseEncoder):
     """ResNet whose convolutions, BatchNorms and max pool run over the visible sites only (SparK).
 
-    The encoder contract of :class:`~mimsparse.sparse_encoder.SparseEncoder`: ``forward`` gives the last
+    The encoder contract of :class:`~mimsparse.models.encoder.SparseEncoder`: ``forward`` gives the last
     stage densely, ``forward_hierarchical`` all four stages (strides 4, 8, 16, 32), zero at masked patches.
     """
 
@@ -142,9 +149,9 @@ class SparseResNet(SparseEncoder):
 
     @classmethod
     def from_name(cls, name: str, in_chans: int = 3, backend: Backend | str = "dense", **kwargs) -> "SparseResNet":
-        if name not in RESNET_ARCHS:
-            raise ValueError(f"unknown ResNet {name!r}; available: {', '.join(RESNET_ARCHS)}")
-        block, layers = RESNET_ARCHS[name]
+        if name not in RESNET_SIZES:
+            raise ValueError(f"unknown ResNet {name!r}; available: {', '.join(RESNET_SIZES)}")
+        block, layers = RESNET_SIZES[name]
         return cls(block, layers, in_chans=in_chans, backend=backend, **kwargs)
 
     def stage_masks(self, visible_bhw: torch.Tensor) -> list[torch.Tensor]:
@@ -180,3 +187,56 @@ def _init_weights(module: nn.Module) -> None:
     elif isinstance(module, nn.BatchNorm2d):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+# ---- export to torchvision / timm ------------------------------------------------------------------
+def to_dense(encoder_sd: dict[str, torch.Tensor], model_name: str, num_classes: int = 1000,
+             seed: int = 0) -> dict[str, torch.Tensor]:
+    """A complete state dict for ``model_name`` with ``num_classes`` outputs: the encoder's entries
+    plus a freshly initialised ``fc`` (nn.Linear's default init, as in both libraries), drawn from
+    ``seed`` without touching the global RNG. Keys and shapes are checked against timm's model (built
+    on the meta device: no init cost)."""
+    import timm
+
+    if model_name not in RESNET_SIZES:
+        raise ConversionError(f"unknown ResNet {model_name!r}; available: {', '.join(RESNET_SIZES)}")
+    if "conv1.weight" not in encoder_sd:
+        raise ConversionError(f"not a {model_name} encoder: no 'conv1.weight' among its entries")
+    in_chans = encoder_sd["conv1.weight"].shape[1]
+    with torch.device("meta"):
+        ref = timm.create_model(model_name, num_classes=num_classes, in_chans=in_chans).state_dict()
+    check_encoder_entries(encoder_sd, ref, {k for k in ref if not k.startswith("fc.")}, model_name)
+    sd = dict(encoder_sd)
+    if "fc.weight" in ref:  # timm's num_classes=0 has no classifier
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            fc = nn.Linear(*reversed(ref["fc.weight"].shape))
+        sd.update({"fc.weight": fc.weight, "fc.bias": fc.bias})
+    return {k: sd[k].detach().clone().contiguous() for k in ref}
+
+
+def torchvision_features(model, x_bchw: torch.Tensor) -> torch.Tensor:
+    """torchvision ResNet's last feature map [B, C, H/32, W/32] (timm's ``forward_features``)."""
+    x = model.maxpool(model.relu(model.bn1(model.conv1(x_bchw))))
+    for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+        x = layer(x)
+    return x
+
+
+def dense_models(model_name: str, num_classes: int, in_chans: int) -> dict:
+    import timm
+    import torchvision
+
+    model = timm.create_model(model_name, num_classes=num_classes, in_chans=in_chans)
+    models = {"timm": (model, model.forward_features)}
+    if in_chans == 3 and num_classes > 0:  # torchvision has no in_chans, and num_classes=0 is an empty fc
+        tv = torchvision.models.get_model(model_name, num_classes=num_classes)
+        models["torchvision"] = (tv, lambda x: torchvision_features(tv, x))
+    return models
+
+
+def encoder_options(cfg) -> dict:
+    if cfg.drop_path > 0:
+        raise ConfigError(f"model.drop_path={cfg.drop_path}: stochastic depth is implemented for ConvNeXt V2 only, "
+                          f"not for {cfg.name}; set model.drop_path=0")
+    return {}

@@ -19,7 +19,7 @@ import torch.nn as nn
 from timm.layers import LayerNorm2d
 from timm.models.convnext import ConvNeXtBlock
 
-from mimsparse.loss import patchify
+from mimsparse.models.loss import patchify
 from mimsparse.masking import upsample_mask
 
 DECODERS = ("fcmae", "linear", "spark")
@@ -188,7 +188,7 @@ class SparKDecoder(nn.Module):
 
     def forward(self, feats: list[torch.Tensor], visible_bhw: torch.Tensor) -> torch.Tensor:
         """As :meth:`forward_image`, cut into patches: [B, p*p*in_chans, H/p, W/p], values within a
-        patch in :func:`mimsparse.loss.patchify` order (the layout of the other decoders)."""
+        patch in :func:`mimsparse.models.loss.patchify` order (the layout of the other decoders)."""
         image = self.forward_image(feats, visible_bhw)
         return patchify(image, self.patch_size).transpose(1, 2).unflatten(2, visible_bhw.shape[1:])
 

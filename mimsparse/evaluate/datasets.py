@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mimsparse.data import DataError, list_images, to_rgb
+from mimsparse.train.data import DataError, list_images, to_rgb
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",

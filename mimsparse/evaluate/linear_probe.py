@@ -6,7 +6,7 @@ The head is MAE's: BatchNorm1d without affine parameters (eps 1e-6, it only stan
 followed by a Linear layer whose weight starts as trunc_normal(std 0.01). MAE trains it with LARS at
 batch 16384; here the cached features make plain SGD (momentum 0.9) with MAE's per-step warm-up +
 cosine schedule and lr = blr x batch / 256 cheap and stable at the small batches small data allows.
-Weights are loaded exactly as for finetuning (:func:`mimsparse.finetune.build_model`).
+Weights are loaded exactly as for finetuning (:func:`mimsparse.evaluate.finetune.build_model`).
 """
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from mimsparse.checkpoint import check_writable_dir
-from mimsparse.classify_data import check_img_size, eval_loader, limit_subset, top1_correct
-from mimsparse.data import DataError
-from mimsparse.finetune import (EVAL_SUBSET_SEED, append_jsonl, build_model, create_scheduler, max_lr, peak_lr,
+from mimsparse.train.checkpoint import check_writable_dir
+from mimsparse.evaluate.loaders import check_img_size, eval_loader, limit_subset, top1_correct
+from mimsparse.train.data import DataError
+from mimsparse.evaluate.finetune import (EVAL_SUBSET_SEED, append_jsonl, build_model, create_scheduler, max_lr, peak_lr,
                                 write_json)
-from mimsparse.datasets import load_labelled
+from mimsparse.evaluate.datasets import load_labelled
 
 
 def pooled_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:

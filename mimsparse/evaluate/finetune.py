@@ -29,12 +29,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mimsparse.checkpoint import CheckpointError, check_writable_dir, load_checkpoint, save_checkpoint
-from mimsparse.classify_data import (check_fraction, check_img_size, eval_loader, limit_subset, stratified_subset,
+from mimsparse.train.checkpoint import CheckpointError, check_writable_dir, load_checkpoint, save_checkpoint
+from mimsparse.evaluate.loaders import (check_fraction, check_img_size, eval_loader, limit_subset, stratified_subset,
                                      top1_correct, train_loader)
 from mimsparse.convert import ConversionError, convert_checkpoint
-from mimsparse.data import DataError
-from mimsparse.datasets import LabelledImages, load_labelled
+from mimsparse.train.data import DataError
+from mimsparse.evaluate.datasets import LabelledImages, load_labelled
 
 EVAL_SUBSET_SEED = 0  # --eval-limit keeps the same test images whatever --seed, so runs stay comparable
 
@@ -123,8 +123,9 @@ def build_model(ckpt: str, model_name: str | None, num_classes: int, seed: int =
     A fresh classifier is drawn from ``seed`` and scaled by ``head_init_scale``.
     Returns (model, model name, notes for the log)."""
     weights = load_weights(ckpt, model_name, num_classes)
-    torch.manual_seed(seed)  # after the conversion, which seeds the throwaway head it builds
-    model = create_model(weights.name, num_classes, drop_path_rate)
+    with torch.random.fork_rng(devices=[]):  # the fresh head comes from ``seed``, whatever ran before
+        torch.manual_seed(seed)
+        model = create_model(weights.name, num_classes, drop_path_rate)
     notes = [f"weights: {weights.source}"]
     fresh_head = weights.fresh_head
     if weights.state_dict is not None:
@@ -180,7 +181,7 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, device, step
                     mixup=None, desc: str = "", show_progress: bool = True) -> dict:
     """Trains over ``loader`` from global step ``step`` (stops at ``max_steps`` if > 0).
     Returns {"step": the next step, "loss": mean training loss, "lr": last lr, "images", "unreadable"}."""
-    from mimsparse.engine import TrainingError
+    from mimsparse.train.engine import TrainingError
 
     model.train()
     loss_sum, batches, images_seen, unreadable, lr = 0.0, 0, 0, 0, max_lr(optimizer)

@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from mimsparse.decoder import DECODERS, build_decoder
-from mimsparse.loss import LOSS_ON, LOSSES, pixel_targets, reconstruction_loss
+from mimsparse.models.decoders import DECODERS, build_decoder
+from mimsparse.models.loss import LOSS_ON, LOSSES, pixel_targets, reconstruction_loss
 from mimsparse.masking import PatchMasker, upsample_mask
 
 ENCODER_INPUTS = ("sparse", "mask_token")

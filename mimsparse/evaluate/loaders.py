@@ -1,8 +1,8 @@
-"""Labelled images -> tensors for finetuning (:mod:`mimsparse.finetune`) and the linear probe
-(:mod:`mimsparse.linear_probe`): transforms, seeded stratified subsets, loaders, top-1 counting.
+"""Labelled images -> tensors for finetuning (:mod:`mimsparse.evaluate.finetune`) and the linear probe
+(:mod:`mimsparse.evaluate.linear_probe`): transforms, seeded stratified subsets, loaders, top-1 counting.
 
-Augmentation reuses the pretraining machinery (:class:`mimsparse.data.SeededImages`,
-:class:`mimsparse.data.EpochSampler`): every training sample draws its crop and flip from its own seed,
+Augmentation reuses the pretraining machinery (:class:`mimsparse.train.data.SeededImages`,
+:class:`mimsparse.train.data.EpochSampler`): every training sample draws its crop and flip from its own seed,
 so a run is reproducible whatever the worker count.
 """
 from __future__ import annotations
@@ -11,9 +11,9 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from mimsparse.data import (IMAGENET_MEAN, IMAGENET_STD, DataError, EpochSampler, SeededImages, collate_skip_bad,
+from mimsparse.train.data import (IMAGENET_MEAN, IMAGENET_STD, DataError, EpochSampler, SeededImages, collate_skip_bad,
                             seed_worker)
-from mimsparse.datasets import LabelledImages
+from mimsparse.evaluate.datasets import LabelledImages
 
 STRIDE = 32  # total downsampling of ConvNeXt V2 and ResNet: smaller inputs leave no spatial site
 MIN_CROP_SCALE = 0.35  # RandomResizedCrop area range of the ConvNeXt V2 / MAE finetune recipe, scaled to small data

@@ -16,54 +16,41 @@ sparse kernels; both directions use one table of exact key templates.
 from __future__ import annotations
 
 import argparse
-import math
 import pickle
 import re
 
 import torch
 
-from mimsparse.convert import ConversionError
-from mimsparse.models import CONVNEXTV2_SPECS
+from mimsparse.backends.minkowski_layout import (channelwise_kernel, dense_dw_weight, dense_weight, me_kernel,
+                                                  square_side)
+from mimsparse.errors import ConversionError
+from mimsparse.models.keymap import SAME, Layout, convert_keys
+from mimsparse.models.convnextv2 import CONVNEXTV2_SPECS
 
 
-# ---- kernel layouts -------------------------------------------------------------------------------
-def conv_weight_to_me(weight_oihw: torch.Tensor) -> torch.Tensor:
-    """Dense conv weight [out, in, kh, kw] -> MinkowskiEngine kernel [kw*kh, in, out] (y fastest)."""
-    return weight_oihw.permute(3, 2, 1, 0).reshape(-1, weight_oihw.shape[1], weight_oihw.shape[0])
+# ---- kernel layouts: (ours -> official, official -> ours) -----------------------------------------
+def _me_conv_from(kernel: torch.Tensor) -> torch.Tensor:
+    k = _side(kernel)
+    return dense_weight(kernel, k, k)
 
 
-def me_to_conv_weight(kernel_kio: torch.Tensor) -> torch.Tensor:
-    """MinkowskiEngine kernel [k*k, in, out] -> dense conv weight [out, in, k, k]."""
-    k = _side(kernel_kio)
-    return kernel_kio.reshape(k, k, *kernel_kio.shape[1:]).permute(3, 2, 1, 0)
-
-
-def dw_weight_to_me(weight_c1hw: torch.Tensor) -> torch.Tensor:
-    """Depthwise weight [C, 1, kh, kw] -> MinkowskiEngine channelwise kernel [kw*kh, C]."""
-    return weight_c1hw[:, 0].permute(2, 1, 0).reshape(-1, weight_c1hw.shape[0])
-
-
-def me_to_dw_weight(kernel_kc: torch.Tensor) -> torch.Tensor:
-    """MinkowskiEngine channelwise kernel [k*k, C] -> depthwise weight [C, 1, k, k]."""
-    k = _side(kernel_kc)
-    return kernel_kc.reshape(k, k, kernel_kc.shape[1]).permute(2, 1, 0)[:, None]
+def _me_dw_from(kernel: torch.Tensor) -> torch.Tensor:
+    k = _side(kernel)
+    return dense_dw_weight(kernel, k, k)
 
 
 def _side(kernel: torch.Tensor) -> int:
-    k = math.isqrt(kernel.shape[0])
-    if k * k != kernel.shape[0]:
-        raise ConversionError(f"kernel volume {kernel.shape[0]} is not a square k*k (2D kernels only)")
-    return k
+    try:
+        return square_side(kernel)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
 
 
-# layout name -> (ours -> official, official -> ours)
-_LAYOUTS = {
-    "same": (lambda t: t, lambda t: t),
-    "me_conv": (conv_weight_to_me, me_to_conv_weight),
-    "me_dw": (dw_weight_to_me, me_to_dw_weight),
-    "row": (lambda t: t.reshape(1, -1), lambda t: t.reshape(-1)),            # [C] <-> [1, C]
-    "nhwc": (lambda t: t.reshape(1, 1, 1, -1), lambda t: t.reshape(-1)),     # [C] <-> [1, 1, 1, C]
-}
+ME_CONV: Layout = (me_kernel, _me_conv_from)
+ME_DW: Layout = (channelwise_kernel, _me_dw_from)
+ROW: Layout = (lambda t: t.reshape(1, -1), lambda t: t.reshape(-1))            # [C] <-> [1, C]
+NHWC: Layout = (lambda t: t.reshape(1, 1, 1, -1), lambda t: t.reshape(-1))     # [C] <-> [1, 1, 1, C]
+_LAYOUTS = {"same": SAME, "me_conv": ME_CONV, "me_dw": ME_DW, "row": ROW, "nhwc": NHWC}
 
 # ---- key tables: (our key, official key, layout); {s} stage, {b} block, {d} decoder block, {wb} weight|bias
 _DENSE_BLOCK = [  # a dense ConvNeXt V2 block: timm names (ours) -> models/convnextv2.py Block
@@ -103,28 +90,9 @@ FCMAE_KEYS = [
     ("decoder.pred.{wb}", "pred.{wb}", "same"),
 ]
 
-_FIELDS = {"s": r"\d+", "b": r"\d+", "d": r"\d+", "wb": r"weight|bias"}
-
-
-def _pattern(template: str) -> re.Pattern:
-    parts = re.split(r"\{(\w+)\}", template)  # literal, field, literal, field, ...
-    regex = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>{_FIELDS[p]})" for i, p in enumerate(parts))
-    return re.compile(f"^{regex}$")
-
-
-def _convert(sd: dict[str, torch.Tensor], table, to_official: bool, what: str) -> dict[str, torch.Tensor]:
-    src, dst = (0, 1) if to_official else (1, 0)
-    rules = [(_pattern(row[src]), row[dst], _LAYOUTS[row[2]][0 if to_official else 1]) for row in table]
-    out = {}
-    for key, value in sd.items():
-        for pattern, target, layout in rules:
-            match = pattern.match(key)
-            if match:
-                out[target.format(**match.groupdict())] = layout(value).contiguous()
-                break
-        else:
-            raise ConversionError(f"unexpected parameter {key!r} for the {what}")
-    return out
+def _table(rows):
+    """Rows name their layout by a short word for readability; resolve them to functions."""
+    return [(ours, theirs, _LAYOUTS[layout]) for ours, theirs, layout in rows]
 
 
 # ---- state dicts ----------------------------------------------------------------------------------
@@ -138,13 +106,13 @@ def fcmae_to_official(model_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
                               "FCMAE layout; export the encoder alone (--dense, encoder_to_official_dense)")
     if not any(k.endswith(".mlp.grn.weight") for k in model_sd):
         raise ConversionError("the official encoder always has GRN; this model was built with model.use_grn=false")
-    return _convert(model_sd, FCMAE_KEYS, True, "official FCMAE layout")
+    return convert_keys(model_sd, _table(FCMAE_KEYS), True, "official FCMAE layout")
 
 
 def fcmae_from_official(official_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Official FCMAE state dict -> ours (load it with ``strict=True`` into the model that
     :func:`official_config` describes)."""
-    return _convert(official_sd, FCMAE_KEYS, False, "official FCMAE layout")
+    return convert_keys(official_sd, _table(FCMAE_KEYS), False, "official FCMAE layout")
 
 
 def encoder_to_official_dense(encoder_sd: dict[str, torch.Tensor], num_classes: int | None = None,
@@ -155,7 +123,7 @@ def encoder_to_official_dense(encoder_sd: dict[str, torch.Tensor], num_classes: 
     weights after ``remap_checkpoint_keys``; with it a fresh one is added (final LayerNorm at identity,
     head initialised as ``main_finetune.py`` does: trunc-normal std 2e-5, zero bias), so that
     ``ConvNeXtV2(num_classes=N).load_state_dict(sd)`` accepts it with ``strict=True``."""
-    out = _convert(encoder_sd, DENSE_KEYS, True, "official dense layout")
+    out = convert_keys(encoder_sd, _table(DENSE_KEYS), True, "official dense layout")
     if num_classes is not None:
         dim = [v for k, v in encoder_sd.items() if k.endswith(".mlp.fc2.bias")][-1].shape[0]  # last stage's width
         g = torch.Generator().manual_seed(seed)
@@ -168,7 +136,7 @@ def encoder_to_official_dense(encoder_sd: dict[str, torch.Tensor], num_classes: 
 def encoder_from_official_dense(official_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Official ``ConvNeXtV2`` state dict -> our encoder state dict (``norm``/``head`` are dropped)."""
     body = {k: v for k, v in official_sd.items() if not k.startswith(("norm.", "head."))}
-    return _convert(body, DENSE_KEYS, False, "official dense layout")
+    return convert_keys(body, _table(DENSE_KEYS), False, "official dense layout")
 
 
 def official_config(official_sd: dict[str, torch.Tensor], args: dict | None = None) -> dict:

@@ -1,7 +1,8 @@
 """Images -> augmented tensors. Sources: an ImageFolder / flat folder, the real photos that ship
 inside scikit-image (so the demo needs no download), or a built-in labelled dataset's training
-images (:mod:`mimsparse.datasets`; labels unused)."""
+images (:mod:`mimsparse.evaluate.datasets`; labels unused)."""
 from __future__ import annotations
+from mimsparse.errors import DataError
 
 import warnings
 from pathlib import Path
@@ -18,10 +19,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Colour photographs bundled in the scikit-image wheel (files in skimage/data, no download).
 SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "hubble_deep_field.jpg",
                   "retina.jpg", "ihc.png", "motorcycle_left.png", "motorcycle_right.png", "color.png")
-
-
-class DataError(ValueError):
-    pass
 
 
 def bundled_photo_paths() -> list[Path]:

@@ -1,5 +1,6 @@
 """Checkpoints: atomic writes, plain-data contents (loadable with ``weights_only=True``), checked on load."""
 from __future__ import annotations
+from mimsparse.errors import CheckpointError
 
 import os
 import platform
@@ -8,10 +9,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def versions() -> dict[str, str]:

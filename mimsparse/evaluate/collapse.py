@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from mimsparse.data import DataError, bundled_photo_paths, list_images
+from mimsparse.train.data import DataError, bundled_photo_paths, list_images
 
 WHERE = ("block", "mlp", "grn")
 
@@ -187,11 +187,11 @@ def plot(curves: dict[str, list[dict]], path: str | Path, title: str = "") -> No
 
 def analysis_images(source: str | Path | None, img_size: int, limit: int = 0) -> torch.Tensor:
     """[N, 3, S, S] normalised images: the bundled photos (None), a folder, or a built-in dataset's
-    test split (mimsparse.datasets), the first ``limit`` of them (0 = all)."""
-    from mimsparse.datasets import is_builtin, load_labelled
+    test split (mimsparse.evaluate.datasets), the first ``limit`` of them (0 = all)."""
+    from mimsparse.evaluate.datasets import is_builtin, load_labelled
 
     if source is not None and is_builtin(str(source)):
-        from mimsparse.classify_data import eval_transform
+        from mimsparse.evaluate.loaders import eval_transform
 
         data = load_labelled(str(source), "test")
         count = len(data) if limit <= 0 else min(limit, len(data))

@@ -17,23 +17,20 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mimsparse import distributed
+from mimsparse.train import distributed
 from mimsparse.backends import Backend, get_backend
-from mimsparse.build import build_fcmae
-from mimsparse.checkpoint import (CheckpointError, check_model_matches, check_writable_dir, load_checkpoint,
+from mimsparse.models.build import build_fcmae
+from mimsparse.train.checkpoint import (CheckpointError, check_model_matches, check_writable_dir, load_checkpoint,
                                   remove_stale_temp_files, rng_state, save_checkpoint, set_rng_state, versions)
 from mimsparse.config import ConfigError, PretrainConfig, config_from_dict
-from mimsparse.data import (DataError, EpochSampler, FileSource, SeededImages, bundled_photo_paths,
+from mimsparse.train.data import (DataError, EpochSampler, FileSource, SeededImages, bundled_photo_paths,
                             collate_skip_bad, list_images, pretrain_transform, seed_worker)
-from mimsparse.datasets import is_builtin, load_labelled
+from mimsparse.evaluate.datasets import is_builtin, load_labelled
 from mimsparse.masking import check_image_size
+from mimsparse.errors import TrainingError
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 VIS_SAMPLES = 4  # rows of the periodic reconstruction PNG
-
-
-class TrainingError(RuntimeError):
-    pass
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -129,7 +126,7 @@ def pretrain_source(cfg: PretrainConfig):
 class Pretrainer:
     """Holds the objects of one run; ``run()`` trains to the end (or ``train.max_steps``).
 
-    Under ``torchrun`` (process group initialised, see :mod:`mimsparse.distributed`) the model is
+    Under ``torchrun`` (process group initialised, see :mod:`mimsparse.train.distributed`) the model is
     wrapped in DDP, each rank reads its share of every global batch, and rank 0 alone logs and
     writes checkpoints."""
 
