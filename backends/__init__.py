@@ -5,7 +5,8 @@ import importlib
 
 from mimsparse.errors import MimsparseError
 
-from .base import Backend, RowBackend
+from .base import Backend
+from .rows import RowBackend
 
 # name -> (module, class, how to install what it needs)
 _BACKENDS: dict[str, tuple[str, str, str]] = {

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from mimsparse.sparse import SparseBatch
 
-from .base import Backend, batch_norm_rows, check_conv_weight, check_window_op
+from .base import Backend
+from .checks import check_conv_weight, check_window_op
 
 
 @dataclass
@@ -73,12 +74,16 @@ class MaskedDenseBackend(Backend):
         out = out.masked_fill(out == float("-inf"), 0.0)  # windows without an active site
         return MaskedDense(out, active_out_bhw, t.stride * stride).masked(out)
 
-    def batch_norm(self, t, bn):
-        # statistics over the active sites only: normalise their gathered rows, scatter them back
+    def map_rows(self, t, fn):
+        # gather the active sites' rows, apply fn, scatter the result back (zeros elsewhere)
         x = t.x_bchw.permute(0, 2, 3, 1)
-        rows = batch_norm_rows(x[t.active_bhw], bn)
-        out = rows.new_zeros(x.shape).index_put((t.active_bhw,), rows)
+        batch_n = t.active_bhw.nonzero()[:, 0]
+        rows = fn(x[t.active_bhw], batch_n)
+        out = rows.new_zeros(*x.shape[:3], rows.shape[1]).index_put((t.active_bhw,), rows)
         return MaskedDense(out.permute(0, 3, 1, 2), t.active_bhw, t.stride)
+
+    def batch_size(self, t):
+        return t.x_bchw.shape[0]
 
     def map_feats(self, t, fn):
         return t.masked(fn(t.x_bchw.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))

@@ -67,17 +67,9 @@ import torch.nn.functional as F
 
 from mimsparse.sparse import SparseBatch
 
+from .checks import add_bias, check_conv_weight, check_window_op
 from .minkowski_layout import channelwise_kernel, me_kernel
-from .base import (
-    RowBackend,
-    add_bias,
-    autocast_dtype,
-    check_conv_weight,
-    check_window_op,
-    dtype_name,
-    window_max,
-    window_rows,
-)
+from .rows import RowBackend, dwconv_by_offsets, dwconv_via_dense, window_max, window_rows
 
 with warnings.catch_warnings():
     # a CPU-only build warns at every import that it is one
@@ -189,16 +181,6 @@ class MinkowskiBackend(RowBackend):
         # ME 0.5.4 dispatches its kernels (CPU and CUDA) on float and double only.
         return _DTYPES
 
-    def _check_compute(self, feats: torch.Tensor, weight: torch.Tensor | None = None) -> None:
-        """Refuse dtypes ME cannot compute in, also when autocast would produce them."""
-        dtype = autocast_dtype(feats.device) or feats.dtype
-        self.check_dtype(dtype, feats.device)
-        if weight is not None:
-            if weight.device != feats.device:
-                raise ValueError(f"weight on {weight.device} but features on {feats.device}")
-            if weight.dtype != feats.dtype:
-                raise TypeError(f"weight dtype {dtype_name(weight.dtype)} differs from the features' {dtype_name(feats.dtype)}")
-
     # ---- entering and leaving -------------------------------------------------------------------
     def from_sparse(self, sb: SparseBatch) -> MinkowskiTensor:
         if min(sb.spatial_shape) < 1:
@@ -267,7 +249,7 @@ class MinkowskiBackend(RowBackend):
     # ---- convolutions ---------------------------------------------------------------------------
     def conv(self, t, weight, bias):
         kh, kw = check_conv_weight(weight, t.F.shape[1], "conv")
-        self._check_compute(t.F, weight)
+        self.check_compute(t.F, weight)
         if kh == kw == 1:
             out = F.linear(t.F, weight[:, :, 0, 0])
         else:
@@ -279,7 +261,7 @@ class MinkowskiBackend(RowBackend):
         if kh != kw:
             raise ValueError(f"downsample: expected a square kernel [C_out, C_in, k, k], got {tuple(weight.shape)}")
         k = kh
-        self._check_compute(t.F, weight)
+        self.check_compute(t.F, weight)
         h, w = t.spatial_shape
         out_shape = (h // k, w // k)  # F.conv2d(stride=k), no padding: a partial last block is dropped
         if min(out_shape) < 1:
@@ -310,7 +292,7 @@ class MinkowskiBackend(RowBackend):
     def strided_conv(self, t, weight, bias, stride, active_out_bhw):
         kh, kw = check_conv_weight(weight, t.F.shape[1], "strided_conv")
         check_window_op("strided_conv", kw, stride, t.batch_size, t.spatial_shape, active_out_bhw)
-        self._check_compute(t.F, weight)
+        self.check_compute(t.F, weight)
         out_key, _ = self._out_sites(t, stride, active_out_bhw)
         # ME centres an odd kernel on the output coordinate and steps by the input's tensor stride:
         # output (i, j) reads input (stride*i + dy - k//2, stride*j + dx - k//2), as torchvision's convs
@@ -350,36 +332,20 @@ class MinkowskiBackend(RowBackend):
     def dwconv(self, t, weight, bias):
         c = t.F.shape[1]
         kh, kw = check_conv_weight(weight, c, "dwconv", depthwise=True)
-        self._check_compute(t.F, weight)
+        self.check_compute(t.F, weight)
         if kh == kw == 1:
             out = t.F * weight[:, 0, 0, 0]
         elif self.dwconv_impl == "dense":
-            out = self._dwconv_dense(t, weight)
+            out = dwconv_via_dense(t.F, t.flat_index(), t.batch_size, t.spatial_shape, weight)
         else:
             out = self._dwconv_kernel_map(t, weight, kh, kw)
         return t.replace(add_bias(out, bias))
-
-    def _dwconv_dense(self, t: MinkowskiTensor, weight: torch.Tensor) -> torch.Tensor:
-        """Scatter to a zero channels-last map, grouped F.conv2d, gather the active sites."""
-        feats = t.F
-        b, (h, w), c = t.batch_size, t.spatial_shape, feats.shape[1]
-        flat = t.flat_index()
-        grid = feats.new_zeros(b * h * w, c).index_copy(0, flat, feats)
-        x = grid.view(b, h, w, c).permute(0, 3, 1, 2)  # NCHW view of channels-last memory
-        kh, kw = weight.shape[-2:]
-        y = F.conv2d(x, weight, None, padding=(kh // 2, kw // 2), groups=c)
-        return y.permute(0, 2, 3, 1).reshape(b * h * w, c).index_select(0, flat)
 
     def _dwconv_kernel_map(self, t: MinkowskiTensor, weight: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
         """MinkowskiChannelwiseConvolution's computation: per kernel offset, gather the input rows,
         scale by that offset's taps, add into the output rows (functional index_add, not ME's
         in-place ``out[idx] +=``, which is twice as slow in backward)."""
-        feats = t.F
-        taps = channelwise_kernel(weight)
-        out = feats.new_zeros(feats.shape)
-        for offset, in_rows, out_rows in self._kernel_map(t, kh, kw):
-            out = out.index_add(0, out_rows, feats.index_select(0, in_rows) * taps[offset])
-        return out
+        return dwconv_by_offsets(t.F.new_zeros(t.F.shape), t.F, channelwise_kernel(weight), self._kernel_map(t, kh, kw))
 
     def _kernel_map(self, t: MinkowskiTensor, kh: int, kw: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         """ME's stride-1 kernel map of t's sites onto themselves: (offset, in rows, out rows)."""

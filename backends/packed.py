@@ -37,7 +37,7 @@ from torch.autograd.function import once_differentiable
 
 from mimsparse.sparse import SparseBatch
 
-from .base import RowBackend
+from .rows import RowBackend
 
 # Depthwise tiles are processed in chunks of about this many input floats (a cache-sized working set
 # for the weight-gradient convs); PackedBackend(tile_chunk_floats=...) overrides it.

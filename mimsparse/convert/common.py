@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 
+from mimsparse.backends.checks import max_rel_error
 from mimsparse.errors import ConversionError
 
 
@@ -40,4 +41,4 @@ def conversion_error(encoder, timm_model, img_size: tuple[int, int] = (64, 96), 
         ref = features(x)
     finally:
         encoder.train(encoder_was_training), timm_model.train(timm_was_training)
-    return ((ours - ref).abs().max() / ref.abs().max()).item()
+    return max_rel_error(ours, ref)

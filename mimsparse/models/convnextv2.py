@@ -83,11 +83,11 @@ class DropPath(nn.Module):
         super().__init__()
         self.drop_prob = drop_prob
 
-    def forward(self, x, backend: Backend, batch_size: int, device: torch.device):
+    def forward(self, x, backend: Backend, device: torch.device):
         if not self.training or self.drop_prob == 0.0:
             return x
         keep = 1.0 - self.drop_prob
-        scale = torch.empty(batch_size, device=device).bernoulli_(keep) / keep
+        scale = torch.empty(backend.batch_size(x), device=device).bernoulli_(keep) / keep
         return backend.scale_samples(x, scale)
 
 
@@ -102,14 +102,14 @@ class SparseConvNeXtBlock(nn.Module):
         self.mlp = GrnMlp(dim, 4 * dim, use_grn)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x, backend: Backend, batch_size: int):
+    def forward(self, x, backend: Backend):
         shortcut = x
         x = backend.dwconv(x, self.conv_dw.weight, self.conv_dw.bias)
         x = backend.map_feats(x, lambda f: F.gelu(self.mlp.fc1(self.norm(f))))
         if self.mlp.grn is not None:
             x = self.mlp.grn(x, backend)
         x = backend.map_feats(x, self.mlp.fc2)
-        x = self.drop_path(x, backend, batch_size, self.conv_dw.weight.device)
+        x = self.drop_path(x, backend, self.conv_dw.weight.device)
         return backend.add(shortcut, x)
 
 
@@ -176,7 +176,7 @@ class SparseConvNeXtV2(SparseEncoder):
         """image: [B, C, H, W]; visible: bool [B, H/p, W/p] (True = kept), p = patch_size.
         Returns the backend's native tensor of the last stage (or a list of all stages)."""
         self.check_mask(image_bchw, visible_bhw)
-        b, backend = image_bchw.shape[0], self.backend
+        backend = self.backend
         x = backend.patch_embed(image_bchw, upsample_mask(visible_bhw, self.patch_size // self.stem_stride),
                                 self.stem_conv.weight, self.stem_conv.bias, self.stem_stride)
         x = backend.map_feats(x, self.stem_norm)
@@ -185,7 +185,7 @@ class SparseConvNeXtV2(SparseEncoder):
             if stage.downsample is not None:
                 x = stage.downsample(x, backend)
             for block in stage.blocks:
-                x = block(x, backend, b)
+                x = block(x, backend)
             outs.append(x)
         return outs if return_stages else x
 

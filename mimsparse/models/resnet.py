@@ -48,6 +48,15 @@ def _conv(backend: Backend, x, conv: nn.Conv2d, active_out_bhw: torch.Tensor):
     return backend.strided_conv(x, conv.weight, conv.bias, stride, active_out_bhw)
 
 
+def sparse_batch_norm(backend: Backend, x, bn: nn.BatchNorm2d):
+    """SparK's sparse BatchNorm: ``bn`` itself runs on the [N, C] rows of all active sites of the batch
+    (as an [N, C, 1, 1] map), so training mode normalises with their mean and biased variance and
+    updates the running statistics exactly as nn.BatchNorm2d does (momentum or cumulative average,
+    unbiased running variance, num_batches_tracked; cross-process after convert_sync_batchnorm);
+    eval mode uses the running statistics. Inactive sites stay zero / absent."""
+    return backend.map_rows(x, lambda feats_nc, _: bn(feats_nc[:, :, None, None]).flatten(1))
+
+
 def _relu(backend: Backend, x):
     return backend.map_feats(x, F.relu)
 
@@ -74,8 +83,8 @@ class SparseBasicBlock(nn.Module):
 
     def forward(self, x, backend: Backend, active_bhw: torch.Tensor):
         """``active_bhw``: bool [B, h, w], the active sites of this block's output grid."""
-        out = _relu(backend, backend.batch_norm(_conv(backend, x, self.conv1, active_bhw), self.bn1))
-        out = backend.batch_norm(_conv(backend, out, self.conv2, active_bhw), self.bn2)
+        out = _relu(backend, sparse_batch_norm(backend, _conv(backend, x, self.conv1, active_bhw), self.bn1))
+        out = sparse_batch_norm(backend, _conv(backend, out, self.conv2, active_bhw), self.bn2)
         return _relu(backend, backend.add(out, _apply_shortcut(backend, x, self.downsample, active_bhw)))
 
 
@@ -98,9 +107,9 @@ class SparseBottleneck(nn.Module):
 
     def forward(self, x, backend: Backend, active_bhw: torch.Tensor):
         """``active_bhw``: bool [B, h, w], the active sites of this block's output grid."""
-        out = _relu(backend, backend.batch_norm(_conv(backend, x, self.conv1, active_bhw), self.bn1))
-        out = _relu(backend, backend.batch_norm(_conv(backend, out, self.conv2, active_bhw), self.bn2))
-        out = backend.batch_norm(_conv(backend, out, self.conv3, active_bhw), self.bn3)
+        out = _relu(backend, sparse_batch_norm(backend, _conv(backend, x, self.conv1, active_bhw), self.bn1))
+        out = _relu(backend, sparse_batch_norm(backend, _conv(backend, out, self.conv2, active_bhw), self.bn2))
+        out = sparse_batch_norm(backend, _conv(backend, out, self.conv3, active_bhw), self.bn3)
         return _relu(backend, backend.add(out, _apply_shortcut(backend, x, self.downsample, active_bhw)))
 
 
@@ -108,7 +117,7 @@ def _apply_shortcut(backend: Backend, x, downsample: nn.Sequential | None, activ
     if downsample is None:
         return x
     conv, bn = downsample
-    return backend.batch_norm(_conv(backend, x, conv, active_bhw), bn)
+    return sparse_batch_norm(backend, _conv(backend, x, conv, active_bhw), bn)
 
 
 BLOCKS = {"basic": SparseBasicBlock, "bottleneck": SparseBottleneck}
@@ -169,7 +178,7 @@ class SparseResNet(SparseEncoder):
         pixels = upsample_mask(visible_bhw, self.patch_size).unsqueeze(1)
         stem = F.conv2d(image_bchw * pixels.to(image_bchw.dtype), self.conv1.weight, None, stride=2, padding=3)
         x = backend.from_dense(stem, upsample_mask(visible_bhw, self.patch_size // 2), stride=2)
-        x = _relu(backend, backend.batch_norm(x, self.bn1))
+        x = _relu(backend, sparse_batch_norm(backend, x, self.bn1))
         masks = self.stage_masks(visible_bhw)
         x = backend.max_pool(x, 3, 2, masks[0])
         outs = []
