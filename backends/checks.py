@@ -60,3 +60,14 @@ def max_rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     scale = b.abs().max().item() if b.numel() else 0.0
     diff = (a - b).abs().max().item() if a.numel() else 0.0
     return diff / (scale if scale > 0 else 1.0)
+
+
+def check_downsample_weight(weight: torch.Tensor, channels: int, spatial_shape: tuple[int, int]) -> int:
+    """A k x k stride-k downsampling weight [C_out, C_in, k, k] that fits the map; returns k."""
+    kh, kw = check_conv_weight(weight, channels, "downsample")
+    if kh != kw:
+        raise ValueError(f"downsample: expected a square kernel [C_out, C_in, k, k], got {tuple(weight.shape)}")
+    h, w = spatial_shape
+    if h < kh or w < kh:  # F.conv2d(stride=k), no padding: a partial last block is dropped
+        raise ValueError(f"cannot downsample a {h}x{w} map with a {kh}x{kh} stride-{kh} conv")
+    return kh

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from mimsparse.sparse import SparseBatch
 
 from .base import Backend
-from .checks import check_conv_weight, check_window_op
+from .checks import check_conv_weight, check_downsample_weight, check_window_op
 
 
 @dataclass
@@ -33,6 +33,7 @@ class MaskedDenseBackend(Backend):
     name = "dense"
 
     def from_sparse(self, sb: SparseBatch) -> MaskedDense:
+        sb.validate()  # to_dense would silently merge duplicates and fail on bounds
         return self.from_dense(sb.to_dense(), sb.active_mask(), sb.stride)
 
     def from_dense(self, x_bchw, active_bhw, stride=1):
@@ -48,13 +49,15 @@ class MaskedDenseBackend(Backend):
         return t.x_bchw
 
     def conv(self, t, weight, bias):
+        check_conv_weight(weight, t.x_bchw.shape[1], "conv")
         return t.masked(F.conv2d(t.x_bchw, weight, bias, padding=weight.shape[-1] // 2))
 
     def dwconv(self, t, weight, bias):
+        check_conv_weight(weight, t.x_bchw.shape[1], "dwconv", depthwise=True)
         return t.masked(F.conv2d(t.x_bchw, weight, bias, padding=weight.shape[-1] // 2, groups=t.x_bchw.shape[1]))
 
     def downsample(self, t, weight, bias):
-        k = weight.shape[-1]
+        k = check_downsample_weight(weight, t.x_bchw.shape[1], t.x_bchw.shape[2:])
         active = F.max_pool2d(t.active_bhw.unsqueeze(1).float(), k).squeeze(1) > 0
         out = MaskedDense(F.conv2d(t.x_bchw, weight, bias, stride=k), active, t.stride * k)
         return out.masked(out.x_bchw)

@@ -67,7 +67,7 @@ import torch.nn.functional as F
 
 from mimsparse.sparse import SparseBatch
 
-from .checks import add_bias, check_conv_weight, check_window_op
+from .checks import add_bias, check_conv_weight, check_downsample_weight, check_window_op
 from .minkowski_layout import channelwise_kernel, me_kernel
 from .rows import RowBackend, dwconv_by_offsets, dwconv_via_dense, window_max, window_rows
 
@@ -257,15 +257,10 @@ class MinkowskiBackend(RowBackend):
         return t.replace(add_bias(out, bias))
 
     def downsample(self, t, weight, bias):
-        kh, kw = check_conv_weight(weight, t.F.shape[1], "downsample")
-        if kh != kw:
-            raise ValueError(f"downsample: expected a square kernel [C_out, C_in, k, k], got {tuple(weight.shape)}")
-        k = kh
+        k = check_downsample_weight(weight, t.F.shape[1], t.spatial_shape)
         self.check_compute(t.F, weight)
         h, w = t.spatial_shape
         out_shape = (h // k, w // k)  # F.conv2d(stride=k), no padding: a partial last block is dropped
-        if min(out_shape) < 1:
-            raise ValueError(f"cannot downsample a {h}x{w} map with a {k}x{k} stride-{k} conv")
         if k == 1:
             return MinkowskiTensor(t.st, t.batch_size, out_shape, t.stride, t.cache).replace(
                 add_bias(F.linear(t.F, weight[:, :, 0, 0]), bias))

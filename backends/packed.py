@@ -37,6 +37,7 @@ from torch.autograd.function import once_differentiable
 
 from mimsparse.sparse import SparseBatch
 
+from .checks import check_conv_weight, check_downsample_weight
 from .rows import RowBackend
 
 # Depthwise tiles are processed in chunks of about this many input floats (a cache-sized working set
@@ -574,6 +575,7 @@ class PackedBackend(RowBackend):
 
     # ---- entering and leaving -------------------------------------------------------------------
     def from_sparse(self, sb: SparseBatch) -> PackedTensor:
+        sb.validate()
         h, w = sb.spatial_shape
         b, y, x = sb.coords.long().unbind(1)
         flat = (b * h + y) * w + x
@@ -617,13 +619,13 @@ class PackedBackend(RowBackend):
 
     # ---- convolutions ---------------------------------------------------------------------------
     def conv(self, t, weight, bias):
-        kh, kw = _odd_kernel(weight)
+        kh, kw = check_conv_weight(weight, t.feats.shape[1], "conv")
         if kh == 1 and kw == 1:
             return t.replace(F.linear(t.feats, weight.flatten(1), bias))
         return t.replace(_SubmConv.apply(t.feats, weight, bias, t.geom, 1))
 
     def dwconv(self, t, weight, bias):
-        kh, kw = _odd_kernel(weight)
+        kh, kw = check_conv_weight(weight, t.feats.shape[1], "dwconv", depthwise=True)
         if kh == 1 and kw == 1:
             out = t.feats * weight.reshape(1, -1).to(t.feats.dtype)
             return t.replace(out + bias if bias is not None else out)
@@ -662,7 +664,7 @@ class PackedBackend(RowBackend):
         return geom._cache[key]
 
     def downsample(self, t, weight, bias):
-        k = weight.shape[-1]
+        k = check_downsample_weight(weight, t.feats.shape[1], t.geom.spatial_shape)
         child, child_idx, parent_idx, complete, covered = t.geom.down(k)
         gathered = _PermuteRows.apply(t.feats, child_idx, parent_idx, not complete, not covered)
         cout = weight.shape[0]
@@ -701,10 +703,3 @@ class PackedBackend(RowBackend):
         if n is not None:
             return t.replace((f.view(t.geom.batch_size, n, f.shape[1]) * scale.view(-1, 1, 1)).view_as(f))
         return t.replace(f * scale[t.geom.batch_index()].unsqueeze(1))
-
-
-def _odd_kernel(weight: torch.Tensor) -> tuple[int, int]:
-    kh, kw = weight.shape[-2:]
-    if kh % 2 == 0 or kw % 2 == 0:
-        raise ValueError(f"stride-1 submanifold convs need odd kernel sizes, got {kh}x{kw}")
-    return kh, kw

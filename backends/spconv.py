@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from mimsparse.sparse import SparseBatch
 
-from .checks import add_bias, autocast_dtype, check_conv_weight, dtype_name, max_rel_error
+from .checks import add_bias, autocast_dtype, check_conv_weight, check_downsample_weight, dtype_name, max_rel_error
 from .rows import RowBackend, dwconv_by_offsets, dwconv_via_dense
 
 with warnings.catch_warnings():
@@ -207,12 +207,10 @@ class SpconvBackend(RowBackend):
         return self.with_feats(t, add_bias(out, bias))
 
     def downsample(self, t, weight, bias):
-        k = _check_weight(weight, t.features.shape[1], "downsample", depthwise=False)
+        k = check_downsample_weight(weight, t.features.shape[1], t.spatial_shape)
         self.check_compute(t.features, weight)
         h, w = t.spatial_shape
         out_shape = (h // k, w // k)  # F.conv2d(stride=k), no padding: a partial last block is dropped
-        if min(out_shape) < 1:
-            raise ValueError(f"cannot downsample a {h}x{w} map with a {k}x{k} stride-{k} conv")
         feats = t.features
         if feats.shape[0] == 0 or not self._any_site_in_blocks(t, k):
             # no output site (spconv's strided rulebook may refuse an empty result, on CUDA)

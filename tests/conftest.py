@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -7,6 +8,17 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
+
+# The one place that turns a library marker into a skip when the library is missing (tests/helpers.
+# backend_param puts the marker on every test parametrised with that backend).
+LIBRARY_MARKERS = {"spconv": ("spconv", "pip install spconv-cu120, or `make setup`"),
+                   "minkowski": ("MinkowskiEngine", "bash scripts/build_minkowski.sh .venv/bin/python, or `make setup`")}
+
+
+def pytest_runtest_setup(item):
+    for marker, (module, install) in LIBRARY_MARKERS.items():
+        if item.get_closest_marker(marker) is not None and importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed ({install})")
 
 
 @pytest.fixture(scope="session")

@@ -13,9 +13,7 @@ from mimsparse.convert import convert_checkpoint
 from mimsparse.train.engine import Pretrainer
 from tests.conftest import tiny_overrides
 
-pytest.importorskip("spconv", reason="spconv-cu120 is not installed (make setup installs it)")
-
-
+@pytest.mark.spconv
 @pytest.mark.parametrize("first,second", [("spconv", "dense"), ("dense", "spconv")])
 def test_train_resume_on_other_backend_and_convert(first, second, photo_dir, tmp_path):
     def cfg(steps):
