@@ -38,7 +38,7 @@ class MaskedDenseBackend(Backend):
 
     def from_dense(self, x_bchw, active_bhw, stride=1):
         # channels_last: convs keep it, and per-site ops then see contiguous [..., C] rows
-        # (about 2x faster on CPU than NCHW for ConvNeXt).
+        # (faster on CPU than NCHW: BENCHMARKS.md, "Depthwise 7×7 on sparse rows").
         x_bchw = x_bchw.contiguous(memory_format=torch.channels_last)
         return MaskedDense(x_bchw, active_bhw, stride).masked(x_bchw)
 

@@ -33,11 +33,8 @@ What ME gives and what this module adds (scripts/build_minkowski.sh builds it; R
   ``dense`` (default): scatter the rows into a zero channels-last map, ``F.conv2d(groups=C)``,
   gather the active sites -- exact, since inactive sites are zero; ``kernel_map``: the channelwise
   loop (gather, scale by that tap, index_add per offset) over ME's kernel map, cached per site set.
-  Measured on the 2-core CPU, one thread (7x7, 96 ch, B=8, 56x56, 40.8 % active, fwd+bwd, kernel
-  map cached; building it takes another 20 ms): dense 37 ms, kernel_map 185 ms (ME's own in-place
-  ``out[idx] +=`` loop: 405 ms; one vectorised gather/index_add over all 377k pairs: 405 ms), hence
-  the default. Whole convnextv2_atto encoder, B=8, 224, r=0.6, fwd+bwd: 285 ms with dense
-  depthwise, 600 ms with kernel_map (masked-dense backend: 580 ms).
+  ``dense`` measured several times faster on CPU (BENCHMARKS.md, "Depthwise 7×7 on sparse rows"),
+  hence the default.
 - LayerNorm, the MLP, GRN (per sample), residuals: on the feature rows (``RowBackend``), rewrapped
   with the same coordinate map key and manager.
 - ``to_dense`` is ME's ``SparseTensor.dense`` with an explicit shape and min_coordinate 0 (never

@@ -3,7 +3,7 @@
 Native tensor: ``SpconvTensor`` = a ``spconv.pytorch.SparseConvTensor`` (features [N, C], int32
 indices [N, 3] = (b, y, x), spatial_shape [H, W], batch_size) plus the stride in image pixels.
 
-What spconv gives and what this module adds (see /work/shared/notes/spconv.md for the facts):
+What spconv gives and what this module adds:
 
 - Full-channel convs (``conv``, ``downsample``) run spconv's own rulebook kernels through its
   functional ops, with the model's dense-layout weight permuted on the fly to spconv's
@@ -13,10 +13,8 @@ What spconv gives and what this module adds (see /work/shared/notes/spconv.md fo
 - Depthwise convs: spconv has no grouped conv. Two implementations:
   ``dense`` (default): scatter the rows into a zero channels-last map, ``F.conv2d(groups=C)``,
   gather the active sites; ``rulebook``: gather-multiply-scatter per kernel offset over spconv's
-  submanifold rulebook. Measured on a 2-core CPU (7x7, 96 ch, B=8, 56x56, 39.5 % active, fwd+bwd,
-  rule table cached): dense 25 ms, rulebook 73 ms (one vectorised gather/index_add instead of the
-  per-offset loop: 118 ms), hence the default. Whole convnextv2_atto encoder, B=8, 224, r=0.6:
-  203 ms with dense depthwise, 408 ms with rulebook (masked-dense backend: 367 ms).
+  submanifold rulebook. ``dense`` measured several times faster on CPU (BENCHMARKS.md, "Depthwise
+  7×7 on sparse rows"), hence the default.
 - Rule tables are computed once per set of sites and kept in the SparseConvTensor's
   ``indice_dict`` (spconv's indice_key mechanism: every tensor over the same sites shares that
   dict), so all blocks of a stage reuse one rulebook per kernel size; a downsample starts a new dict.

@@ -64,7 +64,7 @@ class TrainConfig:
     log_every: int = 10
     save_every_epochs: int = 1
     max_steps: int = 0          # stop early after this many steps (0 = run all epochs)
-    keep_last: int = 3          # step checkpoints kept besides checkpoint-best.pth
+    keep_last: int = 3          # step checkpoints kept besides checkpoint-best.pth; 0 keeps every one
     amp: str = "none"           # none | bf16 | fp16 (CUDA only; CPU trains in fp32)
     clip_grad: float = 0.0      # max gradient norm (0 = off)
     accum_steps: int = 1        # gradient accumulation: optimizer step every N batches

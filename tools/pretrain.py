@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""FCMAE pretraining of a sparse ConvNeXt V2.
+"""Masked image modeling pretraining of a sparse encoder (ConvNeXt V2 or ResNet; FCMAE, SimMIM or SparK objective).
 
   tools/pretrain.py --config configs/fcmae_atto.yaml --backend dense [--data DIR|fashion-mnist] [key=value ...]
   torchrun --standalone --nproc_per_node N tools/pretrain.py ...   (DDP: gloo on CPU, nccl on CUDA)
