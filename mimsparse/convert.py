@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from mimsparse.errors import ConversionError
 from mimsparse.models import get_spec
 from mimsparse.resnet import RESNET_ARCHS
 
@@ -29,10 +30,6 @@ _FROM_TIMM = [
     (r"^stages\.(\d+)\.downsample\.1\.(weight|bias)$", r"stages.\1.downsample.conv.\2"),
     (r"^(stages\.\d+\.blocks\.\d+\.(?:conv_dw|norm|mlp\.fc1|mlp\.grn|mlp\.fc2)\.(?:weight|bias))$", r"\1"),
 ]
-
-
-class ConversionError(ValueError):
-    pass
 
 
 def _rename(key: str, table) -> str | None:

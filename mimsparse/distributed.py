@@ -8,9 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-
-class DistributedError(RuntimeError):
-    pass
+from mimsparse.errors import DistributedError
 
 
 @dataclass(frozen=True)

@@ -204,6 +204,37 @@ def official_config(official_sd: dict[str, torch.Tensor], args: dict | None = No
     return cfg
 
 
+# official_config keys read from the checkpoint's saved ``args`` (training settings, not shapes)
+ARGS_KEYS = ("mask.ratio", "model.norm_pix_loss")
+
+
+def import_config(user: dict, found: dict) -> tuple[dict, list[str]]:
+    """Config updates of an imported official checkpoint, and one note per key saying which value won.
+
+    ``user``: what ``--config`` and the ``key=value`` overrides set (nested dict); ``found``:
+    :func:`official_config`. The architecture always comes from the checkpoint's shapes (any other
+    value could not load its weights); a training setting from its saved ``args`` (``mask.ratio``,
+    ``model.norm_pix_loss``) yields to a value the user gave."""
+    merged = {section: dict(values) if isinstance(values, dict) else values for section, values in user.items()}
+    notes = []
+    for section, values in found.items():
+        for key, value in values.items():
+            dotted = f"{section}.{key}"
+            given = user.get(section, {}).get(key) if isinstance(user.get(section), dict) else None
+            target = merged.setdefault(section, {})
+            if dotted in ARGS_KEYS and given is not None:
+                if given != value:
+                    notes.append(f"{dotted}={given} from your config/command line (the checkpoint's args say {value})")
+                continue
+            target[key] = value
+            if given is not None and given != value:
+                notes.append(f"{dotted}={value} from the checkpoint's shapes (your {given} was not used: the weights "
+                             f"only fit {value})")
+            elif dotted in ARGS_KEYS:
+                notes.append(f"{dotted}={value} from the checkpoint's args")
+    return merged, notes
+
+
 def _count(sd: dict, pattern: str) -> int:
     found = {int(m.group(1)) for m in (re.match(pattern, k) for k in sd) if m}
     return max(found) + 1 if found else 0

@@ -34,9 +34,10 @@ def main(argv=None) -> int:
     check = f"max relative error vs sparse encoder at mask ratio 0: {error:.2e}" if error is not None else "not verified"
     resnet = name in RESNET_ARCHS
     print(f"wrote {out}: {'torchvision/timm' if resnet else 'timm'} {name} (num_classes={args.num_classes}); {check}")
-    print(f"load with: timm.create_model('{name}', num_classes={args.num_classes}).load_state_dict(torch.load('{out}'))")
+    load = f"load_state_dict(torch.load('{out}', weights_only=True))"  # a bare state dict (no 'model' key)
+    print(f"load with: timm.create_model('{name}', num_classes={args.num_classes}).{load}")
     if resnet:
-        print(f"       or: torchvision.models.{name}(num_classes={args.num_classes}).load_state_dict(torch.load('{out}'))")
+        print(f"       or: torchvision.models.{name}(num_classes={args.num_classes}).{load}")
     return 0
 
 
