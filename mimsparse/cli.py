@@ -34,8 +34,9 @@ def parse_with_overrides(parser: argparse.ArgumentParser, argv=None) -> argparse
     (before, between or after them); they land, in the order given, in ``args.overrides``. Anything
     else argparse does not know is refused as usual."""
     args, rest = parser.parse_known_args(argv)
-    bad = [a for a in rest if a.startswith("-") or "=" not in a]
+    overrides = list(getattr(args, "overrides", None) or []) + rest
+    bad = [a for a in overrides if a.startswith("-") or "=" not in a]
     if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)}")
-    args.overrides = list(getattr(args, "overrides", None) or []) + rest
+        parser.error(f"unrecognized arguments: {' '.join(bad)} (config overrides look like section.key=value)")
+    args.overrides = overrides
     return args

@@ -95,6 +95,11 @@ class PretrainConfig:
 def _coerce(value, typ, key: str):
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if typ is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-3 (no dot) as a string; it is the number the user meant
+            value = float(value)
+        except ValueError:
+            pass
     if typ is float and isinstance(value, float) and not math.isfinite(value):
         # an infinite or NaN learning rate, decay, ratio ... makes every weight non-finite
         raise ConfigError(f"config key {key!r} must be a finite number, got {value}")

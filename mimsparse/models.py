@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mimsparse.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class ConvNeXtV2Spec:
@@ -27,5 +29,5 @@ CONVNEXTV2_SPECS: dict[str, ConvNeXtV2Spec] = {
 
 def get_spec(name: str) -> ConvNeXtV2Spec:
     if name not in CONVNEXTV2_SPECS:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(CONVNEXTV2_SPECS)}")
+        raise ConfigError(f"unknown model {name!r}; choose one of: {', '.join(CONVNEXTV2_SPECS)}")
     return CONVNEXTV2_SPECS[name]

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mimsparse.backends import Backend
+from mimsparse.errors import ConfigError
 from mimsparse.masking import upsample_mask
 from mimsparse.sparse_encoder import SparseEncoder
 
@@ -118,9 +119,9 @@ class SparseResNet(SparseEncoder):
                  backend: Backend | str = "dense"):
         super().__init__()
         if block not in BLOCKS:
-            raise ValueError(f"unknown ResNet block {block!r}; choose one of {', '.join(BLOCKS)}")
+            raise ConfigError(f"unknown ResNet block {block!r}; choose one of {', '.join(BLOCKS)}")
         if len(layers) != len(STAGE_WIDTHS):
-            raise ValueError(f"a ResNet has {len(STAGE_WIDTHS)} stages, got layers={tuple(layers)}")
+            raise ConfigError(f"a ResNet has {len(STAGE_WIDTHS)} stages, got layers={tuple(layers)}")
         block_cls = BLOCKS[block]
         self.in_chans = in_chans
         self.depths = tuple(layers)
@@ -143,7 +144,7 @@ class SparseResNet(SparseEncoder):
     @classmethod
     def from_name(cls, name: str, in_chans: int = 3, backend: Backend | str = "dense", **kwargs) -> "SparseResNet":
         if name not in RESNET_ARCHS:
-            raise ValueError(f"unknown ResNet {name!r}; available: {', '.join(RESNET_ARCHS)}")
+            raise ConfigError(f"unknown ResNet {name!r}; available: {', '.join(RESNET_ARCHS)}")
         block, layers = RESNET_ARCHS[name]
         return cls(block, layers, in_chans=in_chans, backend=backend, **kwargs)
 
