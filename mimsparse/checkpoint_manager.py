@@ -78,13 +78,7 @@ class CheckpointManager:
             return self.record["run_id"]
         record = self.read_record() if resuming else None
         if not resuming:
-            theirs = step_checkpoints(self.folder) + [p for p in [self.folder / BEST_NAME] if p.is_file()]
-            if theirs and not overwrite:
-                names = ", ".join(p.name for p in theirs[-3:])
-                raise CheckpointError(
-                    f"output folder {str(self.folder)!r} holds the checkpoints of another run ({len(theirs)} file(s): "
-                    f"{names}); a new run there would mix with or delete them. Continue that run with --resume auto, "
-                    f"choose another folder with --output-dir DIR, or replace it with --overwrite")
+            theirs = self.check_can_start(resuming, overwrite)
             if theirs:
                 for p in theirs + [self.folder / "log.jsonl", self.run_file]:
                     p.unlink(missing_ok=True)
@@ -94,6 +88,21 @@ class CheckpointManager:
         self.record = record
         self._write_record()
         return record["run_id"]
+
+    def check_can_start(self, resuming: bool, overwrite: bool = False) -> list[Path]:
+        """Read-only part of :meth:`claim` (every process of a torchrun job runs it, so all stop
+        together): raise unless this start may own the folder; returns the other run's checkpoints
+        that ``overwrite`` will replace."""
+        if resuming:
+            return []
+        theirs = step_checkpoints(self.folder) + [p for p in [self.folder / BEST_NAME] if p.is_file()]
+        if theirs and not overwrite:
+            names = ", ".join(p.name for p in theirs[-3:])
+            raise CheckpointError(
+                f"output folder {str(self.folder)!r} holds the checkpoints of another run ({len(theirs)} file(s): "
+                f"{names}); a new run there would mix with or delete them. Continue that run with --resume auto, "
+                f"choose another folder with --output-dir DIR, or replace it with --overwrite")
+        return theirs
 
     def _write_record(self) -> None:
         try:

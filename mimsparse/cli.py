@@ -18,8 +18,8 @@ def run_cli(main) -> int:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # the project's code names its own files (OutputError); this is the rest
-        where = f" {e.filename!r}" if e.filename else ""
-        print(f"error: cannot access{where}: {e.strerror or e}", file=sys.stderr)
+        where = f"{str(e.filename)!r}: " if e.filename else ""
+        print(f"error: {where}{one_line(e.strerror or e)}", file=sys.stderr)
         return 2
 
 

@@ -358,6 +358,8 @@ class Pretrainer:
         cfg, st = self.cfg, self.state
         main = self.dist.is_main
         log = RunLog(self.out_dir / "log.jsonl")
+        if self.checkpoints.record is None:  # every process: all refuse another run's folder together
+            self.checkpoints.check_can_start(self.resumed_from is not None, self.overwrite)
         if main:
             self.claim_output_dir()
             remove_stale_temp_files(self.out_dir)
