@@ -35,6 +35,7 @@ from mimsparse.classify_data import (check_fraction, check_img_size, eval_loader
 from mimsparse.convert import ConversionError, convert_checkpoint
 from mimsparse.data import DataError
 from mimsparse.errors import ConfigError
+from mimsparse.run_log import json_safe
 from mimsparse.datasets import LabelledImages, load_labelled
 
 EVAL_SUBSET_SEED = 0  # --eval-limit keeps the same test images whatever --seed, so runs stay comparable
@@ -235,13 +236,13 @@ def evaluate(model, loader, device) -> dict:
 def write_json(path: Path, obj) -> None:
     """Written to a temporary file and renamed: a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.write_text(json.dumps(json_safe(obj), indent=2, default=str, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 
 def append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")  # NaN/inf -> null: valid JSON
 
 
 def peak_lr(lr: float | None, blr: float, batch_size: int) -> float:
