@@ -148,6 +148,9 @@ def verify_checkpoint(path: str | Path, sha256: str | None = None) -> None:
     bytes would load silently), and, when ``sha256`` is given (the digest recorded when it was
     written), the whole file hashes to it."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} is a folder; pass a .pth file in it (or, to continue a "
+                              f"run, --resume auto with --output-dir {path})")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist; pass the path of a .pth written by "
                               f"tools/pretrain.py")
@@ -187,8 +190,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for torn or foreign files
         first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(f"checkpoint {str(path)!r} is truncated or not a torch checkpoint ({type(e).__name__}"
-                              f"{': ' + first if first else ''}); use an earlier checkpoint from the same folder") from e
+        why = f"{type(e).__name__}: {first}" if first else type(e).__name__
+        raise CheckpointError(f"checkpoint {str(path)!r} is truncated or not a torch checkpoint ({why}); use an "
+                              f"earlier checkpoint from the same folder") from e
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(ckpt).__name__}, expected a dict")
     return ckpt

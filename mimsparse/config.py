@@ -194,6 +194,8 @@ def load_updates(path: str | Path | None = None, overrides: list[str] | tuple[st
 
 
 def _read_yaml(path: Path) -> dict:
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a folder; pass a YAML file, e.g. configs/fcmae_atto.yaml")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} not found; see configs/ for examples")
     try:

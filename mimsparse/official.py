@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import pickle
 import re
 
 import torch
 
+from mimsparse.checkpoint import verify_checkpoint
 from mimsparse.convert import ConversionError
 from mimsparse.models import CONVNEXTV2_SPECS
 
@@ -245,11 +245,13 @@ def load_official_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict]:
     """(model state dict, args as a dict) from a file saved by the official code (``{'model': ...,
     'args': Namespace, ...}``) or a bare state dict. Loads with ``weights_only=True``; the saved
     ``argparse.Namespace`` is the one class allowed besides tensors and plain containers."""
+    verify_checkpoint(path)  # exists, not empty, zip CRCs intact
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, pickle.UnpicklingError) as e:  # pickle errors name a refused class
-            raise ConversionError(f"cannot read {str(path)!r} as an official checkpoint: {e}") from e
+        except Exception as e:  # noqa: BLE001 (a foreign file: pickle errors name a refused class, EOF, ...)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise ConversionError(f"cannot read {str(path)!r} as an official checkpoint: {first}") from e
     if not isinstance(ckpt, dict):
         raise ConversionError(f"{str(path)!r} holds a {type(ckpt).__name__}, not a checkpoint dict")
     sd = ckpt.get("model", ckpt)

@@ -365,13 +365,17 @@ def test_unreadable_user_files_are_one_line(photo_dir, tmp_path, capsys):
     cases = [
         (lambda: to_dense.main([empty]),
          f"error: checkpoint '{empty}' is empty (0 bytes); use an earlier checkpoint from the same folder"),
-        (lambda: official.main(["export", empty, "-o", str(tmp_path / "x.pth")]), f"error: checkpoint '{empty}' is empty"),
+        (lambda: official.main(["export", empty, "-o", str(tmp_path / "x.pth")]),
+         f"error: checkpoint '{empty}' is empty"),
+        (lambda: official.main(["import", empty, "--output-dir", str(tmp_path / "imp")]),
+         f"error: checkpoint '{empty}' is empty"),
         (lambda: pretrain.main(["--resume", empty, "--data", str(photo_dir), *tiny_overrides(tmp_path / "r")]),
          f"error: checkpoint '{empty}' is empty"),
         (lambda: pretrain.main(["--config", str(tmp_path / "bad.yaml")]),
          f"error: config file '{tmp_path / 'bad.yaml'}' is not valid YAML at line 3, column 6: expected ',' or ']', "
          f"but got ':'; see configs/ for examples"),
-        (lambda: pretrain.main(["--config", str(tmp_path)]), "error: config file"),
+        (lambda: pretrain.main(["--config", str(tmp_path)]), f"error: config file '{tmp_path}' is a folder; pass a YAML"),
+        (lambda: to_dense.main([str(tmp_path)]), f"error: checkpoint '{tmp_path}' is a folder; pass a .pth file in it"),
         (lambda: official.main(["export", str(tmp_path / "official_sd.pth"), "-o", str(tmp_path / "y.pth")]),
          f"error: '{tmp_path / 'official_sd.pth'}' is not a mimsparse pretraining checkpoint (no 'model', 'config'); "
          f"it looks like a bare state dict"),
@@ -493,7 +497,8 @@ def test_official_import_says_which_value_won(photo_dir, tmp_path, capsys):
                                   found)
     assert merged["model"]["decoder_dim"] == 32 and merged["mask"]["ratio"] == 0.75 and merged["train"]["epochs"] == 2
     assert merged["model"]["norm_pix_loss"] is True
-    assert notes == ["model.decoder_dim=32 from the checkpoint's shapes (your 64 was not used: the weights only fit 32)",
+    assert notes == ["model.decoder_dim=32 from the checkpoint's shapes (your 64 was not used: the weights only "
+                     "fit 32)",
                      "model.norm_pix_loss=True from the checkpoint's args",
                      "mask.ratio=0.75 from your config/command line (the checkpoint's args say 0.6)"]
 

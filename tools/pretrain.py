@@ -16,7 +16,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser("FCMAE pretraining", add_help=add_help,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Overrides: section.key=value anywhere among the options, e.g. train.epochs=5 optim.base_lr=1e-4.\n"
+                                epilog="Overrides: section.key=value, anywhere among the options, e.g. train.epochs=5\n"
+                                       "optim.base_lr=1e-4.\n"
                                        "Precision: CPU trains in fp32; train.amp=bf16|fp16 needs CUDA and a backend\n"
                                        "that supports it (minkowski and spconv refuse bf16).\n"
                                        "Several processes: torchrun --standalone --nproc_per_node N tools/pretrain.py\n"
