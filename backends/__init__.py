@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 
-from mimsparse.errors import MimsparseError
+from mimsparse.errors import BackendUnavailable
 
 from .base import Backend
 from .rows import RowBackend
@@ -17,10 +17,6 @@ _BACKENDS: dict[str, tuple[str, str, str]] = {
     "minkowski": ("mimsparse.backends.minkowski", "MinkowskiBackend",
                   "bash scripts/build_minkowski.sh .venv/bin/python (builds MinkowskiEngine 0.5.4), or `make setup`"),
 }
-
-
-class BackendUnavailable(MimsparseError, RuntimeError):
-    pass
 
 
 def backend_names() -> list[str]:

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from mimsparse.errors import UnsupportedDtype
 from mimsparse.sparse import SparseBatch
 
 from .checks import dtype_name
@@ -135,7 +136,7 @@ class Backend(ABC):
         supported = self.supported_dtypes(torch.device(device))
         if dtype not in supported:
             names = ", ".join(dtype_name(d) for d in supported)
-            raise TypeError(
+            raise UnsupportedDtype(
                 f"the {self.name} backend does not support {dtype_name(dtype)} on "
                 f"{torch.device(device).type}; supported: {names} (use --amp none or another backend)"
             )

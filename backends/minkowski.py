@@ -62,6 +62,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from mimsparse.errors import ConfigError
 from mimsparse.sparse import SparseBatch
 
 from .checks import add_bias, check_conv_weight, check_downsample_weight, check_window_op
@@ -166,7 +167,7 @@ class MinkowskiBackend(RowBackend):
     def __init__(self, dwconv: str | None = None):
         dwconv = dwconv if dwconv is not None else os.environ.get("MIMSPARSE_MINKOWSKI_DWCONV", "dense")
         if dwconv not in DWCONV_IMPLS:
-            raise ValueError(f"unknown depthwise implementation {dwconv!r}; choose one of {', '.join(DWCONV_IMPLS)}")
+            raise ConfigError(f"unknown depthwise implementation {dwconv!r}; choose one of {', '.join(DWCONV_IMPLS)}")
         self.dwconv_impl = dwconv
         self._kernel_generators: dict[tuple[int, int, int], ME.KernelGenerator] = {}
 
@@ -186,7 +187,7 @@ class MinkowskiBackend(RowBackend):
             raise ValueError(f"coords on {sb.coords.device} but feats on {sb.feats.device}")
         self.check_dtype(sb.feats.dtype, sb.feats.device)
         if sb.feats.is_cuda and not ME.is_cuda_available():
-            raise ValueError("this MinkowskiEngine build is CPU-only (scripts/build_minkowski.sh builds "
+            raise ConfigError("this MinkowskiEngine build is CPU-only (scripts/build_minkowski.sh builds "
                              "a CUDA one where a GPU is present); use --device cpu or another backend")
         sb.validate()  # ME would merge duplicate coordinates and accept any bound
         return self._new_tensor(sb.feats, sb.coords, sb.batch_size, sb.spatial_shape, sb.stride)

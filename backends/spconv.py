@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mimsparse.errors import ConfigError
 from mimsparse.sparse import SparseBatch
 
 from .checks import add_bias, autocast_dtype, check_conv_weight, check_downsample_weight, dtype_name, max_rel_error
@@ -134,13 +135,13 @@ class SpconvBackend(RowBackend):
         algo = algo if algo is not None else os.environ.get("MIMSPARSE_SPCONV_ALGO", "native")
         if isinstance(algo, str):
             if algo.lower() not in ALGOS:
-                raise ValueError(f"unknown spconv algorithm {algo!r}; choose one of {', '.join(ALGOS)}")
+                raise ConfigError(f"unknown spconv algorithm {algo!r}; choose one of {', '.join(ALGOS)}")
             algo = ALGOS[algo.lower()]
         if algo not in ALGOS.values():
-            raise ValueError(f"unsupported spconv algorithm {algo}; choose one of {', '.join(ALGOS)}")
+            raise ConfigError(f"unsupported spconv algorithm {algo}; choose one of {', '.join(ALGOS)}")
         dwconv = dwconv if dwconv is not None else os.environ.get("MIMSPARSE_SPCONV_DWCONV", "dense")
         if dwconv not in DWCONV_IMPLS:
-            raise ValueError(f"unknown depthwise implementation {dwconv!r}; choose one of {', '.join(DWCONV_IMPLS)}")
+            raise ConfigError(f"unknown depthwise implementation {dwconv!r}; choose one of {', '.join(DWCONV_IMPLS)}")
         self.algo = algo
         self.dwconv_impl = dwconv
         # (device, dtype, k, stride, subm, c_in, c_out) -> the algorithm verified for it (CUDA only)

@@ -31,6 +31,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from mimsparse.benchmark import markdown_table, plot, run_benchmark
+    from mimsparse.train.run_log import json_safe
 
     result = run_benchmark(args.model, [b for b in args.backends.split(",") if b],
                            [float(r) for r in args.mask_ratios.split(",")], args.batch, args.img, args.device,
@@ -40,7 +41,7 @@ def main(argv=None) -> int:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = args.name or f"{args.model}_{args.device}"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{stem}.json").write_text(json.dumps(json_safe(result), indent=1, allow_nan=False))
     table = markdown_table(result)
     m = result["machine"]
     header = (f"`{result['command']}` — {result['date']}, {m['processor']}, {m['cpu_threads']} threads"

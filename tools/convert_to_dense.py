@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     check = f"max relative error vs sparse encoder at mask ratio 0: {error:.2e}" if error is not None else "not verified"
     libraries = "/".join(reversed(family_of(name).libraries))
     print(f"wrote {out}: {libraries} {name} (num_classes={args.num_classes}); {check}")
-    for i, line in enumerate(load_lines(name, args.num_classes, str(out))):
+    for i, line in enumerate(load_lines(name, args.num_classes, str(out))):  # a bare state dict (no 'model' key)
         print(f"{'load with' if i == 0 else '       or'}: {line}")
     return 0
 

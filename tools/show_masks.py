@@ -26,7 +26,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the masks")
     p.add_argument("--config", default=None, help="YAML whose mask section sets the strategies' options")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. mask.ratio=0.75 mask.block_min_patches=2")
-    args = p.parse_args(argv)
+    from mimsparse.cli import parse_with_overrides
+
+    args = parse_with_overrides(p, argv)  # overrides may stand anywhere among the options
 
     import torch
 

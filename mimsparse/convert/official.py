@@ -16,7 +16,6 @@ sparse kernels; both directions use one table of exact key templates.
 from __future__ import annotations
 
 import argparse
-import pickle
 import re
 
 import torch
@@ -24,6 +23,7 @@ import torch
 from mimsparse.backends.minkowski_layout import (channelwise_kernel, dense_dw_weight, dense_weight, me_kernel,
                                                   square_side)
 from mimsparse.errors import ConversionError
+from mimsparse.train.checkpoint import verify_checkpoint
 from mimsparse.models.keymap import SAME, Layout, convert_keys
 from mimsparse.models.convnextv2 import CONVNEXTV2_SPECS
 
@@ -172,6 +172,37 @@ def official_config(official_sd: dict[str, torch.Tensor], args: dict | None = No
     return cfg
 
 
+# official_config keys read from the checkpoint's saved ``args`` (training settings, not shapes)
+ARGS_KEYS = ("mask.ratio", "model.norm_pix_loss")
+
+
+def import_config(user: dict, found: dict) -> tuple[dict, list[str]]:
+    """Config updates of an imported official checkpoint, and one note per key saying which value won.
+
+    ``user``: what ``--config`` and the ``key=value`` overrides set (nested dict); ``found``:
+    :func:`official_config`. The architecture always comes from the checkpoint's shapes (any other
+    value could not load its weights); a training setting from its saved ``args`` (``mask.ratio``,
+    ``model.norm_pix_loss``) yields to a value the user gave."""
+    merged = {section: dict(values) if isinstance(values, dict) else values for section, values in user.items()}
+    notes = []
+    for section, values in found.items():
+        for key, value in values.items():
+            dotted = f"{section}.{key}"
+            given = user.get(section, {}).get(key) if isinstance(user.get(section), dict) else None
+            target = merged.setdefault(section, {})
+            if dotted in ARGS_KEYS and given is not None:
+                if given != value:
+                    notes.append(f"{dotted}={given} from your config/command line (the checkpoint's args say {value})")
+                continue
+            target[key] = value
+            if given is not None and given != value:
+                notes.append(f"{dotted}={value} from the checkpoint's shapes (your {given} was not used: the weights "
+                             f"only fit {value})")
+            elif dotted in ARGS_KEYS:
+                notes.append(f"{dotted}={value} from the checkpoint's args")
+    return merged, notes
+
+
 def _count(sd: dict, pattern: str) -> int:
     found = {int(m.group(1)) for m in (re.match(pattern, k) for k in sd) if m}
     return max(found) + 1 if found else 0
@@ -182,11 +213,13 @@ def load_official_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict]:
     """(model state dict, args as a dict) from a file saved by the official code (``{'model': ...,
     'args': Namespace, ...}``) or a bare state dict. Loads with ``weights_only=True``; the saved
     ``argparse.Namespace`` is the one class allowed besides tensors and plain containers."""
+    verify_checkpoint(path)  # exists, not empty, zip CRCs intact
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, pickle.UnpicklingError) as e:  # pickle errors name a refused class
-            raise ConversionError(f"cannot read {str(path)!r} as an official checkpoint: {e}") from e
+        except Exception as e:  # noqa: BLE001 (a foreign file: pickle errors name a refused class, EOF, ...)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise ConversionError(f"cannot read {str(path)!r} as an official checkpoint: {first}") from e
     if not isinstance(ckpt, dict):
         raise ConversionError(f"{str(path)!r} holds a {type(ckpt).__name__}, not a checkpoint dict")
     sd = ckpt.get("model", ckpt)

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from mimsparse.train.data import DataError, bundled_photo_paths, list_images
+from mimsparse.errors import ConfigError
 
 WHERE = ("block", "mlp", "grn")
 
@@ -104,7 +105,7 @@ def _hook_point(block, where: str):
     if where in ("mlp", "grn"):
         # timm runs the MLP on NCHW with 1x1 convs (conv_mlp: atto..nano) or on NHWC with Linear layers
         return (block.mlp.act if where == "mlp" else block.mlp.grn), not block.use_conv_mlp
-    raise ValueError(f"where must be one of {', '.join(WHERE)}, got {where!r}")
+    raise ConfigError(f"where must be one of {', '.join(WHERE)}, got {where!r}")
 
 
 @torch.no_grad()

@@ -34,6 +34,8 @@ from mimsparse.evaluate.loaders import (check_fraction, check_img_size, eval_loa
                                      top1_correct, train_loader)
 from mimsparse.convert import ConversionError, convert_checkpoint
 from mimsparse.train.data import DataError
+from mimsparse.errors import ConfigError
+from mimsparse.train.run_log import json_safe
 from mimsparse.evaluate.datasets import LabelledImages, load_labelled
 
 EVAL_SUBSET_SEED = 0  # --eval-limit keeps the same test images whatever --seed, so runs stay comparable
@@ -81,7 +83,7 @@ def load_weights(ckpt: str, model_name: str | None, num_classes: int) -> Weights
     its model); it must match it when given."""
     if ckpt == "random":
         if model_name is None:
-            raise ValueError("--ckpt random needs --model NAME (e.g. --model convnextv2_atto)")
+            raise ConfigError("--ckpt random needs --model NAME (e.g. --model convnextv2_atto)")
         return Weights(None, model_name, "random init (baseline)", fresh_head=True)
     state = load_checkpoint(ckpt)
     if is_pretraining_checkpoint(state):
@@ -94,7 +96,7 @@ def load_weights(ckpt: str, model_name: str | None, num_classes: int) -> Weights
         return Weights(sd, name, f"pretraining checkpoint {ckpt} converted to timm {name} ({check})", fresh_head=True)
     if is_state_dict(state):
         if model_name is None:
-            raise ValueError(f"{ckpt} is a timm state dict: pass --model NAME (e.g. --model convnextv2_atto)")
+            raise ConfigError(f"{ckpt} is a timm state dict: pass --model NAME (e.g. --model convnextv2_atto)")
         return Weights(state, model_name, f"timm state dict {ckpt}", fresh_head=False)
     raise CheckpointError(f"{ckpt} is neither a mimsparse pretraining checkpoint (keys 'model' and 'config') nor a "
                           f"timm state dict (parameter name -> tensor); its top-level keys are "
@@ -235,13 +237,13 @@ def evaluate(model, loader, device) -> dict:
 def write_json(path: Path, obj) -> None:
     """Written to a temporary file and renamed: a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.write_text(json.dumps(json_safe(obj), indent=2, default=str, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 
 def append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")  # NaN/inf -> null: valid JSON
 
 
 def peak_lr(lr: float | None, blr: float, batch_size: int) -> float:
@@ -262,13 +264,13 @@ def check_args(args) -> None:
     check_fraction(args.label_fraction)
     for flag in ("epochs", "batch_size"):
         if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if peak_lr(args.lr, args.blr, args.batch_size) <= 0:
-        raise ValueError("the learning rate must be positive (--lr or --blr)")
+        raise ConfigError("the learning rate must be positive (--lr or --blr)")
     if not 0 <= args.drop_path < 1 or not 0 <= args.smoothing < 1:
-        raise ValueError("--drop-path and --smoothing must be in [0, 1)")
+        raise ConfigError("--drop-path and --smoothing must be in [0, 1)")
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
-        raise ValueError(f"mixup / cutmix pair the samples of a batch: --batch-size must be even, "
+        raise ConfigError(f"mixup / cutmix pair the samples of a batch: --batch-size must be even, "
                          f"got {args.batch_size}")
 
 

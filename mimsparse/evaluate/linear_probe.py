@@ -19,6 +19,7 @@ from tqdm import tqdm
 from mimsparse.train.checkpoint import check_writable_dir
 from mimsparse.evaluate.loaders import check_img_size, eval_loader, limit_subset, top1_correct
 from mimsparse.train.data import DataError
+from mimsparse.errors import ConfigError
 from mimsparse.evaluate.finetune import (EVAL_SUBSET_SEED, append_jsonl, build_model, create_scheduler, max_lr, peak_lr,
                                 write_json)
 from mimsparse.evaluate.datasets import load_labelled
@@ -28,7 +29,7 @@ def pooled_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """images [B, 3, H, W] -> global average pool of ``model.forward_features`` [B, C]."""
     feats = model.forward_features(images)
     if feats.dim() != 4:
-        raise ValueError(f"forward_features returned shape {tuple(feats.shape)}; the probe expects [B, C, H, W] maps")
+        raise ConfigError(f"forward_features returned shape {tuple(feats.shape)}; the probe expects [B, C, H, W] maps")
     return feats.mean(dim=(2, 3))
 
 
@@ -107,11 +108,11 @@ def check_args(args) -> None:
     check_img_size(args.img_size)
     for flag in ("epochs", "batch_size", "extract_batch_size"):
         if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.train_limit < 0 or args.eval_limit < 0:
-        raise ValueError("--train-limit and --eval-limit must be >= 0 (0 = all images)")
+        raise ConfigError("--train-limit and --eval-limit must be >= 0 (0 = all images)")
     if peak_lr(args.lr, args.blr, args.batch_size) <= 0:
-        raise ValueError("the learning rate must be positive (--lr or --blr)")
+        raise ConfigError("the learning rate must be positive (--lr or --blr)")
 
 
 def main(args) -> dict:

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mimsparse.backends import Backend
+from mimsparse.errors import ConfigError
 from mimsparse.masking import upsample_mask
 from mimsparse.models.encoder import SparseEncoder
 from mimsparse.models.keymap import SAME, check_encoder_entries, convert_keys
@@ -42,7 +43,7 @@ CONVNEXTV2_SPECS: dict[str, ConvNeXtV2Spec] = {
 
 def get_spec(name: str) -> ConvNeXtV2Spec:
     if name not in CONVNEXTV2_SPECS:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(CONVNEXTV2_SPECS)}")
+        raise ConfigError(f"unknown model {name!r}; choose one of: {', '.join(CONVNEXTV2_SPECS)}")
     return CONVNEXTV2_SPECS[name]
 
 

@@ -19,6 +19,7 @@ import torch.nn as nn
 from timm.layers import LayerNorm2d
 from timm.models.convnext import ConvNeXtBlock
 
+from mimsparse.errors import ConfigError
 from mimsparse.models.loss import patchify
 from mimsparse.masking import upsample_mask
 
@@ -154,14 +155,14 @@ class SparKDecoder(nn.Module):
             raise ValueError(f"stage_dims {stage_dims} and stage_strides {stage_strides} need one entry per stage")
         if not _is_pow2(patch_size) or stage_strides[-1] != patch_size or not all(
                 _is_pow2(s) and s < t for s, t in zip(stage_strides, stage_strides[1:])):
-            raise ValueError(f"the spark decoder needs increasing power-of-two stage strides ending at the patch "
+            raise ConfigError(f"the spark decoder needs increasing power-of-two stage strides ending at the patch "
                              f"size {patch_size}, got {stage_strides}")
         levels = round(math.log2(patch_size))
         if dim < patch_size:
-            raise ValueError(f"model.decoder_dim={dim} is too small for the spark decoder: the width halves at each "
+            raise ConfigError(f"model.decoder_dim={dim} is too small for the spark decoder: the width halves at each "
                              f"of its {levels} upsamplings, so it must be at least {patch_size}")
         if depth < 1:
-            raise ValueError(f"model.decoder_depth={depth}: the spark decoder needs at least 1 conv pair per block")
+            raise ConfigError(f"model.decoder_depth={depth}: the spark decoder needs at least 1 conv pair per block")
         self.patch_size, self.stage_strides = patch_size, tuple(stage_strides)
         # decoder channels at stride patch_size / 2^k: dim / 2^k
         self.densify = nn.ModuleList(
@@ -206,4 +207,4 @@ def build_decoder(kind: str, encoder: nn.Module, dim: int = 512, depth: int = 1)
         return LinearDecoder(encoder.num_features, encoder.patch_size, encoder.in_chans)
     if kind == "spark":
         return SparKDecoder(encoder.stage_dims, encoder.stage_strides, encoder.patch_size, encoder.in_chans, dim, depth)
-    raise ValueError(f"model.decoder must be one of {', '.join(DECODERS)}, got {kind!r}")
+    raise ConfigError(f"model.decoder must be one of {', '.join(DECODERS)}, got {kind!r}")

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from mimsparse.models.decoders import DECODERS, build_decoder
+from mimsparse.errors import ConfigError
 from mimsparse.models.loss import LOSS_ON, LOSSES, pixel_targets, reconstruction_loss
 from mimsparse.masking import PatchMasker, upsample_mask
 
@@ -109,14 +110,14 @@ def check_objective(decoder: str, encoder_input: str, loss: str, loss_on: str) -
                                 ("model.encoder_input", encoder_input, ENCODER_INPUTS),
                                 ("model.loss", loss, LOSSES), ("model.loss_on", loss_on, LOSS_ON)):
         if value not in allowed:
-            raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
     if decoder == "linear" and encoder_input == "sparse":
-        raise ValueError(
+        raise ConfigError(
             "model.decoder=linear needs model.encoder_input=mask_token: a sparse encoder computes nothing at "
             "masked patches and a 1x1 head has no spatial mixing, so it would predict one constant there. "
             "Use model.encoder_input=mask_token (SimMIM) or model.decoder=fcmae")
     if decoder == "spark" and encoder_input == "mask_token":
-        raise ValueError(
+        raise ConfigError(
             "model.decoder=spark needs model.encoder_input=sparse: the spark decoder puts its own mask token at "
             "every masked site of every stage, so whatever the encoder computed there from an input mask token "
             "would be discarded (and SparK's point is an encoder that never sees masked patches). "

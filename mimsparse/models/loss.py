@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from mimsparse.errors import ConfigError
+
 
 def patchify(images_bchw: torch.Tensor, patch_size: int) -> torch.Tensor:
     """[B, C, H, W] -> [B, L, p*p*C], patches in raster order, values ordered (row, col, channel)
@@ -44,9 +46,9 @@ def reconstruction_loss(pred_bld: torch.Tensor, target_bld: torch.Tensor, visibl
 
     pred, target: [B, L, D]; visible: bool [B, L], True = kept."""
     if loss not in LOSSES:
-        raise ValueError(f"model.loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        raise ConfigError(f"model.loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     if loss_on not in LOSS_ON:
-        raise ValueError(f"model.loss_on must be one of {', '.join(LOSS_ON)}, got {loss_on!r}")
+        raise ConfigError(f"model.loss_on must be one of {', '.join(LOSS_ON)}, got {loss_on!r}")
     diff = pred_bld.float() - target_bld.float()
     per_patch = (diff.square() if loss == "mse" else diff.abs()).mean(dim=-1)
     if loss_on == "all":

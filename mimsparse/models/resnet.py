@@ -134,9 +134,9 @@ class SparseResNet(SparseEncoder):
                  backend: Backend | str = "dense"):
         super().__init__()
         if block not in BLOCKS:
-            raise ValueError(f"unknown ResNet block {block!r}; choose one of {', '.join(BLOCKS)}")
+            raise ConfigError(f"unknown ResNet block {block!r}; choose one of {', '.join(BLOCKS)}")
         if len(layers) != len(STAGE_WIDTHS):
-            raise ValueError(f"a ResNet has {len(STAGE_WIDTHS)} stages, got layers={tuple(layers)}")
+            raise ConfigError(f"a ResNet has {len(STAGE_WIDTHS)} stages, got layers={tuple(layers)}")
         block_cls = BLOCKS[block]
         self.in_chans = in_chans
         self.depths = tuple(layers)
@@ -159,7 +159,7 @@ class SparseResNet(SparseEncoder):
     @classmethod
     def from_name(cls, name: str, in_chans: int = 3, backend: Backend | str = "dense", **kwargs) -> "SparseResNet":
         if name not in RESNET_SIZES:
-            raise ValueError(f"unknown ResNet {name!r}; available: {', '.join(RESNET_SIZES)}")
+            raise ConfigError(f"unknown ResNet {name!r}; available: {', '.join(RESNET_SIZES)}")
         block, layers = RESNET_SIZES[name]
         return cls(block, layers, in_chans=in_chans, backend=backend, **kwargs)
 

@@ -13,6 +13,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import transforms
 
+from mimsparse.errors import DataError, UnreadableImage
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -90,9 +92,16 @@ class FileSource:
         return len(self.paths)
 
     def image(self, index: int) -> Image.Image:
-        with Image.open(self.paths[index]) as img:
-            img.load()
-            return to_rgb(img)
+        """Raises :class:`UnreadableImage` for any failure to read the file: Pillow raises many types
+        for bad files (OSError, SyntaxError, struct.error, DecompressionBombError for images over
+        Pillow's pixel limit, MemoryError ...), and each must only skip that image, never end the run."""
+        path = self.paths[index]
+        try:
+            with Image.open(path) as img:
+                img.load()
+                return to_rgb(img)
+        except Exception as e:  # noqa: BLE001 (user data: every failure is this file's)
+            raise UnreadableImage(f"{path}: {type(e).__name__}: {e}") from e
 
     def describe(self, index: int) -> str:
         return str(self.paths[index])
@@ -116,6 +125,9 @@ class SeededImages(Dataset):
         index, seed = item
         try:
             img = self.source.image(index)
+        except UnreadableImage as e:
+            warnings.warn(f"skipping unreadable image {e}")
+            return None
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
             where = self.source.describe(index) if hasattr(self.source, "describe") else f"image {index}"
             warnings.warn(f"skipping unreadable image {where}: {e}")

@@ -1,13 +1,14 @@
 """Multi-process training under ``torchrun``: process-group set-up and the few collectives the
 engine needs. With one process every helper is a no-op, so the engine has a single code path."""
 from __future__ import annotations
-from mimsparse.errors import DistributedError
 
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from mimsparse.errors import DistributedError
 
 
 @dataclass(frozen=True)

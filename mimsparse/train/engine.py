@@ -5,7 +5,6 @@ One code path for one process and for ``torchrun`` (DDP): collectives are no-ops
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 import warnings
@@ -20,14 +19,16 @@ from tqdm import tqdm
 from mimsparse.train import distributed
 from mimsparse.backends import Backend, get_backend
 from mimsparse.models.build import build_fcmae
-from mimsparse.train.checkpoint import (CheckpointError, check_model_matches, check_writable_dir, load_checkpoint,
-                                  remove_stale_temp_files, rng_state, save_checkpoint, set_rng_state, versions)
-from mimsparse.config import ConfigError, PretrainConfig, config_from_dict
-from mimsparse.train.data import (DataError, EpochSampler, FileSource, SeededImages, bundled_photo_paths,
-                            collate_skip_bad, list_images, pretrain_transform, seed_worker)
+from mimsparse.train.checkpoint import (check_model_matches, check_writable_dir, load_checkpoint, remove_stale_temp_files,
+                                  require_training_checkpoint, rng_state, set_rng_state, versions)
+from mimsparse.train.checkpoint_manager import CheckpointManager, checkpoint_size_estimate
+from mimsparse.config import PretrainConfig, config_from_dict
+from mimsparse.train.data import (EpochSampler, FileSource, SeededImages, bundled_photo_paths, collate_skip_bad, list_images,
+                            pretrain_transform, seed_worker)
 from mimsparse.evaluate.datasets import is_builtin, load_labelled
+from mimsparse.errors import CheckpointError, ConfigError, DataError, OutputError, TrainingError
 from mimsparse.masking import check_image_size
-from mimsparse.errors import TrainingError
+from mimsparse.train.run_log import RunLog
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 VIS_SAMPLES = 4  # rows of the periodic reconstruction PNG
@@ -131,13 +132,15 @@ class Pretrainer:
     writes checkpoints."""
 
     def __init__(self, cfg: PretrainConfig, backend: Backend | str = "dense", device: str = "cpu",
-                 resume: str | Path | None = None, show_progress: bool = True):
+                 resume: str | Path | None = None, show_progress: bool = True, overwrite: bool = False):
         self.cfg = cfg
         self.dist = distributed.current()
         self.device = torch.device(device)
         self.backend = get_backend(backend) if isinstance(backend, str) else backend
         self.show_progress = show_progress and self.dist.is_main
         self.out_dir = Path(cfg.train.output_dir)
+        self.overwrite = overwrite  # a fresh start may replace another run's checkpoints in out_dir
+        self.say = print if self.dist.is_main else (lambda *a, **k: None)
         check_train_config(cfg)
         self.amp_dtype = check_amp(cfg.train.amp, self.backend, self.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -181,6 +184,9 @@ class Pretrainer:
         # fp16 gradients underflow without loss scaling; bf16 and fp32 need none (then a pass-through)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.state = RunState()
+        self.checkpoints = CheckpointManager(self.out_dir, cfg.train.keep_last)
+        if self.dist.is_main:
+            self.checkpoints.check_free_space(checkpoint_size_estimate(self.model, self.optimizer))
         self.last_checkpoint = None
         self.resumed_from = None
         if resume:
@@ -200,34 +206,44 @@ class Pretrainer:
             "rng": rng_state(),
         }
 
+    def claim_output_dir(self) -> str:
+        """Make this run the owner of the output folder before its first write (a fresh start refuses
+        another run's checkpoints unless ``overwrite``); returns the run id."""
+        return self.checkpoints.claim(self.resumed_from is not None, self.overwrite, say=self.say)
+
     def save(self, is_best: bool = False) -> Path:
-        path = save_checkpoint(self.checkpoint_state(), self.out_dir / f"checkpoint-{self.state.step:07d}.pth")
-        if is_best:
-            save_checkpoint(self.checkpoint_state(), self.out_dir / "checkpoint-best.pth")
-        old = sorted(self.out_dir.glob("checkpoint-[0-9]*.pth"))[:-self.cfg.train.keep_last or None]
-        for p in old if self.cfg.train.keep_last > 0 else []:
-            p.unlink()
-        return path
+        self.claim_output_dir()
+        return self.checkpoints.save(self.checkpoint_state(), self.state.step, is_best)
 
     def load(self, path: str | Path) -> None:
+        """Resume from ``path``, or with ``"auto"`` from the newest checkpoint of the output folder that
+        verifies (none there: a fresh start)."""
         if str(path) == "auto":
-            found = latest_checkpoint(self.out_dir)
+            found = self.checkpoints.load_latest(self.device, say=self.say)
             if found is None:
                 return
-            path = found
-        ckpt = load_checkpoint(path, self.device)
+            path, ckpt = found
+        else:
+            ckpt = self.checkpoints.load(path, self.device)
+        require_training_checkpoint(ckpt, path, ("model", "config", "optimizer", "scheduler", "run", "rng"))
         check_model_matches(ckpt, self.cfg.model.name, path)
         try:
             self.model.load_state_dict(ckpt["model"], strict=True)
         except RuntimeError as e:
             raise CheckpointError(f"{path} does not match this model: {str(e).splitlines()[1:3]}") from e
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt.get("scaler"):
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.state = RunState(**ckpt["run"])
-        set_rng_state(ckpt["rng"])
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            if ckpt.get("scaler"):
+                self.scaler.load_state_dict(ckpt["scaler"])
+            self.state = RunState(**ckpt["run"])
+            set_rng_state(ckpt["rng"])
+        except (ValueError, TypeError, KeyError, RuntimeError) as e:  # a state saved by another optimizer set-up
+            raise CheckpointError(f"{path}: cannot restore the training state ({type(e).__name__}: "
+                                  f"{(str(e).splitlines() or [''])[0][:200]}); start a new run from its weights "
+                                  f"instead (tools/convert_to_dense.py) or use a checkpoint of this config") from e
         self.resumed_from = Path(path)
+        self.checkpoints.last_good = Path(path)
 
     # ---- one batch -----------------------------------------------------------------------------
     def loader(self, epoch: int, start_batch: int) -> DataLoader:
@@ -296,12 +312,12 @@ class Pretrainer:
                     torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), cfg.train.clip_grad, total_norm)
                 scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
                 self.scaler.step(self.optimizer)
+                self._check_finite_weights(lr)
             elif st.skipped_steps < cfg.train.skip_nonfinite:
                 st.skipped_steps += 1
                 record["skipped"] = f"non-finite loss {loss} (skip {st.skipped_steps} of {cfg.train.skip_nonfinite})"
             else:
-                last = latest_checkpoint(self.out_dir)
-                kept = f"the last good checkpoint {str(last)!r} is kept" if last else "no checkpoint was written yet"
+                kept = self._kept()
                 allowed = (f"; {st.skipped_steps} non-finite step(s) were already skipped (train.skip_nonfinite="
                            f"{cfg.train.skip_nonfinite})" if cfg.train.skip_nonfinite else "")
                 raise TrainingError(
@@ -321,19 +337,39 @@ class Pretrainer:
             record["images"] = int(images)
         return record
 
+    def _kept(self) -> str:
+        last = self.checkpoints.last_good  # written by this run (finite weights) or resumed from
+        return f"the last good checkpoint {str(last)!r} is kept" if last else "no checkpoint was written yet"
+
+    def _check_finite_weights(self, lr: float) -> None:
+        """A finite loss and gradient can still give non-finite weights (a huge learning rate, an Adam
+        moment overflow): stop at that step, before they reach a checkpoint."""
+        finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
+        if not bool(finite):
+            raise TrainingError(
+                f"the update of step {self.state.step + 1} (epoch {self.state.epoch}, lr {lr:.3g}) made weights "
+                f"non-finite; training stopped and {self._kept()}. Lower optim.base_lr or set train.clip_grad")
+
+    def _data_name(self) -> str:
+        return f"data folder {self.cfg.data.path!r}" if self.cfg.data.path else "the bundled photos"
+
     # ---- the run -------------------------------------------------------------------------------
     def run(self) -> dict:
         cfg, st = self.cfg, self.state
         main = self.dist.is_main
+        log = RunLog(self.out_dir / "log.jsonl")
+        if self.checkpoints.record is None:  # every process: all refuse another run's folder together
+            self.checkpoints.check_can_start(self.resumed_from is not None, self.overwrite)
         if main:
+            self.claim_output_dir()
             remove_stale_temp_files(self.out_dir)
-        log_path = self.out_dir / "log.jsonl"
+            log.start(st.step)  # one record per step: drop what a killed run logged after its checkpoint
         writer = tensorboard_writer(self.out_dir / "tensorboard") if main and cfg.train.tensorboard else None
         history = []
         self.train_model.train()
         stop = bool(cfg.train.max_steps) and st.step >= cfg.train.max_steps
         while st.epoch < cfg.train.epochs and not stop:
-            epoch_losses, unreadable = [], 0
+            epoch_losses, unreadable, trained_windows, windows = [], 0, 0, 0
             bar = tqdm(total=self.batches_per_epoch, initial=st.batch_in_epoch, disable=not self.show_progress,
                        desc=f"epoch {st.epoch}", dynamic_ncols=True)
             window, t0 = _Window(), time.perf_counter()
@@ -353,13 +389,15 @@ class Pretrainer:
                 if not last_of_window:
                     continue
                 record = self.optimizer_step(window)
+                windows += 1
                 if record is not None:
+                    trained_windows += 1
                     record["images_per_s"] = record.pop("images") / max(time.perf_counter() - t0, 1e-9)
                     history.append(record)
                     if record["loss"] is not None:
                         epoch_losses.append(record["loss"])
                     if main:
-                        self._log(record, log_path, writer, bar)
+                        self._log(record, log, writer, bar)
                         if cfg.train.vis_every and st.step % cfg.train.vis_every == 0 and window.last is not None:
                             self.visualize(*window.last, self.out_dir / "vis" / f"step-{st.step:07d}.png", writer)
                 window, t0 = _Window(), time.perf_counter()
@@ -371,6 +409,11 @@ class Pretrainer:
                 unreadable = int(distributed.all_reduce_sum(torch.tensor([unreadable], device=self.device)))
             if unreadable and main:
                 print(f"epoch {st.epoch}: skipped {unreadable} unreadable image(s)")
+            if windows and not trained_windows:  # every process saw the same totals (all-reduced)
+                raise DataError(
+                    f"epoch {st.epoch}: not one readable image in {self._data_name()} ({unreadable} unreadable "
+                    f"image(s) skipped over {windows} step(s)); training stopped and {self._kept()}. Check the "
+                    f"files (permissions, format, size) and resume with --resume auto")
             if not stop:
                 st.epoch, st.batch_in_epoch = st.epoch + 1, 0
             if not distributed.replicas_agree(self.model.parameters()):
@@ -387,9 +430,8 @@ class Pretrainer:
             torch.distributed.barrier()  # rank 0 has finished writing before any process leaves
         return {"history": history, "checkpoint": self.last_checkpoint, "state": st}
 
-    def _log(self, record: dict, log_path: Path, writer, bar) -> None:
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+    def _log(self, record: dict, log: RunLog, writer, bar) -> None:
+        log.write(record)
         if writer is not None:
             for key in ("loss", "lr", "grad_norm", "images_per_s"):
                 if record.get(key) is not None:
@@ -403,8 +445,12 @@ class Pretrainer:
 
         n = min(VIS_SAMPLES, images.shape[0])
         grid = grid_image(reconstruct(self.model, images[:n], visible[:n]))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        grid.save(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            grid.save(path)
+        except OSError as e:
+            raise OutputError(f"cannot write {str(path)!r} ({e.strerror or e}); training stopped and {self._kept()}. "
+                              f"Free disk space or turn the pictures off with train.vis_every=0") from e
         if writer is not None:
             import numpy as np
 
@@ -419,11 +465,6 @@ def tensorboard_writer(folder: Path):
     except ImportError:
         return None
     return SummaryWriter(str(folder))
-
-
-def latest_checkpoint(folder: str | Path) -> Path | None:
-    found = sorted(Path(folder).glob("checkpoint-[0-9]*.pth"))
-    return found[-1] if found else None
 
 
 def config_of_checkpoint(path: str | Path) -> PretrainConfig:
