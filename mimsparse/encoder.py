@@ -57,13 +57,17 @@ class SparseConvNeXtV2(SparseEncoder):
         """Stride of each stage's output w.r.t. the image, finest first: the stem, then x2 per downsample."""
         return tuple(self.stem_stride * 2 ** i for i in range(len(self.dims)))
 
-    def forward_sparse(self, image_bchw: torch.Tensor, visible_bhw: torch.Tensor, return_stages: bool = False):
-        """image: [B, C, H, W]; visible: bool [B, H/p, W/p] (True = kept), p = patch_size.
+    def forward_sparse(self, image_bchw: torch.Tensor, visible_bhw: torch.Tensor, return_stages: bool = False,
+                       num_visible: int | None = None):
+        """image: [B, C, H, W]; visible: bool [B, H/p, W/p] (True = kept), p = patch_size;
+        num_visible: see SparseEncoder.forward_sparse.
         Returns the backend's native tensor of the last stage (or a list of all stages)."""
         self.check_mask(image_bchw, visible_bhw)
         b, backend = image_bchw.shape[0], self.backend
-        x = backend.patch_embed(image_bchw, upsample_mask(visible_bhw, self.patch_size // self.stem_stride),
-                                self.stem_conv.weight, self.stem_conv.bias, self.stem_stride)
+        scale = self.patch_size // self.stem_stride
+        rows = None if num_visible is None else num_visible * scale * scale  # stem sites per sample
+        x = backend.patch_embed(image_bchw, upsample_mask(visible_bhw, scale),
+                                self.stem_conv.weight, self.stem_conv.bias, self.stem_stride, rows)
         x = backend.map_feats(x, self.stem_norm)
         outs = []
         for stage in self.stages:
