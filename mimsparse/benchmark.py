@@ -3,6 +3,11 @@ backend and mask ratio, interleaved in one process so that machine noise hits ev
 
 Reference rows in the same run: timm's dense model (``convnextv2_*`` or ``resnet*``) on the unmasked
 image, and the ideal sparse cost = that time x (1 - r).
+
+With ``compile_model`` every compilable row (timm dense, masked-dense ``dense``, ``packed``) is measured
+twice, eager and under ``torch.compile``; ratios compare each row with the timm row of the same mode.
+The packed rows get the per-sample visible count (static mode), so their compiled graph has no host
+sync; spconv and MinkowskiEngine call into their libraries and stay eager.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from mimsparse.masking import random_patch_mask
 
 MEASURES = ("enc_fwd", "enc_fwd_bwd", "train_step")
 TIMM_DENSE = "timm-dense"
+COMPILABLE = (TIMM_DENSE, "dense", "packed")  # the library backends (spconv, minkowski) stay eager
 
 
 @dataclass
@@ -32,6 +38,7 @@ class Case:
     """One row: a backend (or the timm reference) at one mask ratio."""
     backend: str
     mask_ratio: float
+    compiled: bool = False
     samples_ms: dict = field(default_factory=lambda: {m: [] for m in MEASURES})
     saved_activation_mb: float = 0.0
     peak_cuda_mb: float | None = None
@@ -83,7 +90,7 @@ class DenseReference(torch.nn.Module):
         return masked_reconstruction_loss(pred, target, visible.flatten(1))
 
 
-def _runners(model_name, backend_name, ratio, images, device, amp_dtype, compile_model, seed):
+def _runners(model_name, backend_name, ratio, images, device, amp_dtype, compile_model, seed, compile_mode=None):
     """Three zero-argument callables (encoder fwd, encoder fwd+bwd, train step) for one case."""
     torch.manual_seed(seed)
     b, _, h, w = images.shape
@@ -97,10 +104,14 @@ def _runners(model_name, backend_name, ratio, images, device, amp_dtype, compile
         step_loss = lambda: model(images, visible)
     else:
         model = FCMAE(build_encoder(ModelConfig(name=model_name), backend_name), mask_ratio=ratio).to(device)
-        encode = lambda: model.encoder(images, visible)
-        step_loss = lambda: model(images, visible)[0]
+        # packed: the count every mimsparse mask has, so its indices need no host sync (static mode)
+        n = model.visible_count(grid) if backend_name == "packed" else None
+        encode = lambda: model.encoder(images, visible, num_visible=n)
+        step_loss = lambda: model(images, visible, num_visible=n)[0]
+    encode_eager = encode  # saved-tensor hooks count activations; they need the eager graph
     if compile_model:
-        encode, step_loss = torch.compile(encode), torch.compile(step_loss)
+        encode = torch.compile(encode, mode=compile_mode, dynamic=False)
+        step_loss = torch.compile(step_loss, mode=compile_mode, dynamic=False)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
@@ -124,14 +135,15 @@ def _runners(model_name, backend_name, ratio, images, device, amp_dtype, compile
 
     def activation_mb(out: list):
         with _count_saved_tensors(out), autocast():
-            encode()
+            encode_eager()
 
     return {"enc_fwd": enc_fwd, "enc_fwd_bwd": enc_fwd_bwd, "train_step": train_step}, activation_mb
 
 
 def run_benchmark(model: str = "convnextv2_atto", backends=("dense", "packed"), mask_ratios=(0.0, 0.6),
                   batch: int = 8, img: int = 224, device: str = "cpu", repeats: int = 5, warmup: int = 1,
-                  amp: str = "none", compile_model: bool = False, seed: int = 0, log=print) -> dict:
+                  amp: str = "none", compile_model: bool = False, seed: int = 0, log=print,
+                  compile_mode: str | None = None) -> dict:
     dev = torch.device(device)
     amp_dtype = AMP_DTYPES[amp]
     images = torch.randn(batch, 3, img, img, generator=torch.Generator().manual_seed(seed)).to(dev)
@@ -147,10 +159,19 @@ def run_benchmark(model: str = "convnextv2_atto", backends=("dense", "packed"), 
             continue
         for r in mask_ratios:
             cases.append(Case(name, float(r)))
-    ref = Case(TIMM_DENSE, 0.0)
-    cases.insert(0, ref)
+            if compile_model and name in COMPILABLE:
+                cases.append(Case(name, float(r), compiled=True))
+    cases.insert(0, Case(TIMM_DENSE, 0.0))
+    if compile_model:
+        cases.insert(1, Case(TIMM_DENSE, 0.0, compiled=True))
+        eager = sorted({c.backend for c in cases if c.backend not in COMPILABLE})
+        if eager:
+            log(f"--compile: {', '.join(eager)} call(s) into their libraries and stay eager")
     for case in cases:
-        fns, act = _runners(model, case.backend, case.mask_ratio, images, dev, amp_dtype, compile_model, seed)
+        if case.compiled:
+            log(f"compiling {case.backend} r={case.mask_ratio} (encoder fwd, fwd+bwd, train step)...")
+        fns, act = _runners(model, case.backend, case.mask_ratio, images, dev, amp_dtype, case.compiled, seed,
+                            compile_mode)
         runners[id(case)] = fns
         out = []
         act(out)
@@ -168,18 +189,21 @@ def run_benchmark(model: str = "convnextv2_atto", backends=("dense", "packed"), 
                     case.peak_cuda_mb = max(case.peak_cuda_mb or 0, torch.cuda.max_memory_allocated(dev) / 2**20)
         log(f"repeat {rep + 1}/{repeats} done")
     return summarize(cases, skipped, dict(model=model, batch=batch, img=img, device=device, repeats=repeats,
-                                          warmup=warmup, amp=amp, compile=compile_model, mask_ratios=list(mask_ratios),
+                                          warmup=warmup, amp=amp, compile=compile_model, compile_mode=compile_mode,
+                                          mask_ratios=list(mask_ratios),
                                           backends=list(backends)))
 
 
 def summarize(cases: list[Case], skipped: dict, settings: dict) -> dict:
-    """Medians, spreads and the ratios to the dense-unmasked and ideal rows (computed, not measured)."""
-    ref = next(c for c in cases if c.backend == TIMM_DENSE)
-    ref_median = {m: statistics.median(ref.samples_ms[m]) for m in MEASURES}
+    """Medians, spreads and the ratios to the dense-unmasked and ideal rows (computed, not measured);
+    compiled rows are compared with the compiled timm row."""
+    refs = {c.compiled: {m: statistics.median(c.samples_ms[m]) for m in MEASURES}
+            for c in cases if c.backend == TIMM_DENSE}
     rows = []
     for c in cases:
-        row = {"backend": c.backend, "mask_ratio": c.mask_ratio, "saved_activation_mb": c.saved_activation_mb,
-               "peak_cuda_mb": c.peak_cuda_mb, "samples_ms": c.samples_ms}
+        ref_median = refs.get(c.compiled, refs[False])
+        row = {"backend": c.backend, "mask_ratio": c.mask_ratio, "compiled": c.compiled,
+               "saved_activation_mb": c.saved_activation_mb, "peak_cuda_mb": c.peak_cuda_mb, "samples_ms": c.samples_ms}
         for m in MEASURES:
             s = c.samples_ms[m]
             med = statistics.median(s)
@@ -215,13 +239,17 @@ def markdown_table(result: dict) -> str:
     fmt = lambda x: "–" if x is None else f"{x:.2f}"
     for r in result["rows"]:
         f, fb, ts = r["enc_fwd"], r["enc_fwd_bwd"], r["train_step"]
-        lines.append(f"| {r['backend']} | {r['mask_ratio']:.2f} | {f['median_ms']:.1f} | "
+        lines.append(f"| {label(r)} | {r['mask_ratio']:.2f} | {f['median_ms']:.1f} | "
                      f"{fb['median_ms']:.1f} ({fb['min_ms']:.0f}–{fb['max_ms']:.0f}) | {fmt(fb['ratio_to_dense'])} | "
                      f"{fmt(fb['ratio_to_ideal'])} | {ts['median_ms']:.1f} | {fmt(ts['ratio_to_dense'])} | "
                      f"{fmt(ts['ratio_to_ideal'])} | {ts['images_per_s']:.1f} | {r['saved_activation_mb']:.0f} |")
     for name, why in result["skipped"].items():
         lines.append(f"| {name} | skipped: {why} | | | | | | | | | |")
     return "\n".join(lines)
+
+
+def label(row: dict) -> str:
+    return row["backend"] + (" (compiled)" if row.get("compiled") else "")
 
 
 def plot(result: dict, path) -> None:
@@ -231,13 +259,13 @@ def plot(result: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    ref = next(r for r in rows if r["backend"] == TIMM_DENSE)["enc_fwd_bwd"]["median_ms"]
+    ref = next(r for r in rows if r["backend"] == TIMM_DENSE and not r.get("compiled"))["enc_fwd_bwd"]["median_ms"]
     ratios = sorted({r["mask_ratio"] for r in rows if r["backend"] != TIMM_DENSE})
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(ratios, [ref * (1 - r) for r in ratios], "k--", label="ideal = timm dense × (1 − r)")
     ax.axhline(ref, color="gray", lw=1, label="timm dense, unmasked")
-    for name in dict.fromkeys(r["backend"] for r in rows if r["backend"] != TIMM_DENSE):
-        pts = sorted((r["mask_ratio"], r["enc_fwd_bwd"]["median_ms"]) for r in rows if r["backend"] == name)
+    for name in dict.fromkeys(label(r) for r in rows if r["backend"] != TIMM_DENSE):
+        pts = sorted((r["mask_ratio"], r["enc_fwd_bwd"]["median_ms"]) for r in rows if label(r) == name)
         ax.plot(*zip(*pts), "o-", label=name)
     s = result["settings"]
     ax.set(xlabel="mask ratio", ylabel="encoder fwd+bwd (ms)",

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from mimsparse.backends import Backend
-from mimsparse.layers import SparseConvNeXtBlock, SparseDownsample
+from mimsparse.layers import LayerNorm, SparseConvNeXtBlock, SparseDownsample
 from mimsparse.masking import upsample_mask
 from mimsparse.models import get_spec
 from mimsparse.sparse_encoder import SparseEncoder
@@ -28,7 +28,7 @@ class SparseConvNeXtV2(SparseEncoder):
         self.in_chans = in_chans
         self.stem_stride = stem_stride
         self.stem_conv = nn.Conv2d(in_chans, dims[0], stem_stride, stride=stem_stride)
-        self.stem_norm = nn.LayerNorm(dims[0], eps=1e-6)
+        self.stem_norm = LayerNorm(dims[0], eps=1e-6)
         rates = [drop_path_rate * i / max(1, sum(depths) - 1) for i in range(sum(depths))]
         self.stages = nn.ModuleList()
         for i, (depth, dim) in enumerate(zip(depths, dims)):

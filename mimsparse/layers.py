@@ -9,6 +9,16 @@ import torch.nn.functional as F
 from mimsparse.backends import Backend
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters) whose statistics are computed in float32 for bf16/fp16 input
+    (autocast on CPU would keep bf16 here); the output has the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.float32, torch.float64):
+            return super().forward(x)
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
+
+
 class GRN(nn.Module):
     """Global Response Normalisation parameters (timm layout: weight/bias [C], zero-initialised).
 
@@ -60,7 +70,7 @@ class SparseConvNeXtBlock(nn.Module):
         super().__init__()
         # nn.Conv2d only holds the depthwise weight [C, 1, k, k] and bias; the backend runs it.
         self.conv_dw = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.norm = LayerNorm(dim, eps=1e-6)
         self.mlp = GrnMlp(dim, 4 * dim, use_grn)
         self.drop_path = DropPath(drop_path)
 
@@ -80,7 +90,7 @@ class SparseDownsample(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int, stride: int = 2):
         super().__init__()
-        self.norm = nn.LayerNorm(in_dim, eps=1e-6)
+        self.norm = LayerNorm(in_dim, eps=1e-6)
         self.conv = nn.Conv2d(in_dim, out_dim, stride, stride=stride)
 
     def forward(self, x, backend: Backend):
