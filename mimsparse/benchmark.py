@@ -104,8 +104,9 @@ def _runners(model_name, backend_name, ratio, images, device, amp_dtype, compile
         step_loss = lambda: model(images, visible)
     else:
         model = FCMAE(build_encoder(ModelConfig(name=model_name), backend_name), mask_ratio=ratio).to(device)
-        # packed: the count every mimsparse mask has, so its indices need no host sync (static mode)
-        n = model.visible_count(grid) if backend_name == "packed" else None
+        # compiled packed: the count every mimsparse mask has, so its indices need no host sync (static
+        # mode); eager packed keeps its default path (what train.compile=off runs)
+        n = model.visible_count(grid) if backend_name == "packed" and compile_model else None
         encode = lambda: model.encoder(images, visible, num_visible=n)
         step_loss = lambda: model(images, visible, num_visible=n)[0]
     encode_eager = encode  # saved-tensor hooks count activations; they need the eager graph
@@ -143,7 +144,12 @@ def _runners(model_name, backend_name, ratio, images, device, amp_dtype, compile
 def run_benchmark(model: str = "convnextv2_atto", backends=("dense", "packed"), mask_ratios=(0.0, 0.6),
                   batch: int = 8, img: int = 224, device: str = "cpu", repeats: int = 5, warmup: int = 1,
                   amp: str = "none", compile_model: bool = False, seed: int = 0, log=print,
-                  compile_mode: str | None = None) -> dict:
+                  compile_mode: str | None = None, measures=MEASURES) -> dict:
+    """``measures``: a subset of MEASURES to time (each compiled row compiles one graph per measure,
+    minutes each on a small CPU); the others are reported as not measured."""
+    unknown = set(measures) - set(MEASURES)
+    if unknown or not measures:
+        raise ValueError(f"measures must be a non-empty subset of {', '.join(MEASURES)}, got {', '.join(measures)}")
     dev = torch.device(device)
     amp_dtype = AMP_DTYPES[amp]
     images = torch.randn(batch, 3, img, img, generator=torch.Generator().manual_seed(seed)).to(dev)
@@ -172,6 +178,7 @@ def run_benchmark(model: str = "convnextv2_atto", backends=("dense", "packed"), 
             log(f"compiling {case.backend} r={case.mask_ratio} (encoder fwd, fwd+bwd, train step)...")
         fns, act = _runners(model, case.backend, case.mask_ratio, images, dev, amp_dtype, case.compiled, seed,
                             compile_mode)
+        fns = {m: fns[m] for m in MEASURES if m in measures}
         runners[id(case)] = fns
         out = []
         act(out)
@@ -197,7 +204,7 @@ def run_benchmark(model: str = "convnextv2_atto", backends=("dense", "packed"), 
 def summarize(cases: list[Case], skipped: dict, settings: dict) -> dict:
     """Medians, spreads and the ratios to the dense-unmasked and ideal rows (computed, not measured);
     compiled rows are compared with the compiled timm row."""
-    refs = {c.compiled: {m: statistics.median(c.samples_ms[m]) for m in MEASURES}
+    refs = {c.compiled: {m: statistics.median(c.samples_ms[m]) for m in MEASURES if c.samples_ms[m]}
             for c in cases if c.backend == TIMM_DENSE}
     rows = []
     for c in cases:
@@ -206,6 +213,9 @@ def summarize(cases: list[Case], skipped: dict, settings: dict) -> dict:
                "saved_activation_mb": c.saved_activation_mb, "peak_cuda_mb": c.peak_cuda_mb, "samples_ms": c.samples_ms}
         for m in MEASURES:
             s = c.samples_ms[m]
+            if not s:
+                row[m] = None  # not measured (``measures``)
+                continue
             med = statistics.median(s)
             ideal = ref_median[m] * (1.0 - c.mask_ratio)
             row[m] = {"median_ms": med, "min_ms": min(s), "max_ms": max(s),
@@ -237,12 +247,15 @@ def markdown_table(result: dict) -> str:
     lines = ["| backend | mask r | enc fwd ms | enc fwd+bwd ms | ×dense | ×ideal | train step ms | ×dense | ×ideal | img/s (step) | saved act. MB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda x: "–" if x is None else f"{x:.2f}"
+    ms = lambda x: "–" if x != x else f"{x:.1f}"  # nan: not measured
+    nm = dict.fromkeys(("median_ms", "min_ms", "max_ms", "ratio_to_dense", "ratio_to_ideal", "images_per_s"))
     for r in result["rows"]:
-        f, fb, ts = r["enc_fwd"], r["enc_fwd_bwd"], r["train_step"]
-        lines.append(f"| {label(r)} | {r['mask_ratio']:.2f} | {f['median_ms']:.1f} | "
-                     f"{fb['median_ms']:.1f} ({fb['min_ms']:.0f}–{fb['max_ms']:.0f}) | {fmt(fb['ratio_to_dense'])} | "
-                     f"{fmt(fb['ratio_to_ideal'])} | {ts['median_ms']:.1f} | {fmt(ts['ratio_to_dense'])} | "
-                     f"{fmt(ts['ratio_to_ideal'])} | {ts['images_per_s']:.1f} | {r['saved_activation_mb']:.0f} |")
+        f, fb, ts = (r[m] or {**nm, "median_ms": float("nan")} for m in MEASURES)  # nan: not measured
+        spread = "" if fb["min_ms"] is None else f" ({fb['min_ms']:.0f}–{fb['max_ms']:.0f})"
+        lines.append(f"| {label(r)} | {r['mask_ratio']:.2f} | {ms(f['median_ms'])} | "
+                     f"{ms(fb['median_ms'])}{spread} | {fmt(fb['ratio_to_dense'])} | "
+                     f"{fmt(fb['ratio_to_ideal'])} | {ms(ts['median_ms'])} | {fmt(ts['ratio_to_dense'])} | "
+                     f"{fmt(ts['ratio_to_ideal'])} | {fmt(ts['images_per_s'])} | {r['saved_activation_mb']:.0f} |")
     for name, why in result["skipped"].items():
         lines.append(f"| {name} | skipped: {why} | | | | | | | | | |")
     return "\n".join(lines)
@@ -259,16 +272,17 @@ def plot(result: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    ref = next(r for r in rows if r["backend"] == TIMM_DENSE and not r.get("compiled"))["enc_fwd_bwd"]["median_ms"]
+    measure = next(m for m in ("enc_fwd_bwd", "train_step", "enc_fwd") if rows[0][m])  # first one measured
+    ref = next(r for r in rows if r["backend"] == TIMM_DENSE and not r.get("compiled"))[measure]["median_ms"]
     ratios = sorted({r["mask_ratio"] for r in rows if r["backend"] != TIMM_DENSE})
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(ratios, [ref * (1 - r) for r in ratios], "k--", label="ideal = timm dense × (1 − r)")
     ax.axhline(ref, color="gray", lw=1, label="timm dense, unmasked")
     for name in dict.fromkeys(label(r) for r in rows if r["backend"] != TIMM_DENSE):
-        pts = sorted((r["mask_ratio"], r["enc_fwd_bwd"]["median_ms"]) for r in rows if label(r) == name)
+        pts = sorted((r["mask_ratio"], r[measure]["median_ms"]) for r in rows if label(r) == name)
         ax.plot(*zip(*pts), "o-", label=name)
     s = result["settings"]
-    ax.set(xlabel="mask ratio", ylabel="encoder fwd+bwd (ms)",
+    ax.set(xlabel="mask ratio", ylabel=f"{measure} (ms)",
            title=f"{s['model']} B={s['batch']} {s['img']}px {s['device']}")
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=8)
