@@ -61,8 +61,11 @@ class Backend(ABC):
         return self.to_sparse(t).to_dense()
 
     def patch_embed(self, image: torch.Tensor, active_bhw: torch.Tensor, weight: torch.Tensor,
-                    bias: torch.Tensor | None, stride: int) -> Native:
+                    bias: torch.Tensor | None, stride: int, rows_per_sample: int | None = None) -> Native:
         """Non-overlapping k x k / stride k conv of a dense image, kept at ``active_bhw`` (output grid).
+
+        ``rows_per_sample``: when the caller knows every sample has exactly this many active sites, a
+        backend may build its indices from it without host syncs (packed's static mode); others ignore it.
 
         Patches do not overlap and the mask is aligned with them, so no pixel of a masked patch
         reaches an active site: a dense conv of the image is exact and cheap (few input channels).

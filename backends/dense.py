@@ -93,10 +93,12 @@ class MaskedDenseBackend(Backend):
 
     def grn(self, t, weight, bias, eps=1e-6):
         # Inactive sites are zero, so the norm over the whole map is the norm over the active sites.
+        # Statistics in float32 whatever x's dtype (bf16 sums over a whole map lose small channels).
         x = t.x_bchw
-        gx = torch.linalg.vector_norm(x, ord=2, dim=(2, 3), keepdim=True)
-        nx = gx / (gx.mean(dim=1, keepdim=True) + eps)
-        return t.masked(x + torch.addcmul(bias.view(1, -1, 1, 1), weight.view(1, -1, 1, 1), x * nx))
+        gx = torch.linalg.vector_norm(x.float(), ord=2, dim=(2, 3), keepdim=True)
+        nx = (gx / (gx.mean(dim=1, keepdim=True) + eps)).to(x.dtype)
+        w, b = weight.view(1, -1, 1, 1).to(x.dtype), bias.view(1, -1, 1, 1).to(x.dtype)
+        return t.masked(x + torch.addcmul(b, w, x * nx))
 
     def add(self, a, b):
         return MaskedDense(a.x_bchw + b.x_bchw, a.active_bhw, a.stride)

@@ -68,7 +68,8 @@ class TrainConfig:
     save_every_epochs: int = 1
     max_steps: int = 0          # stop early after this many steps (0 = run all epochs)
     keep_last: int = 3          # step checkpoints kept besides checkpoint-best.pth; 0 keeps every one
-    amp: str = "none"           # none | bf16 | fp16 (CUDA only; CPU trains in fp32)
+    amp: str = "none"           # none | bf16 | fp16 (fp16: CUDA only; bf16 on CPU: dense and packed backends)
+    compile: str = "off"        # off | default | reduce-overhead | max-autotune: torch.compile mode of the model
     clip_grad: float = 0.0      # max gradient norm (0 = off)
     accum_steps: int = 1        # gradient accumulation: optimizer step every N batches
     skip_nonfinite: int = 0     # non-finite steps skipped (no weight update) before training stops

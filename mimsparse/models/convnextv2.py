@@ -47,6 +47,16 @@ def get_spec(name: str) -> ConvNeXtV2Spec:
     return CONVNEXTV2_SPECS[name]
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters) whose statistics are computed in float32 for bf16/fp16 input
+    (autocast on CPU would keep bf16 here); the output has the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.float32, torch.float64):
+            return super().forward(x)
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
+
+
 class GRN(nn.Module):
     """Global Response Normalisation parameters (timm layout: weight/bias [C], zero-initialised).
 
@@ -99,7 +109,7 @@ class SparseConvNeXtBlock(nn.Module):
         super().__init__()
         # nn.Conv2d only holds the depthwise weight [C, 1, k, k] and bias; the backend runs it.
         self.conv_dw = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.norm = LayerNorm(dim, eps=1e-6)
         self.mlp = GrnMlp(dim, 4 * dim, use_grn)
         self.drop_path = DropPath(drop_path)
 
@@ -119,7 +129,7 @@ class SparseDownsample(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int, stride: int = 2):
         super().__init__()
-        self.norm = nn.LayerNorm(in_dim, eps=1e-6)
+        self.norm = LayerNorm(in_dim, eps=1e-6)
         self.conv = nn.Conv2d(in_dim, out_dim, stride, stride=stride)
 
     def forward(self, x, backend: Backend):
@@ -144,7 +154,7 @@ class SparseConvNeXtV2(SparseEncoder):
         self.in_chans = in_chans
         self.stem_stride = stem_stride
         self.stem_conv = nn.Conv2d(in_chans, dims[0], stem_stride, stride=stem_stride)
-        self.stem_norm = nn.LayerNorm(dims[0], eps=1e-6)
+        self.stem_norm = LayerNorm(dims[0], eps=1e-6)
         rates = [drop_path_rate * i / max(1, sum(depths) - 1) for i in range(sum(depths))]
         self.stages = nn.ModuleList()
         for i, (depth, dim) in enumerate(zip(depths, dims)):
@@ -173,13 +183,17 @@ class SparseConvNeXtV2(SparseEncoder):
         """Stride of each stage's output w.r.t. the image, finest first: the stem, then x2 per downsample."""
         return tuple(self.stem_stride * 2 ** i for i in range(len(self.dims)))
 
-    def forward_sparse(self, image_bchw: torch.Tensor, visible_bhw: torch.Tensor, return_stages: bool = False):
-        """image: [B, C, H, W]; visible: bool [B, H/p, W/p] (True = kept), p = patch_size.
+    def forward_sparse(self, image_bchw: torch.Tensor, visible_bhw: torch.Tensor, return_stages: bool = False,
+                       num_visible: int | None = None):
+        """image: [B, C, H, W]; visible: bool [B, H/p, W/p] (True = kept), p = patch_size;
+        num_visible: see SparseEncoder.forward_sparse.
         Returns the backend's native tensor of the last stage (or a list of all stages)."""
         self.check_mask(image_bchw, visible_bhw)
         backend = self.backend
-        x = backend.patch_embed(image_bchw, upsample_mask(visible_bhw, self.patch_size // self.stem_stride),
-                                self.stem_conv.weight, self.stem_conv.bias, self.stem_stride)
+        scale = self.patch_size // self.stem_stride
+        rows = None if num_visible is None else num_visible * scale * scale  # stem sites per sample
+        x = backend.patch_embed(image_bchw, upsample_mask(visible_bhw, scale),
+                                self.stem_conv.weight, self.stem_conv.bias, self.stem_stride, rows)
         x = backend.map_feats(x, self.stem_norm)
         outs = []
         for stage in self.stages:

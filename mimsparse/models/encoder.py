@@ -35,7 +35,11 @@ class SparseEncoder(nn.Module):
     def num_features(self) -> int:
         return self.stage_dims[-1]
 
-    def forward_sparse(self, image_bchw: torch.Tensor, visible_bhw: torch.Tensor, return_stages: bool = False):
+    def forward_sparse(self, image_bchw: torch.Tensor, visible_bhw: torch.Tensor, return_stages: bool = False,
+                       num_visible: int | None = None):
+        """``num_visible``: visible patches per sample when every sample has that many (mimsparse's
+        maskers keep exactly L - round(r * L)); lets a backend run without host syncs and with static
+        shapes (torch.compile). None = any mask."""
         raise NotImplementedError
 
     def check_mask(self, image_bchw: torch.Tensor, visible_bhw: torch.Tensor) -> None:
@@ -46,17 +50,20 @@ class SparseEncoder(nn.Module):
             raise ValueError(f"mask shape {tuple(visible_bhw.shape)} != (batch, H/{self.patch_size}, "
                              f"W/{self.patch_size}) = {(b, *grid)}")
 
-    def forward(self, image_bchw: torch.Tensor, visible_bhw: torch.Tensor | None = None) -> torch.Tensor:
-        """Dense [B, C_last, H/p, W/p] features, zero at masked patches. No mask = all visible."""
+    def forward(self, image_bchw: torch.Tensor, visible_bhw: torch.Tensor | None = None,
+                num_visible: int | None = None) -> torch.Tensor:
+        """Dense [B, C_last, H/p, W/p] features, zero at masked patches. No mask = all visible.
+        ``num_visible``: see :meth:`forward_sparse`."""
         visible_bhw = self._all_visible(image_bchw) if visible_bhw is None else visible_bhw
-        return self.backend.to_dense(self.forward_sparse(image_bchw, visible_bhw))
+        return self.backend.to_dense(self.forward_sparse(image_bchw, visible_bhw, num_visible=num_visible))
 
-    def forward_hierarchical(self, image_bchw: torch.Tensor,
-                             visible_bhw: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def forward_hierarchical(self, image_bchw: torch.Tensor, visible_bhw: torch.Tensor | None = None,
+                             num_visible: int | None = None) -> list[torch.Tensor]:
         """Dense features of every stage, finest first: [B, stage_dims[i], H/stage_strides[i],
         W/stage_strides[i]], zero at the sites of masked patches. No mask = all visible."""
         visible_bhw = self._all_visible(image_bchw) if visible_bhw is None else visible_bhw
-        return [self.backend.to_dense(x) for x in self.forward_sparse(image_bchw, visible_bhw, return_stages=True)]
+        stages = self.forward_sparse(image_bchw, visible_bhw, return_stages=True, num_visible=num_visible)
+        return [self.backend.to_dense(x) for x in stages]
 
     def _all_visible(self, image_bchw: torch.Tensor) -> torch.Tensor:
         b, _, h, w = image_bchw.shape

@@ -25,7 +25,7 @@ import torch.nn as nn
 from mimsparse.models.decoders import DECODERS, build_decoder
 from mimsparse.errors import ConfigError
 from mimsparse.models.loss import LOSS_ON, LOSSES, pixel_targets, reconstruction_loss
-from mimsparse.masking import PatchMasker, upsample_mask
+from mimsparse.masking import PatchMasker, num_masked, upsample_mask
 
 ENCODER_INPUTS = ("sparse", "mask_token")
 
@@ -67,13 +67,19 @@ class FCMAE(nn.Module):
         """bool [B, H/p, W/p], True = visible. ``progress`` in [0, 1] is the fraction of training done."""
         return self.masker(images_bchw, self.patch_size, generator, progress)
 
-    def forward_encoder(self, images_bchw, visible_bhw):
+    def visible_count(self, grid_hw: tuple[int, int], progress: float = 0.0) -> int:
+        """Visible patches per sample in every mask :meth:`make_mask` draws (all strategies mask exactly
+        round(r * L) patches; progressive's r depends on ``progress``)."""
+        length = grid_hw[0] * grid_hw[1]
+        return length - num_masked(self.masker.ratio_at(progress), length)
+
+    def forward_encoder(self, images_bchw, visible_bhw, num_visible: int | None = None):
         """-> what the decoder reads: the last stage's features [B, C, H/p, W/p] or, for a hierarchical
         decoder, every stage's [B, C_i, H/s_i, W/s_i], finest first. With a sparse input they are zero
-        at masked patches."""
+        at masked patches. ``num_visible``: see :meth:`forward`."""
         encode = self.encoder.forward_hierarchical if self.decoder.hierarchical else self.encoder
         if self.input_mask_token is None:
-            return encode(images_bchw, visible_bhw)
+            return encode(images_bchw, visible_bhw, num_visible=num_visible)
         return encode(self.fill_masked(images_bchw, visible_bhw), None)
 
     def fill_masked(self, images_bchw, visible_bhw):
@@ -94,11 +100,16 @@ class FCMAE(nn.Module):
         return reconstruction_loss(pred_bld, target, visible_bhw.flatten(1), self.loss, self.loss_on)
 
     def forward(self, images_bchw: torch.Tensor, visible_bhw: torch.Tensor | None = None,
-                generator: torch.Generator | None = None):
-        """Returns (loss, pred [B, L, p*p*C], visible [B, h, w])."""
+                generator: torch.Generator | None = None, num_visible: int | None = None):
+        """Returns (loss, pred [B, L, p*p*C], visible [B, h, w]).
+
+        ``num_visible``: the visible patches per sample when the caller knows every sample has that many
+        (:meth:`visible_count`); the packed backend then builds its indices without host syncs and with
+        static shapes, so ``torch.compile(fullgraph=True)`` takes the whole step. A mask with another count
+        raises a device-side error."""
         if visible_bhw is None:
             visible_bhw = self.make_mask(images_bchw, generator)
-        feats = self.forward_encoder(images_bchw, visible_bhw)
+        feats = self.forward_encoder(images_bchw, visible_bhw, num_visible)
         pred = self.forward_decoder(feats, visible_bhw)
         loss = self.forward_loss(images_bchw, pred, visible_bhw)
         return loss, pred, visible_bhw

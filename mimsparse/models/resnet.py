@@ -167,8 +167,10 @@ class SparseResNet(SparseEncoder):
         """The active sites of each stage: bool [B, H/s, W/s] for s in ``stage_strides``."""
         return [upsample_mask(visible_bhw, self.patch_size // s) for s in self.stage_strides]
 
-    def forward_sparse(self, image_bchw: torch.Tensor, visible_bhw: torch.Tensor, return_stages: bool = False):
-        """image: [B, C, H, W]; visible: bool [B, H/32, W/32] (True = kept).
+    def forward_sparse(self, image_bchw: torch.Tensor, visible_bhw: torch.Tensor, return_stages: bool = False,
+                       num_visible: int | None = None):
+        """image: [B, C, H, W]; visible: bool [B, H/32, W/32] (True = kept); num_visible is not used (the
+        strided convs pick their output sites from the masks, which has no static form yet).
         Returns the backend's native tensor of the last stage (or a list of all four, finest first)."""
         self.check_mask(image_bchw, visible_bhw)
         backend = self.backend

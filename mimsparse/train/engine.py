@@ -19,6 +19,7 @@ from tqdm import tqdm
 from mimsparse.train import distributed
 from mimsparse.backends import Backend, get_backend
 from mimsparse.models.build import build_fcmae
+from mimsparse.train.compile import check_compile_mode, compile_model
 from mimsparse.train.checkpoint import (check_model_matches, check_writable_dir, load_checkpoint, remove_stale_temp_files,
                                   require_training_checkpoint, rng_state, set_rng_state, versions)
 from mimsparse.train.checkpoint_manager import CheckpointManager, checkpoint_size_estimate
@@ -89,9 +90,10 @@ def check_amp(amp: str, backend: Backend, device: torch.device) -> torch.dtype |
         raise TrainingError(f"train.amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
     dtype = AMP_DTYPES[amp]
     if dtype is not None:
-        if torch.device(device).type != "cuda":
-            raise TrainingError(f"mixed precision (train.amp={amp}) is for CUDA; on {torch.device(device).type} "
-                                f"train in fp32 with train.amp=none")
+        # bf16 autocast runs on CPU too (dense, packed); fp16 needs loss scaling and is slow there
+        if dtype == torch.float16 and torch.device(device).type != "cuda":
+            raise TrainingError(f"train.amp=fp16 is for CUDA; on {torch.device(device).type} use train.amp=bf16 "
+                                f"(dense and packed backends) or train.amp=none")
         backend.check_dtype(dtype, torch.device(device))
     return dtype
 
@@ -143,6 +145,7 @@ class Pretrainer:
         self.say = print if self.dist.is_main else (lambda *a, **k: None)
         check_train_config(cfg)
         self.amp_dtype = check_amp(cfg.train.amp, self.backend, self.device)
+        check_compile_mode(cfg.train.compile)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise TrainingError("--device cuda but CUDA is not available; use --device cpu")
         check_writable_dir(self.out_dir)
@@ -174,6 +177,7 @@ class Pretrainer:
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
             self.train_model = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.train_model = compile_model(self.train_model, cfg.train.compile)
         self.lr = cfg.lr(world)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.optim.weight_decay), lr=self.lr,
                                            betas=(cfg.optim.beta1, cfg.optim.beta2))
@@ -268,12 +272,15 @@ class Pretrainer:
         run began. ``sync=False`` keeps DDP from averaging gradients (not the last micro-batch of an
         accumulation window). Returns (loss, detached; visible mask)."""
         cfg = self.cfg
-        visible = self.make_mask(images, seeds, progress=self.state.step / max(1, self.total_steps))
+        progress = self.state.step / max(1, self.total_steps)
+        visible = self.make_mask(images, seeds, progress=progress)
+        # compiled: the masks' fixed count makes every packed shape static (see mimsparse.train.compile)
+        count = self.model.visible_count(visible.shape[1:], progress) if cfg.train.compile != "off" else None
         torch.manual_seed(step_seed(cfg.train.seed, batch_id * self.dist.world_size + self.dist.rank))  # drop path
         no_sync = self.train_model.no_sync if self.dist.enabled and not sync else contextlib.nullcontext
         with no_sync():
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                loss, _, _ = self.train_model(images, visible)
+                loss, _, _ = self.train_model(images, visible, num_visible=count)
             self.scaler.scale(loss / cfg.train.accum_steps).backward()
         return loss.detach().float(), visible
 
