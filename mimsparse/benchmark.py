@@ -23,7 +23,7 @@ from mimsparse.backends import BackendUnavailable, get_backend
 from mimsparse.models.decoders import FCMAEDecoder
 from mimsparse.models.build import build_encoder
 from mimsparse.config import ModelConfig
-from mimsparse.train.engine import AMP_DTYPES
+from mimsparse.train.precision import AMP_DTYPES
 from mimsparse.models.fcmae import FCMAE
 from mimsparse.models.loss import masked_reconstruction_loss, pixel_targets
 from mimsparse.masking import random_patch_mask

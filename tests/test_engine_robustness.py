@@ -18,7 +18,9 @@ from mimsparse.models.build import build_fcmae
 from mimsparse.train.checkpoint import CheckpointError, load_checkpoint
 from mimsparse.config import ConfigError, config_from_dict, load_config
 from mimsparse.train.data import FileSource, SeededImages, list_images, pretrain_transform, to_rgb
-from mimsparse.train.engine import Pretrainer, TrainingError, check_amp
+from mimsparse.errors import TrainingError
+from mimsparse.train.engine import Pretrainer
+from mimsparse.train.precision import check_amp
 from tests.conftest import ROOT, run_tool, tiny_overrides
 
 
@@ -418,10 +420,10 @@ def test_worker_processes_give_the_same_batches(photo_dir, tmp_path):
 
 
 def test_tensorboard_is_optional(photo_dir, tmp_path, monkeypatch):
-    import mimsparse.train.engine as engine
+    import mimsparse.train.logger as logger
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
-    assert engine.tensorboard_writer(tmp_path / "tb") is None
+    assert logger.tensorboard_writer(tmp_path / "tb") is None
     scalars = []
 
     class FakeWriter:
@@ -431,7 +433,7 @@ def test_tensorboard_is_optional(photo_dir, tmp_path, monkeypatch):
         def close(self):
             scalars.append("closed")
 
-    monkeypatch.setattr(engine, "tensorboard_writer", lambda folder: FakeWriter())
+    monkeypatch.setattr(logger, "tensorboard_writer", lambda folder: FakeWriter())
     Pretrainer(_cfg(tmp_path, photo_dir, **{"train.max_steps": 1}), "dense", show_progress=False).run()
     assert ("train/loss", 1) in scalars and ("train/lr", 1) in scalars and scalars[-1] == "closed"
 

@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
     from mimsparse.train import distributed
     from mimsparse.config import load_config
-    from mimsparse.train.engine import Pretrainer
+    from mimsparse.train.build import build_run
 
     overrides = list(args.overrides)
     if args.data:
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, overrides)
     env, device = distributed.init_from_env(args.device)
     try:
-        trainer = Pretrainer(cfg, args.backend, device, resume=args.resume, show_progress=not args.no_progress,
+        trainer = build_run(cfg, args.backend, device, resume=args.resume, show_progress=not args.no_progress,
                              overwrite=args.overwrite)
         say = print if env.is_main else (lambda *a, **k: None)
         batch = f"{cfg.train.batch_size}"

@@ -1,0 +1,100 @@
+"""``build_run(cfg)``: what a pretraining run is made of, checked and wired in one place (as MAE's
+main_pretrain.py): config checks, data, model (DDP, torch.compile), optimizer, schedule, scaler."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from mimsparse.backends import Backend
+from mimsparse.config import PretrainConfig
+from mimsparse.errors import ConfigError, DataError
+from mimsparse.evaluate.datasets import is_builtin, load_labelled
+from mimsparse.masking import check_image_size
+from mimsparse.models.build import build_fcmae
+from mimsparse.train.compile import compile_model
+from mimsparse.train.data import FileSource, SeededImages, bundled_photo_paths, list_images, pretrain_transform
+from mimsparse.train.optim import param_groups, warmup_cosine
+
+
+def check_train_config(cfg: PretrainConfig) -> None:
+    """Values the dataclass types cannot rule out, refused by key before anything is built."""
+    ratio = cfg.mask.ratio
+    if not 0.0 < ratio < 1.0:
+        raise ConfigError(f"mask.ratio must be in (0, 1) for pretraining (the loss is over the masked patches "
+                          f"and some must stay visible), got {ratio}")
+    minimum = {"train.batch_size": (cfg.train.batch_size, 1), "train.accum_steps": (cfg.train.accum_steps, 1),
+               "train.epochs": (cfg.train.epochs, 1), "train.save_every_epochs": (cfg.train.save_every_epochs, 1),
+               "data.repeat": (cfg.data.repeat, 1), "data.num_workers": (cfg.data.num_workers, 0),
+               "train.keep_last": (cfg.train.keep_last, 0), "train.max_steps": (cfg.train.max_steps, 0),
+               "train.skip_nonfinite": (cfg.train.skip_nonfinite, 0), "train.vis_every": (cfg.train.vis_every, 0),
+               "train.clip_grad": (cfg.train.clip_grad, 0.0), "train.log_every": (cfg.train.log_every, 1)}
+    for key, (value, low) in minimum.items():
+        if value < low:
+            raise ConfigError(f"config key {key!r} must be >= {low}, got {value}")
+    if not 0.0 < cfg.data.min_scale <= 1.0:
+        raise ConfigError(f"config key 'data.min_scale' must be in (0, 1], got {cfg.data.min_scale}")
+
+
+def pretrain_source(cfg: PretrainConfig):
+    """data.path: "" = the bundled photos, a built-in dataset name (its training images), or a folder."""
+    if not cfg.data.path:
+        return FileSource(bundled_photo_paths())
+    if is_builtin(cfg.data.path):
+        return load_labelled(cfg.data.path, "train")
+    return FileSource(list_images(cfg.data.path))
+
+
+def build_dataset(cfg: PretrainConfig, world_size: int) -> tuple[SeededImages, int]:
+    """(dataset, optimizer steps per epoch); an epoch is cut to whole optimizer steps of every process."""
+    dataset = SeededImages(pretrain_source(cfg), pretrain_transform(cfg.data.img_size, cfg.data.min_scale))
+    per_step = cfg.train.batch_size * cfg.train.accum_steps * world_size
+    steps_per_epoch = len(dataset) * cfg.data.repeat // per_step
+    if steps_per_epoch == 0:
+        raise DataError(f"{len(dataset)} images x data.repeat={cfg.data.repeat} is less than one optimizer step "
+                        f"of {per_step} images (train.batch_size={cfg.train.batch_size} x train.accum_steps="
+                        f"{cfg.train.accum_steps} x {world_size} process(es)); lower train.batch_size or raise "
+                        f"data.repeat")
+    return dataset, steps_per_epoch
+
+
+def build_model(cfg: PretrainConfig, backend: Backend, device: torch.device, distributed: bool):
+    """(the FCMAE model, the module every process runs: DDP-wrapped and/or compiled)."""
+    torch.manual_seed(cfg.train.seed)  # the run's seed: the initial weights
+    model = build_fcmae(cfg, backend).to(device)
+    try:
+        check_image_size(cfg.data.img_size, cfg.data.img_size, model.patch_size)
+    except ValueError as e:
+        raise ConfigError(f"data.img_size={cfg.data.img_size}: {e}") from None
+    train_model = model
+    if distributed:
+        # Every parameter gets a gradient at every step (no find_unused_parameters). Backends that
+        # compute in channels_last (dense) return some weight gradients in that layout; DDP then
+        # copies them into its buckets and says so once per process: harmless, so not shown.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, compile_model(train_model, cfg.train.compile)
+
+
+def build_optimization(cfg: PretrainConfig, model: torch.nn.Module, lr: float, steps_per_epoch: int,
+                       total_steps: int, amp_dtype, device: torch.device):
+    """AdamW (no decay on norms, biases, GRN, mask token), warm-up + cosine per step, and a loss
+    scaler that only fp16 needs (a pass-through otherwise)."""
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=lr,
+                                  betas=(cfg.optim.beta1, cfg.optim.beta2))
+    warmup = max(1, round(cfg.optim.warmup_epochs * steps_per_epoch))
+    min_ratio = cfg.optim.min_lr / lr if lr > 0 else 0.0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup, total_steps, min_ratio))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    return optimizer, scheduler, scaler
+
+
+def build_run(cfg: PretrainConfig, backend: Backend | str = "dense", device: str = "cpu",
+              resume: str | Path | None = None, show_progress: bool = True, overwrite: bool = False):
+    """The :class:`~mimsparse.train.engine.Pretrainer` of ``cfg``, resumed from ``resume`` (a path or
+    "auto") when given; ``run()`` trains it."""
+    from mimsparse.train.engine import Pretrainer
+
+    return Pretrainer(cfg, backend, device, resume, show_progress, overwrite)

@@ -1,0 +1,74 @@
+"""Where a run reports: ``log.jsonl`` (every step, one record per step across resumes), TensorBoard
+scalars (every step) and reconstruction grids, and the progress bar or, without one, a plain line
+every ``train.log_every`` steps. Only the main process reports; the others get a logger that does nothing."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tqdm import tqdm
+
+from mimsparse.train.run_log import RunLog
+
+SCALARS = ("loss", "lr", "grad_norm", "images_per_s", "mask_ratio", "data_time", "compute_time")
+
+
+def tensorboard_writer(folder: Path):
+    """A SummaryWriter when the tensorboard package is installed, else None (logging goes to log.jsonl)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(folder))
+
+
+class RunLogger:
+    def __init__(self, out_dir: Path, main: bool, show_progress: bool, log_every: int, tensorboard: bool):
+        self.main, self.show_progress, self.log_every = main, show_progress and main, max(1, log_every)
+        self.log = RunLog(out_dir / "log.jsonl")
+        self.tensorboard = tensorboard and main
+        self.out_dir = out_dir
+        self.writer = None
+        self.bar = None
+
+    def start(self, step: int) -> None:
+        """Before the first step: drop what a killed run logged after the checkpoint it resumes from."""
+        if self.main:
+            self.log.start(step)
+            if self.tensorboard:
+                self.writer = tensorboard_writer(self.out_dir / "tensorboard")
+
+    def epoch(self, epoch: int, total: int, initial: int) -> None:
+        self.bar = tqdm(total=total, initial=initial, disable=not self.show_progress, desc=f"epoch {epoch}",
+                        dynamic_ncols=True)
+
+    def batch_done(self) -> None:
+        self.bar.update(1)
+
+    def step(self, record: dict) -> None:
+        if not self.main:
+            return
+        self.log.write(record)
+        loss = f"{record['loss']:.4f}" if record["loss"] is not None else "skipped"
+        every = record["step"] % self.log_every == 0
+        if self.writer is not None:
+            for key in SCALARS:
+                if record.get(key) is not None:
+                    self.writer.add_scalar(f"train/{key}", record[key], record["step"])
+        if self.show_progress:
+            self.bar.set_postfix(loss=loss, lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_s']:.1f}")
+        elif every:
+            print(f"step {record['step']} | epoch {record['epoch']} | loss {loss} | lr {record['lr']:.3e} | "
+                  f"{record['images_per_s']:.1f} img/s | mask ratio {record['mask_ratio']:.3g}", flush=True)
+
+    def image(self, grid, step: int) -> None:
+        if self.writer is not None:
+            import numpy as np
+
+            self.writer.add_image("reconstruction", np.asarray(grid), step, dataformats="HWC")
+
+    def epoch_done(self) -> None:
+        self.bar.close()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
