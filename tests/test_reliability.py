@@ -310,6 +310,18 @@ def test_any_unreadable_image_is_skipped_and_counted(photo_dir, tmp_path, monkey
         result = Pretrainer(cfg, "dense", show_progress=False).run()
     assert len(result["history"]) == 1 and result["history"][0]["loss"] is not None
     assert "skipped 1 unreadable image" in capsys.readouterr().out
+    # the same rule for labelled image files (finetuning, linear probe) and for tools reading one image
+    from mimsparse.data import SeededImages, pretrain_transform
+    from mimsparse.datasets import LabelledImages
+    from mimsparse.visualize import load_image
+
+    paths = [data / "huge.png", data / "chelsea.png"]
+    labelled = SeededImages(LabelledImages(paths, torch.tensor([0, 1]), ("a", "b")), pretrain_transform(64, 0.5))
+    with pytest.warns(UserWarning, match=r"skipping unreadable image .*huge.png: DecompressionBombError"):
+        assert labelled[(0, 0)] is None
+    assert labelled[(1, 0)][0].shape == (3, 64, 64)
+    with pytest.raises(DataError, match=r"cannot read image .*huge.png: DecompressionBombError"):
+        load_image(data / "huge.png", (64, 64), 32)
 
 
 # ---- 5. every fault: one line naming the path; a bug keeps its traceback ------------------------------
