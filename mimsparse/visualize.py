@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from mimsparse.train.data import IMAGENET_MEAN, IMAGENET_STD, to_rgb
-from mimsparse.errors import ConfigError, DataError
+from mimsparse.train.data import IMAGENET_MEAN, IMAGENET_STD, read_image_file
+from mimsparse.errors import ConfigError, DataError, UnreadableImage
 from mimsparse.models.loss import patchify, unpatchify
 from mimsparse.masking import check_image_size, upsample_mask
 
@@ -136,11 +136,9 @@ def load_image(path: str | Path, size_hw: tuple[int, int], patch_size: int = 32)
     if not path.is_file():
         raise DataError(f"image {str(path)!r} does not exist")
     try:
-        with Image.open(path) as img:
-            img.load()
-            img = to_rgb(img)
-    except (OSError, SyntaxError) as e:
-        raise DataError(f"cannot read image {str(path)!r}: {e}") from e
+        img = read_image_file(path)
+    except UnreadableImage as e:
+        raise DataError(f"cannot read image {e}") from e
     scale = max(h / img.height, w / img.width)
     img = img.resize((max(w, round(img.width * scale)), max(h, round(img.height * scale))), Image.BICUBIC)
     left, top = (img.width - w) // 2, (img.height - h) // 2

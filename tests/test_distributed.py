@@ -88,3 +88,23 @@ def test_unreadable_batch_on_one_rank_is_skipped_by_all(photo_dir, tmp_path):
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3] and all(r["loss"] is not None for r in log)
     assert all(torch.isfinite(v).all() for v in load_checkpoint(out / "checkpoint-0000003.pth")["model"].values())
+
+
+def test_a_torchrun_job_refuses_another_runs_folder_on_every_rank(photo_dir, tmp_path):
+    """Every process checks the folder's owner (not rank 0 alone), so no rank is left waiting in a
+    collective: the job ends at once, each rank with the same one-line error, the other run untouched."""
+    out = tmp_path / "run"
+    overrides = tiny_overrides(out, **{"data.path": str(photo_dir), "train.max_steps": 1})
+    from mimsparse.config import load_config
+    from mimsparse.train.engine import Pretrainer
+
+    Pretrainer(load_config(None, overrides), "dense", show_progress=False).run()  # the other run
+    before = {p.name: p.read_bytes() for p in out.glob("checkpoint-*.pth")}
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tools" / "pretrain.py"), "--no-progress", *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode != 0
+    refused = [line for line in proc.stderr.splitlines() if "holds the checkpoints of another run" in line]
+    assert len(refused) == 2 and all(line.startswith("error: output folder") for line in refused), proc.stderr
+    assert {p.name: p.read_bytes() for p in out.glob("checkpoint-*.pth")} == before

@@ -161,6 +161,22 @@ def test_corrupted_checkpoints_never_load_silently(photo_dir, tmp_path):
         load_checkpoint(bad)
 
 
+def test_a_flip_anywhere_in_a_checkpoint_is_detected(tmp_path):
+    """64 flipped bytes at every position of a file (data, zip headers, central directory)."""
+    g = torch.Generator().manual_seed(0)
+    save_checkpoint({"model": {"w": torch.randn(8000, generator=g), "b": torch.randn(50, generator=g)},
+                     "config": {"model": {"name": "x"}}}, tmp_path / "c.pth")
+    good = (tmp_path / "c.pth").read_bytes()
+    bad = tmp_path / "bad.pth"
+    offsets = range(0, len(good) - 64, 53)
+    assert len(offsets) > 500
+    for offset in offsets:
+        bad.write_bytes(good)
+        _flip(bad, offset)
+        with pytest.raises(CheckpointError, match=r"checkpoint '.*bad.pth' is (corrupt|damaged|truncated)"):
+            load_checkpoint(bad)
+
+
 def test_resume_auto_falls_back_to_the_newest_checkpoint_that_verifies(photo_dir, tmp_path, capsys):
     full = _run(tmp_path, photo_dir, "full", **{"train.epochs": 3})
     part = _run(tmp_path, photo_dir, "part", **{"train.keep_last": 0})  # checkpoints 3, 6
@@ -294,6 +310,18 @@ def test_any_unreadable_image_is_skipped_and_counted(photo_dir, tmp_path, monkey
         result = Pretrainer(cfg, "dense", show_progress=False).run()
     assert len(result["history"]) == 1 and result["history"][0]["loss"] is not None
     assert "skipped 1 unreadable image" in capsys.readouterr().out
+    # the same rule for labelled image files (finetuning, linear probe) and for tools reading one image
+    from mimsparse.train.data import SeededImages, pretrain_transform
+    from mimsparse.evaluate.datasets import LabelledImages
+    from mimsparse.visualize import load_image
+
+    paths = [data / "huge.png", data / "chelsea.png"]
+    labelled = SeededImages(LabelledImages(paths, torch.tensor([0, 1]), ("a", "b")), pretrain_transform(64, 0.5))
+    with pytest.warns(UserWarning, match=r"skipping unreadable image .*huge.png: DecompressionBombError"):
+        assert labelled[(0, 0)] is None
+    assert labelled[(1, 0)][0].shape == (3, 64, 64)
+    with pytest.raises(DataError, match=r"cannot read image .*huge.png: DecompressionBombError"):
+        load_image(data / "huge.png", (64, 64), 32)
 
 
 # ---- 5. every fault: one line naming the path; a bug keeps its traceback ------------------------------

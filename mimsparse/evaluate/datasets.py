@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mimsparse.train.data import DataError, list_images, to_rgb
+from mimsparse.train.data import DataError, list_images, read_image_file, to_rgb
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
@@ -45,12 +45,10 @@ class LabelledImages:
         return len(self.labels)
 
     def image(self, index: int) -> Image.Image:
-        """The index-th image as 8-bit RGB (files are opened here; OSError if unreadable)."""
+        """The index-th image as 8-bit RGB (files are opened here; UnreadableImage if unreadable)."""
         item = self.images[index]
         if isinstance(item, Path):
-            with Image.open(item) as img:
-                img.load()
-                return to_rgb(img)
+            return read_image_file(item)
         return to_rgb(Image.fromarray(item))
 
     def subset(self, indices) -> "LabelledImages":

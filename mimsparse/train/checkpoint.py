@@ -165,9 +165,9 @@ def verify_checkpoint(path: str | Path, sha256: str | None = None) -> None:
     try:
         with zipfile.ZipFile(path) as zf:
             bad = zf.testzip()  # reads every member and compares its CRC-32
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {str(path)!r} is damaged ({e}); use an earlier checkpoint from the same "
-                              f"folder") from None
+    except Exception as e:  # noqa: BLE001 (a damaged header: BadZipFile, UnicodeDecodeError, NotImplementedError ...)
+        raise CheckpointError(f"checkpoint {str(path)!r} is damaged (its zip headers are unreadable: "
+                              f"{type(e).__name__}: {e}); use an earlier checkpoint from the same folder") from None
     if bad is not None:
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: member {bad!r} fails its CRC-32 check; use an "
                               f"earlier checkpoint from the same folder")

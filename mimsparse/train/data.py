@@ -73,6 +73,19 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def read_image_file(path: str | Path) -> Image.Image:
+    """An image file as 8-bit RGB. Raises :class:`UnreadableImage` for any failure to read it: Pillow
+    raises many types for bad files (OSError, SyntaxError, struct.error, DecompressionBombError for
+    images over Pillow's pixel limit, MemoryError ...), and each must only skip that image (the data
+    loader counts it), never end the run."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_rgb(img)
+    except Exception as e:  # noqa: BLE001 (user data: every failure is this file's)
+        raise UnreadableImage(f"{path}: {type(e).__name__}: {e}") from e
+
+
 def pretrain_transform(img_size: int, min_scale: float) -> transforms.Compose:
     return transforms.Compose([
         transforms.RandomResizedCrop(img_size, scale=(min_scale, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
@@ -92,16 +105,7 @@ class FileSource:
         return len(self.paths)
 
     def image(self, index: int) -> Image.Image:
-        """Raises :class:`UnreadableImage` for any failure to read the file: Pillow raises many types
-        for bad files (OSError, SyntaxError, struct.error, DecompressionBombError for images over
-        Pillow's pixel limit, MemoryError ...), and each must only skip that image, never end the run."""
-        path = self.paths[index]
-        try:
-            with Image.open(path) as img:
-                img.load()
-                return to_rgb(img)
-        except Exception as e:  # noqa: BLE001 (user data: every failure is this file's)
-            raise UnreadableImage(f"{path}: {type(e).__name__}: {e}") from e
+        return read_image_file(self.paths[index])
 
     def describe(self, index: int) -> str:
         return str(self.paths[index])
