@@ -18,7 +18,9 @@ from mimsparse.masking import random_patch_mask
 from tests.conftest import tiny_overrides
 from tests.helpers import randomize_
 
-IMG, BATCH, RATIO = 64, 3, 0.6
+# The same model, batch and image size as the pretraining test below (tiny_overrides, batch 2): its
+# compile then finds this graph in inductor's cache instead of compiling again (minutes on CPU).
+IMG, BATCH, RATIO, DECODER_DIM = 64, 2, 0.6, 64
 TOL = 1e-4  # fp32; inductor fuses and reorders reductions
 
 
@@ -38,7 +40,7 @@ def compiled_run():
     """Runs the compiled step on three batches once; returns per batch (loss, grads) of the compiled
     packed model and of the eager dense model, and the number of graphs dynamo compiled."""
     torch.manual_seed(0)
-    ref = randomize_(build_fcmae(PretrainConfig(model=ModelConfig(decoder_dim=32)), "dense"), std=0.1)
+    ref = randomize_(build_fcmae(PretrainConfig(model=ModelConfig(decoder_dim=DECODER_DIM)), "dense"), std=0.1)
     packed = copy.deepcopy(ref)
     packed.encoder.backend = "packed"
     step = torch.compile(packed, fullgraph=True, dynamic=False)
@@ -82,7 +84,8 @@ def test_three_masks_one_graph(compiled_run):
 
 
 def _pretrain(tmp_path, photo_dir, **extra):
-    values = {"data.path": str(photo_dir), "train.batch_size": 2, "train.max_steps": 2, **extra}
+    values = {"data.path": str(photo_dir), "train.batch_size": BATCH, "train.max_steps": 2,
+              "model.decoder_dim": DECODER_DIM, "mask.ratio": RATIO, **extra}
     trainer = Pretrainer(load_config(None, tiny_overrides(tmp_path, **values)), "packed", show_progress=False)
     return trainer, [r["loss"] for r in trainer.run()["history"]]
 
