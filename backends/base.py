@@ -84,7 +84,10 @@ class Backend(ABC):
 
     @abstractmethod
     def downsample(self, t: Native, weight: torch.Tensor, bias: torch.Tensor | None) -> Native:
-        """k x k conv with stride k; weight [C_out, C_in, k, k]."""
+        """k x k conv with stride k (non-overlapping blocks, no padding; ConvNeXt's patchify stages);
+        weight [C_out, C_in, k, k]. Unlike ``strided_conv`` the output sites follow from the input:
+        every block holding an active site, which is what the libraries' own strided convs produce
+        for non-overlapping windows, so they run it natively."""
 
     @abstractmethod
     def strided_conv(self, t: Native, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
