@@ -48,8 +48,9 @@ def import_official(args) -> int:
 def export_official(args) -> int:
     import torch
 
-    from mimsparse.train.checkpoint import load_checkpoint
     from mimsparse.convert import encoder_state_from_checkpoint
+    from mimsparse.convert.export import atomic_write, load_lines
+    from mimsparse.train.checkpoint import load_checkpoint
     from mimsparse.convert.official import encoder_to_official_dense, fcmae_to_official
 
     ckpt = load_checkpoint(args.checkpoint)
@@ -63,10 +64,15 @@ def export_official(args) -> int:
             raise ValueError("--num-classes goes with --dense (the FCMAE layout has no classifier)")
         sd = fcmae_to_official(ckpt["model"])
         what = "official FCMAE"
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": sd}, out)
-    print(f"wrote {out}: {what} layout, {len(sd)} tensors")
+    out = atomic_write(args.output, lambda tmp: torch.save({"model": sd}, tmp))  # wrapped, as the official code saves
+    print(f"wrote {out}: {what} layout, {len(sd)} tensors, wrapped as {{'model': state_dict}}")
+    if args.dense:
+        print(f"load with: {load_lines(name, args.num_classes, out, ('official',), wrapped=True)[0]}")
+        if args.num_classes:  # timm's convnextv2 checkpoint_filter_fn reads the official layout
+            print(f"       or: timm.create_model('{name}', pretrained=True, num_classes={args.num_classes}, "
+                  f"pretrained_cfg_overlay=dict(file='{out}', num_classes={args.num_classes}))")
+    else:
+        print(f"load with: the official main_pretrain.py --resume {out} or main_finetune.py --finetune {out}")
     return 0
 
 
@@ -74,15 +80,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="official FCMAE checkpoint -> mimsparse run folder")
-    imp.add_argument("checkpoint", help="file saved by the official main_pretrain.py (or its 'model' state dict)")
+    from mimsparse.cli_args import add_checkpoint, resolve_checkpoint
+
+    add_checkpoint(imp, "file saved by the official main_pretrain.py (or its 'model' state dict)")
     imp.add_argument("--output-dir", required=True, help="run folder to create (= train.output_dir)")
     imp.add_argument("--config", default=None,
                      help="YAML for the training settings; the architecture comes from the checkpoint")
     imp.add_argument("--data", default=None, help="ImageFolder or flat folder (default: bundled photos)")
     imp.epilog = "Config overrides section.key=value may follow, e.g. train.epochs=5 optim.base_lr=1e-4."
     exp = sub.add_parser("export", help="mimsparse checkpoint -> official layout")
-    exp.add_argument("checkpoint", help="checkpoint written by tools/pretrain.py")
-    exp.add_argument("-o", "--output", required=True)
+    add_checkpoint(exp, "checkpoint written by tools/pretrain.py")
+    exp.add_argument("-o", "--output", required=True, help="a .pth holding {'model': state_dict} (the official "
+                     "code's wrapped form)")
     exp.add_argument("--dense", action="store_true", help="official ConvNeXtV2 (fine-tuning model) layout")
     exp.add_argument("--num-classes", type=int, default=None, help="with --dense: add a fresh classifier of N classes")
     # config overrides (section.key=value) may follow the options, which argparse's subcommands do not allow
@@ -91,6 +100,7 @@ def main(argv=None) -> int:
     if bad or (rest and args.command != "import"):
         p.error(f"unrecognized arguments: {' '.join(bad or rest)}")
     args.overrides = rest
+    resolve_checkpoint(imp if args.command == "import" else exp, args)
     return import_official(args) if args.command == "import" else export_official(args)
 
 
