@@ -32,7 +32,7 @@ def test_readme_snippet_runs(tmp_path_factory, photo_dir, tmp_path, monkeypatch)
     assert (ns["feats"].abs().sum(1) > 0).eq(ns["visible"]).all()  # zero exactly at the masked patches
     # the converted classifier holds the pretrained weights, and agrees with the pretrained sparse encoder
     trained = torch.load(ckpt, weights_only=True)["model"]
-    assert torch.equal(ns["classifier"].stem[0].weight, trained["encoder.stem.0.weight"])
+    assert torch.equal(ns["classifier"].stem[0].weight, trained["encoder.stem_conv.weight"])
     x = torch.randn(1, 3, 64, 64)
     dense = ns["classifier"].eval().forward_features(x)
     sparse = ns["pretrained"].encoder(x, torch.ones(1, 2, 2, dtype=torch.bool))

@@ -127,8 +127,14 @@ def save_timm_folder(state_dict: dict[str, torch.Tensor], folder: str | Path, mo
     folder = Path(folder)
     model = timm.create_model(model_name, num_classes=num_classes, pretrained=False)
     model.load_state_dict(state_dict, strict=True)
-    config = {"label_names": list(label_names)} if label_names else {}
-    atomic_write(folder / "config.json", lambda tmp: save_config_for_hf(model, tmp, model_config=config))
+    # our weights, not timm's release: its tag, test-time size and crop do not describe them
+    config = {"pretrained_cfg": {"tag": "mimsparse", "license": None}}
+    if label_names:
+        config["label_names"] = list(label_names)
+    data = {"input_size": (model.pretrained_cfg.get("input_size") or (3, 224, 224)),
+            "crop_pct": model.pretrained_cfg.get("crop_pct", 0.875)}
+    atomic_write(folder / "config.json",
+                 lambda tmp: save_config_for_hf(model, tmp, model_config=config, data_config=data))
     save_weights(state_dict, folder / WEIGHTS_NAME, metadata)
     return folder
 
@@ -141,7 +147,7 @@ def load_lines(model_name: str, num_classes: int, path: str | Path, libraries=("
         file = str(Path(path) / WEIGHTS_NAME)
         return [f"timm.create_model('{model_name}', pretrained=True, num_classes={num_classes}, "
                 f"pretrained_cfg_overlay=dict(file='{file}', num_classes={num_classes}))",
-                f"timm.create_model('local-dir:{path}')"]
+                f"timm.create_model('local-dir:{path}', pretrained=True)"]
     if export_format(path) == "safetensors":
         read = f"safetensors.torch.load_file('{path}')"
     else:
