@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mimsparse.convert.export import atomic_write, conversion_head, load_weights_file, save_weights
+from mimsparse.convert.export import atomic_write, conversion_head, load_lines, load_weights_file, save_weights
 from mimsparse.train.checkpoint import CheckpointError, check_writable_dir
 from mimsparse.evaluate.loaders import (check_fraction, check_img_size, eval_loader, limit_subset, stratified_subset,
                                      top1_correct, train_loader)
@@ -489,4 +489,5 @@ def main(args) -> dict:
     print(f"best top-1 {results['best_top1']:.2%} (epoch {results['best_epoch']}), final {results['final_top1']:.2%}; "
           f"wrote {best_path} (weights + class names; tools/predict.py {best_path} IMAGES), {last_path} (--resume), "
           f"{out_dir / 'results.json'}, {log_path}")
+    print(f"load with: {load_lines(name, num_classes, best_path)[0]}")
     return results
