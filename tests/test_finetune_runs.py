@@ -68,6 +68,9 @@ def test_folder_without_splits_gets_a_held_out_validation_split(tmp_path, photo_
     assert "held-out validation (0.25 of each class, 6 images); 18 training images" in proc.stdout
     results, _ = read_results(out)
     assert results["data"]["train_images"] == 18 and results["data"]["test_images"] == 6
+    from tests.test_export import run_load_lines
+    (loaded,) = run_load_lines(proc.stdout)  # the printed line loads best.safetensors strictly
+    assert not loaded.missing_keys and not loaded.unexpected_keys
     # predict on the held-out images with the saved class names
     pred = run_tool("predict.py", str(out), *map(str, val.images[:2]), "--top-k", "2", "-o", str(tmp_path / "p.json"))
     saved = json.loads((tmp_path / "p.json").read_text())
@@ -115,3 +118,17 @@ def _umask():
     old = os.umask(0)
     os.umask(old)
     return old
+
+
+def test_predict_bad_input_gives_one_error_line(tmp_path, capsys):
+    from mimsparse.cli import run_cli
+    from mimsparse.convert.export import save_weights
+
+    main = tool_main("predict")
+    save_weights({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+    cases = [([str(tmp_path / "w.safetensors"), "x.png"], "holds no class names: pass the best.safetensors or last.pth"),
+             ([str(tmp_path / "none.safetensors"), "x.png"], "does not exist")]
+    for argv, expected in cases:
+        assert run_cli(lambda: main(argv)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and expected in err and len(err.strip().splitlines()) == 1, err
