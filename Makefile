@@ -11,8 +11,8 @@ setup:
 
 demo: setup
 	$(PY) tools/pretrain.py --config configs/fcmae_atto.yaml --backend $(BACKEND) --output-dir $(RUN) --resume auto
-	$(PY) tools/convert_to_dense.py $$(ls $(RUN)/checkpoint-[0-9]*.pth | tail -n 1) -o $(RUN)/convnextv2_atto-timm.pth
-	@echo "checkpoints and log: $(RUN)/   dense timm weights: $(RUN)/convnextv2_atto-timm.pth"
+	$(PY) tools/convert_to_dense.py $$(ls $(RUN)/checkpoint-[0-9]*.pth | tail -n 1) -o $(RUN)/convnextv2_atto-timm.safetensors
+	@echo "checkpoints and log: $(RUN)/   dense timm weights: $(RUN)/convnextv2_atto-timm.safetensors"
 
 # pytest exits 5 when it collected no test: that is a failure, not a pass.
 test: setup

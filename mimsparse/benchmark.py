@@ -142,7 +142,7 @@ def _runners(model_name, backend_name, ratio, images, device, amp_dtype, compile
 
 
 def run_benchmark(model: str = "convnextv2_atto", backends=("dense", "packed"), mask_ratios=(0.0, 0.6),
-                  batch: int = 8, img: int = 224, device: str = "cpu", repeats: int = 5, warmup: int = 1,
+                  batch: int = 8, img: int | tuple[int, int] = 224, device: str = "cpu", repeats: int = 5, warmup: int = 1,
                   amp: str = "none", compile_model: bool = False, seed: int = 0, log=print,
                   compile_mode: str | None = None, measures=MEASURES, compiled_only=()) -> dict:
     """``measures``: a subset of MEASURES to time (each compiled row compiles one graph per measure,
@@ -153,7 +153,10 @@ def run_benchmark(model: str = "convnextv2_atto", backends=("dense", "packed"), 
         raise ValueError(f"measures must be a non-empty subset of {', '.join(MEASURES)}, got {', '.join(measures)}")
     dev = torch.device(device)
     amp_dtype = AMP_DTYPES[amp]
-    images = torch.randn(batch, 3, img, img, generator=torch.Generator().manual_seed(seed)).to(dev)
+    height, width = (img, img) if isinstance(img, int) else img  # square, or (H, W)
+    if height == width:
+        img = height  # recorded as one number, as before
+    images = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed)).to(dev)
     skipped, runners, cases = {}, {}, []
     for name in backends:
         try:
@@ -285,9 +288,26 @@ def plot(result: dict, path) -> None:
         ax.plot(*zip(*pts), "o-", label=name)
     s = result["settings"]
     ax.set(xlabel="mask ratio", ylabel=f"{measure} (ms)",
-           title=f"{s['model']} B={s['batch']} {s['img']}px {s['device']}")
+           title=f"{s['model']} B={s['batch']} {s['img'] if isinstance(s['img'], int) else 'x'.join(map(str, s['img']))}px "
+                 f"{s['device']}")
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+NOISY_SPREAD = 0.25  # (max - min) / median above this: the machine was busy, the medians are uncertain
+
+
+def noisy_rows(result: dict, threshold: float = NOISY_SPREAD) -> list[str]:
+    """One line per row and measure whose min-max spread exceeds ``threshold`` of its median."""
+    lines = []
+    for row in result["rows"]:
+        for m in MEASURES:
+            s = row[m]
+            spread = (s["max_ms"] - s["min_ms"]) / s["median_ms"]
+            if spread > threshold:
+                lines.append(f"{row['backend']} mask {row['mask_ratio']:.2f} {m}: {s['min_ms']:.1f}-{s['max_ms']:.1f} ms "
+                             f"around a median of {s['median_ms']:.1f} ({spread:.0%} spread)")
+    return lines

@@ -26,7 +26,7 @@ CKPT_NOGRN=$(ls "$OUT"/pretrain-nogrn/checkpoint-[0-9]*.pth | tail -n 1)
 
 for seed in $SEEDS; do
   for init in pre rand; do
-    if [ $init = pre ]; then W=(--ckpt "$CKPT"); else W=(--ckpt random --model convnextv2_atto); fi
+    if [ $init = pre ]; then W=(--checkpoint "$CKPT"); else W=(--checkpoint random --model convnextv2_atto); fi
     [ -f "$OUT/probe-$init-s$seed/results.json" ] || $PY tools/linear_probe.py "${W[@]}" --data fashion-mnist \
         --img-size 96 --train-limit 10000 --epochs 30 --seed "$seed" --no-progress --output-dir "$OUT/probe-$init-s$seed"
     [ -f "$OUT/finetune-$init-s$seed/results.json" ] || $PY tools/finetune.py "${W[@]}" --data fashion-mnist \
@@ -44,7 +44,7 @@ done
 pretrain pretrain-grn-5ep train.epochs=5
 CKPT_5EP=$(ls "$OUT"/pretrain-grn-5ep/checkpoint-[0-9]*.pth | tail -n 1)
 for seed in $SEEDS; do
-  [ -f "$OUT/probe-pre5ep-s$seed/results.json" ] || $PY tools/linear_probe.py --ckpt "$CKPT_5EP" --data fashion-mnist \
+  [ -f "$OUT/probe-pre5ep-s$seed/results.json" ] || $PY tools/linear_probe.py --checkpoint "$CKPT_5EP" --data fashion-mnist \
       --img-size 96 --train-limit 10000 --epochs 30 --seed "$seed" --no-progress --output-dir "$OUT/probe-pre5ep-s$seed"
 done
 

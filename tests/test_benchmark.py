@@ -44,3 +44,39 @@ def test_resnet_rows_run_the_sparse_resnet_and_timm_resnet():
     result = run_benchmark("resnet18", ["packed"], [0.5], batch=1, img=64, repeats=1, warmup=0, log=lambda *_: None)
     assert {(r["backend"], r["mask_ratio"]) for r in result["rows"]} == {(TIMM_DENSE, 0.0), ("packed", 0.5)}
     assert not result["skipped"]
+
+
+def test_noisy_rows_are_named_from_the_min_max_spread():
+    from mimsparse.benchmark import noisy_rows
+
+    def row(backend, spread_ms):
+        return {"backend": backend, "mask_ratio": 0.6,
+                **{m: {"median_ms": 100.0, "min_ms": 95.0, "max_ms": 95.0 + spread_ms} for m in MEASURES}}
+
+    result = {"rows": [row("packed", 10.0), row("dense", 40.0)]}
+    lines = noisy_rows(result)
+    assert len(lines) == len(MEASURES) and all(line.startswith("dense mask 0.60") for line in lines)
+    assert "40% spread" in lines[0] and noisy_rows(result, threshold=0.5) == []
+
+
+@pytest.mark.slow
+def test_cli_writes_a_run_folder_and_never_over_existing_results(tmp_path):
+    args = ["--backends", "dense", "--mask-ratios", "0.6", "--batch-size", "1", "--img-size", "64x96",
+            "--repeats", "2", "--warmup", "0", "--name", "t"]
+    proc = run_tool("benchmark.py", *args, "--output-dir", str(tmp_path / "committed"))
+    data = json.loads((tmp_path / "committed" / "t.json").read_text())
+    assert data["settings"]["img"] == [64, 96] and "noisy_rows" in data
+    before = (tmp_path / "committed" / "t.json").read_bytes()
+    proc = run_tool("benchmark.py", *args, "--output-dir", str(tmp_path / "committed"), check=False)
+    assert proc.returncode == 2 and "exists" in proc.stderr and "--overwrite" in proc.stderr
+    assert (tmp_path / "committed" / "t.json").read_bytes() == before
+    # by default: a new folder under runs/benchmark/ (here in a scratch copy of the working directory)
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), *args], cwd=tmp_path,
+                         capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    (folder,) = (tmp_path / "runs" / "benchmark").iterdir()
+    assert folder.name.endswith("-t") and (folder / "t.md").is_file()

@@ -13,6 +13,7 @@ from PIL import Image
 from mimsparse.train.checkpoint import load_checkpoint, save_checkpoint
 from mimsparse.evaluate.loaders import stratified_subset, top1_correct
 from mimsparse.cli import run_cli
+from mimsparse.convert.export import load_weights_file
 from mimsparse.convert import convert_checkpoint
 from mimsparse.evaluate.finetune import build_model, create_optimizer, create_scheduler, evaluate
 from tests.conftest import ROOT, run_tool, tiny_overrides
@@ -64,7 +65,7 @@ def read_results(out):
 
 def strict_load(path, name, num_classes):
     model = timm.create_model(name, num_classes=num_classes)
-    model.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    model.load_state_dict(load_weights_file(path)[0], strict=True)
     return model
 
 
@@ -81,7 +82,7 @@ def test_tool_from_pretraining_checkpoint(pretrained, tmp_path):
     assert len(log) == len(results["history"]) == 1 and log[0]["test_total"] == 20
     assert log[0]["test_top1"] == log[0]["test_correct"] / 20
     assert results["args"]["label_fraction"] == 0.2 and results["wall_time_s"] > 0
-    strict_load(out / "best.pth", "convnextv2_atto", 2)
+    strict_load(out / "best.safetensors", "convnextv2_atto", 2)
 
 
 def test_tool_from_converted_state_dict_on_image_folder(pretrained, tmp_path, photo_dir):
@@ -93,7 +94,7 @@ def test_tool_from_converted_state_dict_on_image_folder(pretrained, tmp_path, ph
     assert results["data"]["train_images"] == 18 and results["data"]["test_images"] == 6
     assert 0.0 <= results["final_top1"] <= 1.0
     # the encoder started from the state dict: two AdamW steps move a weight by at most ~2 x lr (1e-3 x 8/256)
-    tuned = strict_load(out / "best.pth", "convnextv2_atto", 2).state_dict()
+    tuned = strict_load(out / "best.safetensors", "convnextv2_atto", 2).state_dict()
     dense = torch.load(pretrained["dense"], weights_only=True)
     assert (tuned["stem.0.weight"] - dense["stem.0.weight"]).abs().max() < 1e-3
 
@@ -109,7 +110,7 @@ def test_random_init_is_reproducible_with_mixup(tmp_path):
                      "--eval-limit", "10", "--output-dir", str(out), *SMOKE, "--max-steps", "3"]) == 0
         results, log = read_results(out)
         assert results["weights"] == ["weights: random init (baseline)"] and results["steps"] == 3
-        return [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in log], strict_load(out / "best.pth",
+        return [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in log], strict_load(out / "best.safetensors",
                                                                                               "convnextv2_atto", 2)
 
     log_a, model_a = run(0, tmp_path / "a")
@@ -196,7 +197,7 @@ def test_layer_decay_scales_the_scheduled_lr():
     assert moved["stem.0.bias"] == pytest.approx(value * 0.9 ** 13, rel=1e-3)
 
 
-def test_build_model_heads(pretrained):
+def test_build_model_heads(pretrained, tmp_path):
     dense = torch.load(pretrained["dense"], weights_only=True)
     model, name, notes = build_model(str(pretrained["dense"]), "convnextv2_atto", 5, seed=0, head_init_scale=0.001)
     assert name == "convnextv2_atto" and "replaced the state dict's 1000-class classifier" in notes[-1]
@@ -206,8 +207,16 @@ def test_build_model_heads(pretrained):
     # the same seed draws the same fresh head; a head of the right size is kept as it is
     again, _, _ = build_model(str(pretrained["dense"]), "convnextv2_atto", 5, seed=0, head_init_scale=0.001)
     assert torch.equal(again.state_dict()["head.fc.weight"], sd["head.fc.weight"])
-    kept, _, notes = build_model(str(pretrained["dense"]), "convnextv2_atto", 1000, seed=0, head_init_scale=0.001)
-    assert torch.equal(kept.state_dict()["head.fc.weight"], dense["head.fc.weight"]) and len(notes) == 1
+    trained = {**dense, "head.fc.weight": dense["head.fc.weight"] + 0.01}  # a head that was trained
+    save_checkpoint(trained, tmp_path / "trained.pth")
+    kept, _, notes = build_model(str(tmp_path / "trained.pth"), "convnextv2_atto", 1000, seed=0, head_init_scale=0.001)
+    assert torch.equal(kept.state_dict()["head.fc.weight"], trained["head.fc.weight"]) and len(notes) == 1
+    # the untrained head a conversion drew is re-drawn and scaled exactly as the pretraining-checkpoint route does
+    redrawn, _, notes = build_model(str(pretrained["dense"]), "convnextv2_atto", 1000, seed=0, head_init_scale=0.001)
+    routed, _, _ = build_model(str(pretrained["ckpt"]), None, 1000, seed=0, head_init_scale=0.001)
+    assert "never trained" in notes[-1]
+    assert all(torch.equal(a, b) for a, b in zip(redrawn.state_dict().values(), routed.state_dict().values()))
+    assert redrawn.state_dict()["head.fc.weight"].abs().max() < 0.001 * 2 * 0.02 * 5
     # a pretraining checkpoint names its model and gets a fresh head drawn from the seed
     from_ckpt, name, notes = build_model(str(pretrained["ckpt"]), None, 5, seed=0, head_init_scale=0.001)
     assert name == "convnextv2_atto" and "converted" in notes[0]
@@ -230,7 +239,7 @@ def test_bad_input_gives_one_error_line(pretrained, tmp_path, capsys):
          r"--label-fraction 1.5 must be"),
         (["--ckpt", str(neither), "--model", "convnextv2_atto"], r"neither a mimsparse pretraining checkpoint .* nor a "
          r"timm state dict .*\['epoch', 'weights'\]"),
-        (["--ckpt", "random"], r"--ckpt random needs --model"),
+        (["--ckpt", "random"], r"--checkpoint random needs --model"),
         (["--ckpt", str(pretrained["ckpt"]), "--model", "convnextv2_femto"], r"pretrained as 'convnextv2_atto' but "
          r"--model asks for 'convnextv2_femto'"),
         (["--ckpt", str(pretrained["dense"]), "--model", "convnextv2_femto"], r"does not fit timm convnextv2_femto"),
@@ -241,4 +250,4 @@ def test_bad_input_gives_one_error_line(pretrained, tmp_path, capsys):
         assert run_cli(lambda: main([*base, *args])) == 2, args
         err = capsys.readouterr().err
         assert re.match(r"error: .*" + expected, err) and len(err.strip().splitlines()) == 1, err
-    assert not (tmp_path / "out" / "best.pth").exists()
+    assert not (tmp_path / "out" / "best.safetensors").exists()

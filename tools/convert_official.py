@@ -82,8 +82,12 @@ def export_official(args) -> int:
                 f"decoder_embed_dim={m['decoder_dim']}, norm_pix_loss={m['norm_pix_loss']}); "
                 f"model.load_state_dict(torch.load('{out}', weights_only=True)['model'])")
     save_checkpoint({"model": sd}, out)  # atomic; a full disk or a folder in the way is one line naming out
-    print(f"wrote {out}: {what} layout, {len(sd)} tensors, under the key 'model' (as the official code saves)")
+    print(f"wrote {out}: {what} layout, {len(sd)} tensors, wrapped as {{'model': state_dict}}: under the key 'model' "
+          f"(as the official code saves)")
     print(f"load with: {load}")
+    if args.dense and args.num_classes:  # timm's convnextv2 checkpoint_filter_fn reads the official layout
+        print(f"       or: timm.create_model('{name}', pretrained=True, num_classes={args.num_classes}, "
+              f"pretrained_cfg_overlay=dict(file='{out}', num_classes={args.num_classes}))")
     return 0
 
 
@@ -91,7 +95,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="official FCMAE checkpoint -> mimsparse run folder")
-    imp.add_argument("checkpoint", help="file saved by the official main_pretrain.py (or its 'model' state dict)")
+    from mimsparse.cli_args import add_checkpoint, resolve_checkpoint
+
+    add_checkpoint(imp, "file saved by the official main_pretrain.py (or its 'model' state dict)")
     imp.add_argument("--output-dir", required=True, help="run folder to create (= train.output_dir)")
     imp.add_argument("--config", default=None,
                      help="YAML for the training settings; the architecture comes from the checkpoint")
@@ -102,8 +108,9 @@ def main(argv=None) -> int:
                   "architecture always comes from the checkpoint's shapes; mask.ratio and model.norm_pix_loss come "
                   "from its saved args unless given here. Each decision is printed.")
     exp = sub.add_parser("export", help="mimsparse checkpoint -> official layout")
-    exp.add_argument("checkpoint", help="checkpoint written by tools/pretrain.py")
-    exp.add_argument("-o", "--output", required=True)
+    add_checkpoint(exp, "checkpoint written by tools/pretrain.py")
+    exp.add_argument("-o", "--output", required=True, help="a .pth holding {'model': state_dict} (the official "
+                     "code's wrapped form)")
     exp.add_argument("--dense", action="store_true", help="official ConvNeXtV2 (fine-tuning model) layout")
     exp.add_argument("--num-classes", type=int, default=None, help="with --dense: add a fresh classifier of N classes")
     # config overrides (section.key=value) may follow the options, which argparse's subcommands do not allow
@@ -112,6 +119,7 @@ def main(argv=None) -> int:
     if bad or (rest and args.command != "import"):
         p.error(f"unrecognized arguments: {' '.join(bad or rest)}")
     args.overrides = rest
+    resolve_checkpoint(imp if args.command == "import" else exp, args)
     return import_official(args) if args.command == "import" else export_official(args)
 
 

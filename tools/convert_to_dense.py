@@ -1,10 +1,17 @@
 #!/usr/bin/env python
-"""Sparse pretraining checkpoint -> dense state dict (strict-loadable, fresh classifier head).
+"""Sparse pretraining checkpoint -> dense weights (strict-loadable, fresh classifier head).
 
 ConvNeXt V2 encoders become timm ``convnextv2_*`` state dicts; ResNet encoders (``resnet18/34/50/101``)
 become one state dict that torchvision's ``resnet*`` and timm's ``resnet*`` both load (same keys).
 
-  tools/convert_to_dense.py runs/pretrain/checkpoint-0000100.pth [-o dense.pth] [--num-classes N]
+  tools/convert_to_dense.py runs/pretrain/checkpoint-0000100.pth [-o dense.safetensors] [--num-classes N]
+  tools/convert_to_dense.py CKPT -o atto.pth                  # a bare torch state dict (.pth suffix or --format pth)
+  tools/convert_to_dense.py CKPT --format timm -o atto-timm/  # config.json + model.safetensors for timm
+  tools/convert_to_dense.py CKPT --num-classes 0              # encoder only (timm's num_classes=0)
+
+safetensors files carry model name, num_classes, source checkpoint and the measured conversion error
+in their header; every output is written atomically with mode 0644 (minus the umask). The tool prints
+the exact line that loads what it wrote.
 """
 from __future__ import annotations
 
@@ -13,28 +20,57 @@ import sys
 from pathlib import Path
 
 
+def default_output(checkpoint: str, fmt: str) -> Path:
+    stem = Path(checkpoint).stem + "-timm"
+    return Path(checkpoint).with_name(stem if fmt == "timm" else f"{stem}.{fmt}")
+
+
 def main(argv=None) -> int:
+    from mimsparse.cli_args import add_checkpoint, resolve_checkpoint
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="checkpoint written by tools/pretrain.py")
-    p.add_argument("-o", "--output", default=None, help="output file (default: <checkpoint>-timm.pth)")
-    p.add_argument("--num-classes", type=int, default=1000, help="classifier size of the fresh head")
+    add_checkpoint(p, "checkpoint written by tools/pretrain.py")
+    p.add_argument("-o", "--output", default=None,
+                   help="output file or folder (default: <checkpoint>-timm.safetensors, .pth or folder)")
+    p.add_argument("--format", default=None, choices=["safetensors", "pth", "timm"],
+                   help="safetensors (default), pth (bare torch state dict) or timm (folder: config.json + "
+                   "model.safetensors); default: from the -o suffix, else safetensors")
+    p.add_argument("--num-classes", type=int, default=1000,
+                   help="classifier size of the fresh head; 0 = encoder only (default %(default)s)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max relative error allowed by the self-check")
     p.add_argument("--no-verify", action="store_true", help="skip comparing the dense model with the sparse encoder")
     args = p.parse_args(argv)
+    checkpoint = resolve_checkpoint(p, args)
+    if args.num_classes < 0:
+        p.error(f"--num-classes must be >= 0 (0 = encoder only), got {args.num_classes}")
 
-    from mimsparse.train.checkpoint import load_checkpoint, save_checkpoint
+    import mimsparse
     from mimsparse.convert import convert_checkpoint
-    from mimsparse.models.registry import family_of, load_lines
+    from mimsparse.convert.export import export_format, load_lines, save_timm_folder, save_weights
+    from mimsparse.models.registry import family_of
+    from mimsparse.train.checkpoint import load_checkpoint
 
-    ckpt = load_checkpoint(args.checkpoint)
+    fmt = args.format or ("timm" if args.output and args.output.endswith("/") else None)
+    fmt = fmt or export_format(args.output or "x.safetensors")
+    out = Path(args.output) if args.output else default_output(checkpoint, fmt)
+    ckpt = load_checkpoint(checkpoint)
     sd, name, error = convert_checkpoint(ckpt, args.num_classes, verify=not args.no_verify, tolerance=args.tolerance)
-    out = Path(args.output) if args.output else Path(args.checkpoint).with_suffix("").with_name(
-        Path(args.checkpoint).stem + "-timm.pth")
-    save_checkpoint(sd, out)
+    metadata = {"model_name": name, "num_classes": args.num_classes, "source_checkpoint": str(checkpoint),
+                "source_step": (ckpt.get("run") or {}).get("step"), "conversion_error": error,
+                "head": "fresh (drawn from seed 0 at conversion)" if args.num_classes else "none (encoder only)",
+                "libraries": list(family_of(name).libraries), "mimsparse_version": mimsparse.__version__}
+    if fmt == "timm":
+        save_timm_folder(sd, out, name, args.num_classes, metadata)
+        lines, what = load_lines(name, args.num_classes, out, folder=True), "timm folder (config.json + model.safetensors)"
+    else:
+        save_weights(sd, out, metadata, fmt)
+        lines = load_lines(name, args.num_classes, out, tuple(reversed(family_of(name).libraries)))
+        what = "safetensors (metadata in its header)" if fmt == "safetensors" else "bare torch state dict"
     check = f"max relative error vs sparse encoder at mask ratio 0: {error:.2e}" if error is not None else "not verified"
     libraries = "/".join(reversed(family_of(name).libraries))
-    print(f"wrote {out}: {libraries} {name} (num_classes={args.num_classes}); {check}")
-    for i, line in enumerate(load_lines(name, args.num_classes, str(out))):  # a bare state dict (no 'model' key)
+    head = f"num_classes={args.num_classes}" if args.num_classes else "encoder only, num_classes=0"
+    print(f"wrote {out}: {libraries} {name} ({head}), {what}; {check}")
+    for i, line in enumerate(lines):
         print(f"{'load with' if i == 0 else '       or'}: {line}")
     return 0
 

@@ -17,15 +17,17 @@ from pathlib import Path
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoints", nargs="+", metavar="checkpoint",
-                   help="checkpoint written by tools/pretrain.py, or a timm state dict (with --model)")
+    from mimsparse.cli_args import add_checkpoint, add_img_size, resolve_checkpoint
+
+    add_checkpoint(p, "checkpoint(s) written by tools/pretrain.py, or timm state dicts (.safetensors or .pth, "
+                   "with --model)", many=True)
     p.add_argument("--label", action="append", default=None,
                    help="curve name, once per checkpoint in the same order (default: file names)")
     p.add_argument("--model", default=None, help="timm model name, required for a plain timm state dict")
     p.add_argument("--images", default=None, help="folder of images, or a built-in dataset name (its test "
                    "split, e.g. fashion-mnist); default: the bundled scikit-image photos")
     p.add_argument("--num-images", type=int, default=0, help="use the first N images (default: all)")
-    p.add_argument("--img-size", type=int, default=224, help="resize shorter side + centre crop (default 224)")
+    add_img_size(p, 224, "resize shorter side + centre crop (default 224)", type=int)
     p.add_argument("--where", default="block", choices=["block", "mlp", "grn"],
                    help="block output (default), the MLP expansion activation before GRN (mlp, paper Fig. 3) "
                    "or after it (grn)")
@@ -34,13 +36,14 @@ def main(argv=None) -> int:
     p.add_argument("-o", "--output", default=None, help="PNG plot (default: <first checkpoint>-collapse.png)")
     p.add_argument("--csv", default=None, help="CSV table (default: <first checkpoint>-collapse.csv)")
     args = p.parse_args(argv)
+    args.checkpoints = resolve_checkpoint(p, args)
     if args.label is not None and len(args.label) != len(args.checkpoints):
         p.error(f"{len(args.label)} --label for {len(args.checkpoints)} checkpoints; give one per checkpoint or none")
     labels = args.label or [Path(c).stem for c in args.checkpoints]
 
     import torch
 
-    from mimsparse.train.checkpoint import load_checkpoint
+    from mimsparse.convert.export import load_weights_file
     from mimsparse.evaluate.collapse import analysis_images, feature_collapse, load_timm_model, plot, write_csv
 
     torch.set_grad_enabled(False)
@@ -51,7 +54,7 @@ def main(argv=None) -> int:
     images = analysis_images(args.images, args.img_size, args.num_images)
     curves, names = {}, set()
     for label, path in zip(labels, args.checkpoints):
-        model, name = load_timm_model(load_checkpoint(path), args.model)
+        model, name = load_timm_model(load_weights_file(path)[0], args.model)
         names.add(name)
         curves[label] = rows = feature_collapse(model, images, exclude_self=args.exclude_self, where=args.where)
         for r in rows:

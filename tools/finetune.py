@@ -2,15 +2,16 @@
 """Finetune a dense timm classifier (ConvNeXt V2 recipe, scaled down) on labelled images and report
 top-1 on the test split after every epoch.
 
-  tools/finetune.py --ckpt runs/fcmae_atto/checkpoint-0000160.pth --data lfw-subset --img-size 64
-  tools/finetune.py --ckpt atto-timm.pth --model convnextv2_atto --data fashion-mnist --img-size 64 --label-fraction 0.1
-  tools/finetune.py --ckpt random --model convnextv2_atto --data DIR          # the baseline
+  tools/finetune.py --checkpoint runs/fcmae_atto/checkpoint-0000160.pth --data lfw-subset --img-size 64
+  tools/finetune.py --checkpoint atto-timm.pth --model convnextv2_atto --data fashion-mnist --img-size 64 --label-fraction 0.1
+  tools/finetune.py --checkpoint random --model convnextv2_atto --data DIR          # the baseline
 
---ckpt: a checkpoint of tools/pretrain.py (converted on the fly; names its model), a timm state dict
+--checkpoint (or the first argument; --ckpt still works): a checkpoint of tools/pretrain.py (converted on the fly; names its model), a timm state dict
 (tools/convert_to_dense.py; needs --model; a classifier of another size is replaced), or "random".
 --data: an ImageFolder (DIR/<class>/<image>, or DIR/train/... and DIR/test/...), or fashion-mnist,
-lfw-subset, foolbox-imagenet. Writes <output-dir>/log.jsonl (one line per epoch), results.json and
-best.pth (a plain timm state dict: timm.create_model(model, num_classes=N).load_state_dict(torch.load(p))).
+lfw-subset, foolbox-imagenet. Writes <output-dir>/log.jsonl (one line per epoch), results.json, last.pth (for --resume) and
+best.safetensors (a plain timm state dict with the class names in its header:
+timm.create_model(model, num_classes=N).load_state_dict(safetensors.torch.load_file(p)); tools/predict.py reads it).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("finetune", description=__doc__, parents=[weights_and_data_args()],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default="runs/finetune",
-                   help="log.jsonl, results.json, best.pth (default %(default)s)")
+                   help="log.jsonl, results.json, last.pth, best.safetensors (default %(default)s)")
     p.add_argument("--label-fraction", type=float, default=1.0, help="train on this fraction of the labelled "
                    "training images, per class, drawn from --seed (e.g. 0.1; default %(default)s)")
     p.add_argument("--epochs", type=int, default=10)
@@ -44,13 +45,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-init-scale", type=float, default=0.001, help="scale of a fresh classifier's initial "
                    "weights (ConvNeXt V2: 0.001)")
     p.add_argument("--seed", type=int, default=0, help="head init, label subset, order, augmentation, drop path")
+    p.add_argument("--resume", default=None, metavar="auto|PATH", help="continue from <output-dir>/last.pth (auto) "
+                   "or PATH: weights, optimizer, epoch, RNGs; a larger --epochs extends a finished run, its schedule "
+                   "recomputed for the new length")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (smoke tests); the "
                    "schedule still spans --epochs")
     return p
 
 
 def main(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
+    from mimsparse.cli_args import resolve_checkpoint
+
+    p = get_args_parser()
+    args = p.parse_args(argv)
+    resolve_checkpoint(p, args)
     from mimsparse.evaluate.finetune import main as finetune
 
     finetune(args)

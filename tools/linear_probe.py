@@ -3,12 +3,12 @@
 average-pooled forward_features, computed once per image without augmentation; report top-1 on the
 test split per epoch and at the end.
 
-  tools/linear_probe.py --ckpt runs/fcmae_atto/checkpoint-0000160.pth --data lfw-subset --img-size 64
-  tools/linear_probe.py --ckpt atto-timm.pth --model convnextv2_atto --data fashion-mnist --img-size 64 \\
+  tools/linear_probe.py --checkpoint runs/fcmae_atto/checkpoint-0000160.pth --data lfw-subset --img-size 64
+  tools/linear_probe.py --checkpoint atto-timm.pth --model convnextv2_atto --data fashion-mnist --img-size 64 \\
       --train-limit 5000
-  tools/linear_probe.py --ckpt random --model convnextv2_atto --data DIR          # the baseline
+  tools/linear_probe.py --checkpoint random --model convnextv2_atto --data DIR          # the baseline
 
---ckpt and --data as for tools/finetune.py. Optimiser: SGD, momentum 0.9, per-step warm-up + cosine,
+--checkpoint and --data as for tools/finetune.py. Optimiser: SGD, momentum 0.9, per-step warm-up + cosine,
 weight decay 0 (MAE uses LARS at batch 16384; plain SGD suits cached features and small batches).
 Writes <output-dir>/log.jsonl (one line per epoch) and results.json.
 """
@@ -40,7 +40,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
+    from mimsparse.cli_args import resolve_checkpoint
+
+    p = get_args_parser()
+    args = p.parse_args(argv)
+    resolve_checkpoint(p, args)
     from mimsparse.evaluate.linear_probe import main as linear_probe
 
     linear_probe(args)

@@ -2,7 +2,7 @@
 """Draw every mask strategy on real photos: one row per image, one column per strategy (masked
 patches grey; the progressive strategy at 0%, 50% and 100% of training).
 
-  tools/show_masks.py [-o masks.png] [--image photo.jpg ...] [--img 224x320] [--seed 0]
+  tools/show_masks.py [-o masks.png] [--image photo.jpg ...] [--img-size 224x320] [--seed 0]
       [--config YAML] [mask.key=value ...]
 
 Without --image the first photo bundled with scikit-image is used. The strategies' settings come
@@ -22,7 +22,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-o", "--output", default="masks.png", help="PNG to write (default: masks.png)")
     p.add_argument("--image", action="append", default=None, help="image file (repeat for several rows)")
-    p.add_argument("--img", default="224x320", help="N or HxW, multiples of 32 (default: 224x320)")
+    from mimsparse.cli_args import add_img_size
+
+    add_img_size(p, "224x320", "N or HxW, multiples of 32 (default: 224x320)")
     p.add_argument("--seed", type=int, default=0, help="seed of the masks")
     p.add_argument("--config", default=None, help="YAML whose mask section sets the strategies' options")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. mask.ratio=0.75 mask.block_min_patches=2")
@@ -40,7 +42,7 @@ def main(argv=None) -> int:
 
     cfg = load_config(args.config, args.overrides)
     patch = build_encoder(cfg.model).patch_size  # the encoder's total stride (32 for ConvNeXt V2)
-    size = parse_size(args.img)
+    size = parse_size(args.img_size)
     paths = args.image or bundled_photo_paths()[:1]
     images = torch.cat([load_image(path, size, patch) for path in paths])
     original = unnormalize(images)

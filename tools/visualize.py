@@ -3,7 +3,7 @@
 original | masked input | reconstruction | reconstruction with the visible patches pasted back.
 
   tools/visualize.py runs/fcmae_atto/checkpoint-0000160.pth --image photo.jpg [--image b.png] [-o out.png]
-      [--img 224 | --img 192x320] [--mask-ratio 0.6] [--seed 0] [--backend dense]
+      [--img-size 224 | --img-size 192x320] [--mask-ratio 0.6] [--seed 0] [--backend dense]
 """
 from __future__ import annotations
 
@@ -16,11 +16,13 @@ def main(argv=None) -> int:
     from mimsparse.backends import backend_names
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="checkpoint written by tools/pretrain.py")
+    from mimsparse.cli_args import add_checkpoint, add_img_size, resolve_checkpoint
+
+    add_checkpoint(p, "checkpoint written by tools/pretrain.py")
     p.add_argument("--image", action="append", required=True, help="image file (repeat for several rows)")
     p.add_argument("-o", "--output", default=None, help="PNG to write (default: <checkpoint>-vis.png)")
-    p.add_argument("--img", default=None,
-                   help="N or HxW, multiples of 32: the image is scaled to cover it and centre-cropped "
+    add_img_size(p, None,
+                   "N or HxW, multiples of 32: the image is scaled to cover it and centre-cropped "
                         "(default: the checkpoint's data.img_size)")
     p.add_argument("--mask-ratio", type=float, default=None,
                    help="fraction of patches hidden (default: the checkpoint's mask.ratio; the mask strategy is "
@@ -30,6 +32,7 @@ def main(argv=None) -> int:
                    help="sparse backend (any can load any checkpoint)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
+    resolve_checkpoint(p, args)
 
     import torch
 
@@ -50,7 +53,7 @@ def main(argv=None) -> int:
     model.load_state_dict(ckpt["model"], strict=True)
     model.to(args.device).eval()
 
-    size = parse_size(args.img) if args.img else (cfg.data.img_size, cfg.data.img_size)
+    size = parse_size(args.img_size) if args.img_size else (cfg.data.img_size, cfg.data.img_size)
     images = torch.cat([load_image(path, size, model.patch_size) for path in args.image]).to(args.device)
     # progress=1: a strategy whose ratio changes during training (progressive) shows its final ratio
     visible = model.make_mask(images, torch.Generator().manual_seed(args.seed), progress=1.0)

@@ -144,6 +144,11 @@ def is_builtin(spec: str) -> bool:
     return spec in BUILTIN
 
 
+def has_test_split(spec: str) -> bool:
+    """A built-in dataset (each has a test split) or a folder with a test/ subfolder."""
+    return spec in BUILTIN or (Path(spec) / "test").is_dir()
+
+
 def load_labelled(spec: str, split: str = "train") -> LabelledImages:
     """``spec``: a built-in name (see the module docstring) or an ImageFolder path."""
     if split not in SPLITS:

@@ -1,11 +1,13 @@
 """Supervised finetuning of a dense timm classifier: the ConvNeXt V2 / MAE finetune recipe scaled down.
 
-Weights (``--ckpt``), detected by their keys (:func:`load_weights`, shared with the linear probe):
+Weights (``--checkpoint``), detected by their keys (:func:`load_weights`, shared with the linear probe):
 
 - a mimsparse pretraining checkpoint (keys ``model`` and ``config``): converted on the fly to timm
   (:func:`mimsparse.convert.convert_checkpoint`, with its numerical self-check), fresh classifier;
-- a plain timm state dict (parameter name -> tensor, e.g. from ``tools/convert_to_dense.py``): loaded
-  with strict=True; a classifier of another size is replaced by a fresh one;
+- a plain timm state dict (parameter name -> tensor; ``.safetensors`` or ``.pth``, e.g. from
+  ``tools/convert_to_dense.py``): loaded with strict=True; a classifier of another size, or the untrained
+  one a conversion drew (said by the safetensors header, or recognised by its values), is replaced by a
+  fresh one, so the head starts the same whichever route the weights come by;
 - ``random``: timm's own initialisation, the baseline.
 
 Recipe: AdamW with layer-wise lr decay (timm ``create_optimizer_v2``: depth from the model's
@@ -29,14 +31,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mimsparse.train.checkpoint import CheckpointError, check_writable_dir, load_checkpoint, save_checkpoint
+from mimsparse.convert.export import atomic_write, conversion_head, load_lines, load_weights_file, save_weights
+from mimsparse.train.checkpoint import CheckpointError, check_writable_dir
 from mimsparse.evaluate.loaders import (check_fraction, check_img_size, eval_loader, limit_subset, stratified_subset,
                                      top1_correct, train_loader)
 from mimsparse.convert import ConversionError, convert_checkpoint
 from mimsparse.train.data import DataError
 from mimsparse.errors import ConfigError
 from mimsparse.train.run_log import json_safe
-from mimsparse.evaluate.datasets import LabelledImages, load_labelled
+from mimsparse.evaluate.datasets import LabelledImages, has_test_split, load_labelled
 
 EVAL_SUBSET_SEED = 0  # --eval-limit keeps the same test images whatever --seed, so runs stay comparable
 
@@ -56,12 +59,17 @@ def weights_and_data_args() -> argparse.ArgumentParser:
     """The options tools/finetune.py and tools/linear_probe.py share (weights, data, device), as a
     parent parser (``argparse.ArgumentParser(parents=[...])``)."""
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--ckpt", required=True, help="pretraining checkpoint, timm state dict, or 'random'")
+    from mimsparse.cli_args import add_checkpoint, add_img_size
+
+    add_checkpoint(p, "pretraining checkpoint, timm state dict (.safetensors or .pth), or 'random'")
     p.add_argument("--data", required=True, help="ImageFolder, or fashion-mnist | lfw-subset | foolbox-imagenet")
     p.add_argument("--model", default=None, help="timm model name, e.g. convnextv2_atto (default: the one a "
                    "pretraining checkpoint names; required for a timm state dict and for random)")
-    p.add_argument("--img-size", type=int, default=224, help="input size, a multiple of 32; smaller images are "
-                   "resized up (default %(default)s)")
+    add_img_size(p, 224, "input size, a multiple of 32; smaller images are resized up (default %(default)s)",
+                 type=int)
+    p.add_argument("--val-fraction", type=float, default=0.2, help="a folder without train/ and test/: hold out "
+                   "this fraction of every class (seeded, the same whatever --seed) to evaluate on (default "
+                   "%(default)s)")
     p.add_argument("--eval-limit", type=int, default=0, help="evaluate on about N test images, stratified, the "
                    "same whatever --seed (default: all)")
     p.add_argument("--num-workers", type=int, default=0)
@@ -83,9 +91,9 @@ def load_weights(ckpt: str, model_name: str | None, num_classes: int) -> Weights
     its model); it must match it when given."""
     if ckpt == "random":
         if model_name is None:
-            raise ConfigError("--ckpt random needs --model NAME (e.g. --model convnextv2_atto)")
+            raise ConfigError("--checkpoint random needs --model NAME (e.g. --model convnextv2_atto)")
         return Weights(None, model_name, "random init (baseline)", fresh_head=True)
-    state = load_checkpoint(ckpt)
+    state, metadata = load_weights_file(ckpt)
     if is_pretraining_checkpoint(state):
         saved = state["config"]["model"]["name"]
         if model_name is not None and model_name != saved:
@@ -97,7 +105,8 @@ def load_weights(ckpt: str, model_name: str | None, num_classes: int) -> Weights
     if is_state_dict(state):
         if model_name is None:
             raise ConfigError(f"{ckpt} is a timm state dict: pass --model NAME (e.g. --model convnextv2_atto)")
-        return Weights(state, model_name, f"timm state dict {ckpt}", fresh_head=False)
+        fresh = metadata.get("head", "").startswith("fresh")  # written by tools/convert_to_dense.py
+        return Weights(state, model_name, f"timm state dict {ckpt}", fresh_head=fresh)
     raise CheckpointError(f"{ckpt} is neither a mimsparse pretraining checkpoint (keys 'model' and 'config') nor a "
                           f"timm state dict (parameter name -> tensor); its top-level keys are "
                           f"{sorted(map(str, state))[:8]}")
@@ -138,6 +147,10 @@ def build_model(ckpt: str, model_name: str | None, num_classes: int, seed: int =
             old = sd[mismatched[0]].shape[0]
             notes.append(f"replaced the state dict's {old}-class classifier by a fresh {num_classes}-class one")
             fresh_head = True
+        elif head and not fresh_head and _is_conversion_head(sd, weights.name, num_classes, head):
+            fresh_head = True
+            notes.append("the state dict's classifier was never trained (drawn at conversion): a fresh one is "
+                         "drawn from --seed and scaled, as for a pretraining checkpoint")
         if fresh_head:
             sd.update({k: own[k] for k in head})
         try:
@@ -151,6 +164,14 @@ def build_model(ckpt: str, model_name: str | None, num_classes: int, seed: int =
             for p in model.get_classifier().parameters():
                 p.mul_(head_init_scale)
     return model, weights.name, notes
+
+
+def _is_conversion_head(sd: dict, name: str, num_classes: int, keys: list[str]) -> bool:
+    try:
+        drawn = conversion_head(name, num_classes, keys)
+    except (ConversionError, ValueError, KeyError):  # not a model the project converts
+        return False
+    return len(drawn) == len(keys) and all(torch.equal(sd[k], drawn[k]) for k in keys)
 
 
 # ---- optimisation ----------------------------------------------------------------------------------
@@ -171,6 +192,18 @@ def create_scheduler(optimizer, total_steps: int, warmup_steps: int, min_lr: flo
     # timm's warning that a one-step cosine has no effect
     return CosineLRScheduler(optimizer, t_initial=max(2, total_steps - warmup_steps), lr_min=min_lr,
                              warmup_t=warmup_steps, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
+
+
+def warmup_steps(warmup_epochs: float, steps_per_epoch: int, total_steps: int, log=print) -> int:
+    """``warmup_epochs`` in steps, clamped to a tenth of the run when it would last the whole run (the
+    lr would never reach its peak nor decay), with a line saying so."""
+    steps = round(warmup_epochs * steps_per_epoch)
+    if steps >= total_steps and total_steps > 1:
+        clamped = total_steps // 10
+        log(f"warning: --warmup-epochs {warmup_epochs:g} ({steps} steps) covers the whole run of {total_steps} steps; "
+            f"warm-up clamped to {clamped} steps (a tenth of the run)")
+        return clamped
+    return steps
 
 
 def max_lr(optimizer) -> float:
@@ -274,10 +307,87 @@ def check_args(args) -> None:
                          f"got {args.batch_size}")
 
 
+def held_out_split(data: LabelledImages, fraction: float) -> tuple[LabelledImages, LabelledImages]:
+    """(train, validation): ``fraction`` of every class held out (at least one image each), drawn from
+    a fixed seed, so every run on the folder is evaluated on the same images."""
+    check_fraction(fraction, "--val-fraction")
+    counts = torch.bincount(data.labels, minlength=len(data.classes))
+    small = [data.classes[c] for c in range(len(counts)) if 0 < counts[c] < 2]
+    if small:
+        raise DataError(f"class {small[0]!r} has a single image: a held-out split needs at least 2 per class; add "
+                        f"images or give the folder train/ and test/ subfolders")
+    val = stratified_subset(data.labels, fraction, EVAL_SUBSET_SEED)
+    keep = torch.ones(len(data), dtype=torch.bool)
+    keep[val] = False
+    return data.subset(torch.nonzero(keep).flatten()), data.subset(val)
+
+
+def load_splits(spec: str, val_fraction: float = 0.2) -> tuple[LabelledImages, LabelledImages, str]:
+    """(train, evaluation set, what the evaluation set is). A folder without train/ and test/ gets a
+    held-out validation split instead of being tested on its own training images."""
+    if has_test_split(spec):
+        return load_labelled(spec, "train"), load_labelled(spec, "test"), "test"
+    train, val = held_out_split(load_labelled(spec, "train"), val_fraction)
+    return train, val, f"held-out validation ({val_fraction:g} of each class, {len(val)} images)"
+
+
+# ---- last checkpoint, resume --------------------------------------------------------------------------
+def resume_path(resume: str | None, last_path: Path) -> Path | None:
+    """``--resume``: None (start fresh), "auto" (the output folder's last.pth if there is one) or a path."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        return last_path if last_path.is_file() else None
+    if not Path(resume).is_file():
+        raise CheckpointError(f"--resume {resume}: no such file; pass a last.pth written by tools/finetune.py or auto")
+    return Path(resume)
+
+
+def rng_state() -> dict:
+    """torch (drop path) and NumPy (timm's mixup / cutmix) generators, as tensors (weights_only loads them)."""
+    np_state = np.random.get_state(legacy=False)
+    return {"torch": torch.get_rng_state(), "numpy_key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "numpy_pos": int(np_state["state"]["pos"]), "numpy_has_gauss": int(np_state["has_gauss"]),
+            "numpy_gauss": float(np_state["gauss"])}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state({"bit_generator": "MT19937", "state": {"key": state["numpy_key"].numpy().astype(np.uint32),
+                                                                "pos": state["numpy_pos"]},
+                         "has_gauss": state["numpy_has_gauss"], "gauss": state["numpy_gauss"]})
+
+
+def save_resume_state(path: Path, weights: dict, optimizer, epoch: int, step: int, history: list, best: dict,
+                      name: str, classes) -> None:
+    """Everything ``--resume`` needs, written atomically (mode 0644): the run continues exactly as if it
+    had not stopped (data order and augmentation derive from (seed, epoch); the RNGs are restored)."""
+    state = {"model": weights, "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
+             "history": history, "best": best, "model_name": name, "classes": list(classes), "rng": rng_state()}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_resume_state(path: Path, name: str, classes) -> dict:
+    state, _ = load_weights_file(path)
+    if not {"model", "optimizer", "epoch", "step"} <= state.keys():
+        raise CheckpointError(f"{path} is not a finetuning checkpoint (last.pth of tools/finetune.py)")
+    if state["model_name"] != name or list(state["classes"]) != list(classes):
+        raise CheckpointError(f"{path} finetuned {state['model_name']} on classes {list(state['classes'])[:5]}, this "
+                              f"run is {name} on {list(classes)[:5]}; resume with the same --model and --data")
+    return state
+
+
+def scheduled_lr(scheduler, optimizer, step: int) -> float:
+    scheduler.step_update(step)
+    return max_lr(optimizer)
+
+
 def load_data(spec: str, label_fraction: float, eval_limit: int,
-              seed: int) -> tuple[LabelledImages, LabelledImages, int]:
+              seed: int, val_fraction: float = 0.2) -> tuple[LabelledImages, LabelledImages, int]:
     """(training subset, test subset, training images before --label-fraction)."""
-    train, test = load_labelled(spec, "train"), load_labelled(spec, "test")
+    train, test, what = load_splits(spec, val_fraction)
+    if what != "test":
+        print(f"{spec} has no train/ and test/ folders: evaluating on a {what}; {len(train)} training images")
     total = len(train)
     if label_fraction < 1:
         train = train.subset(stratified_subset(train.labels, label_fraction, seed))
@@ -293,21 +403,23 @@ def main(args) -> dict:
     check_args(args)
     out_dir = check_writable_dir(args.output_dir)
     device = torch.device(args.device)
-    train, test, train_total = load_data(args.data, args.label_fraction, args.eval_limit, args.seed)
+    train, test, train_total = load_data(args.data, args.label_fraction, args.eval_limit, args.seed,
+                                         args.val_fraction)
     num_classes = len(train.classes)
     steps_per_epoch = len(train) // args.batch_size
     if steps_per_epoch == 0:
         raise DataError(f"{len(train)} training images (after --label-fraction {args.label_fraction:g}) are fewer than "
                         f"one batch; lower --batch-size below {args.batch_size}")
 
-    model, name, notes = build_model(args.ckpt, args.model, num_classes, args.seed, args.drop_path,
+    model, name, notes = build_model(args.checkpoint, args.model, num_classes, args.seed, args.drop_path,
                                      args.head_init_scale)
     model.to(device)
     seed_everything(args.seed)
     lr = peak_lr(args.lr, args.blr, args.batch_size)
     optimizer = create_optimizer(model, lr, args.weight_decay, args.layer_decay)
     total_steps = steps_per_epoch * args.epochs
-    scheduler = create_scheduler(optimizer, total_steps, round(args.warmup_epochs * steps_per_epoch), args.min_lr)
+    scheduler = create_scheduler(optimizer, total_steps, warmup_steps(args.warmup_epochs, steps_per_epoch, total_steps),
+                                 args.min_lr)
     mixup = None
     if args.mixup > 0 or args.cutmix > 0:
         mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
@@ -324,10 +436,24 @@ def main(args) -> dict:
           f"(--label-fraction {args.label_fraction:g}), {len(test)} test images | lr {lr:.3g} ({lr_source}) | "
           f"{total_steps} steps | output {out_dir}")
 
-    log_path, best_path = out_dir / "log.jsonl", out_dir / "best.pth"
-    log_path.unlink(missing_ok=True)  # one run per folder: the log describes this run only
-    history, best, step = [], None, 0
-    for epoch in range(args.epochs):
+    log_path, best_path, last_path = out_dir / "log.jsonl", out_dir / "best.safetensors", out_dir / "last.pth"
+    history, best, step, first_epoch = [], None, 0, 0
+    resume = resume_path(getattr(args, "resume", None), last_path)
+    if resume is not None:
+        state = load_resume_state(resume, name, train.classes)
+        model.load_state_dict(state["model"], strict=True)
+        optimizer.load_state_dict(state["optimizer"])
+        history, best, step, first_epoch = state["history"], state["best"], state["step"], state["epoch"]
+        set_rng_state(state["rng"])
+        print(f"resumed from {resume}: epoch {first_epoch}, step {step}; the schedule now spans {args.epochs} epochs "
+              f"({total_steps} steps), next lr {scheduled_lr(scheduler, optimizer, step):.2e}")
+        if first_epoch >= args.epochs:
+            print(f"the run already finished its {first_epoch} epochs; pass --epochs N > {first_epoch} to continue")
+    else:
+        log_path.unlink(missing_ok=True)  # one run per folder: the log describes this run only
+    meta = {"model_name": name, "num_classes": num_classes, "class_names": list(train.classes),
+            "img_size": args.img_size, "source_checkpoint": str(args.checkpoint), "data": str(args.data)}
+    for epoch in range(first_epoch, args.epochs):
         t0 = time.perf_counter()
         stats = train_one_epoch(model, criterion, train_loader(train, args.img_size, args.batch_size, args.seed, epoch,
                                                                args.num_workers),
@@ -339,24 +465,31 @@ def main(args) -> dict:
                   "test_top1": result["top1"], "test_loss": result["loss"], "test_correct": result["correct"],
                   "test_total": result["total"], "unreadable": stats["unreadable"],
                   "epoch_time_s": time.perf_counter() - t0}
-        if best is None or result["top1"] > best["test_top1"]:
+        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        if best is None or result["top1"] > best["test_top1"]:  # the criterion: top-1 on the evaluation set
             best = record
-            save_checkpoint({k: v.detach().cpu() for k, v in model.state_dict().items()}, best_path)
+            save_weights(weights, best_path, {**meta, "epoch": epoch, "test_top1": result["top1"]})
         history.append(record)
         append_jsonl(log_path, record)
+        save_resume_state(last_path, weights, optimizer, epoch + 1, step, history, best, name, train.classes)
         train_loss = f"{stats['loss']:.4f}" if stats["loss"] is not None else "-"
         print(f"epoch {epoch}: step {step} | train loss {train_loss} | lr {stats['lr']:.2e} | test top-1 "
               f"{result['top1']:.2%} ({result['correct']}/{result['total']}) | best {best['test_top1']:.2%}")
         if args.max_steps and step >= args.max_steps:
             break
+    if not history:
+        raise DataError("no epoch ran: nothing to report")
 
-    results = {"model": name, "ckpt": args.ckpt, "weights": notes, "num_classes": num_classes,
+    results = {"model": name, "ckpt": args.checkpoint, "weights": notes, "num_classes": num_classes,
                "data": {"name": args.data, "train_images": len(train), "train_images_total": train_total,
                         "test_images": len(test)},
                "lr": lr, "steps": step, "best_top1": best["test_top1"], "best_epoch": best["epoch"],
-               "final_top1": history[-1]["test_top1"], "best_checkpoint": str(best_path), "history": history,
+               "final_top1": history[-1]["test_top1"], "best_checkpoint": str(best_path),
+               "last_checkpoint": str(last_path), "classes": list(train.classes), "history": history,
                "args": vars(args), "wall_time_s": time.perf_counter() - start}
     write_json(out_dir / "results.json", results)
     print(f"best top-1 {results['best_top1']:.2%} (epoch {results['best_epoch']}), final {results['final_top1']:.2%}; "
-          f"wrote {best_path}, {out_dir / 'results.json'}, {log_path}")
+          f"wrote {best_path} (weights + class names; tools/predict.py {best_path} IMAGES), {last_path} (--resume), "
+          f"{out_dir / 'results.json'}, {log_path}")
+    print(f"load with: {load_lines(name, num_classes, best_path)[0]}")
     return results

@@ -20,9 +20,8 @@ from mimsparse.train.checkpoint import check_writable_dir
 from mimsparse.evaluate.loaders import check_img_size, eval_loader, limit_subset, top1_correct
 from mimsparse.train.data import DataError
 from mimsparse.errors import ConfigError
-from mimsparse.evaluate.finetune import (EVAL_SUBSET_SEED, append_jsonl, build_model, create_scheduler, max_lr, peak_lr,
-                                write_json)
-from mimsparse.evaluate.datasets import load_labelled
+from mimsparse.evaluate.finetune import (EVAL_SUBSET_SEED, append_jsonl, build_model, create_scheduler, load_splits,
+                                         max_lr, peak_lr, warmup_steps, write_json)
 
 
 def pooled_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -79,7 +78,8 @@ def train_probe(head: nn.Module, train: tuple[torch.Tensor, torch.Tensor], test:
     batch_size = min(batch_size, len(labels))
     steps_per_epoch = len(labels) // batch_size
     optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-    scheduler = create_scheduler(optimizer, steps_per_epoch * epochs, round(warmup_epochs * steps_per_epoch), min_lr)
+    total = steps_per_epoch * epochs
+    scheduler = create_scheduler(optimizer, total, warmup_steps(warmup_epochs, steps_per_epoch, total), min_lr)
     g = torch.Generator().manual_seed(seed)
     history, step = [], 0
     for epoch in range(epochs):
@@ -121,13 +121,15 @@ def main(args) -> dict:
     check_args(args)
     out_dir = check_writable_dir(args.output_dir)
     device = torch.device(args.device)
-    train_all = load_labelled(args.data, "train")
+    train_all, test, what = load_splits(args.data, args.val_fraction)
+    if what != "test":
+        print(f"{args.data} has no train/ and test/ folders: evaluating on a {what}")
     train = limit_subset(train_all, args.train_limit, args.seed)
-    test = limit_subset(load_labelled(args.data, "test"), args.eval_limit, EVAL_SUBSET_SEED)
+    test = limit_subset(test, args.eval_limit, EVAL_SUBSET_SEED)
     num_classes = len(train.classes)
 
     # the classifier of the timm model is built (so every checkpoint loads as for finetuning) but never used
-    model, name, notes = build_model(args.ckpt, args.model, num_classes, args.seed)
+    model, name, notes = build_model(args.checkpoint, args.model, num_classes, args.seed)
     model.requires_grad_(False)
     model.to(device)
     for note in notes:
@@ -160,7 +162,7 @@ def main(args) -> dict:
     history = train_probe(head, train_feats, test_feats, args.epochs, lr, args.batch_size, args.weight_decay,
                           args.warmup_epochs, args.min_lr, args.seed, on_epoch=report)
     best = max(history, key=lambda r: r["test_top1"])  # the first of equal maxima
-    results = {"model": name, "ckpt": args.ckpt, "weights": notes, "num_classes": num_classes, "feature_dim": dim,
+    results = {"model": name, "ckpt": args.checkpoint, "weights": notes, "num_classes": num_classes, "feature_dim": dim,
                "data": {"name": args.data, "train_images": len(train_feats[1]), "train_images_total": len(train_all),
                         "test_images": len(test_feats[1])},
                "lr": lr, "optimizer": "SGD momentum 0.9", "best_top1": best["test_top1"], "best_epoch": best["epoch"],

@@ -39,10 +39,3 @@ def family_of(model_name: str) -> ModelFamily:
             return family
     raise ConfigError(f"model.name={model_name!r} is not a known encoder; choose one of: {', '.join(model_names())}")
 
-
-def load_lines(model_name: str, num_classes: int, path: str) -> list[str]:
-    """How to load a dense export of ``model_name`` in each library that accepts it."""
-    create = {"timm": f"timm.create_model('{model_name}', num_classes={num_classes})",
-              "torchvision": f"torchvision.models.{model_name}(num_classes={num_classes})"}
-    return [f"{create[lib]}.load_state_dict(torch.load('{path}', weights_only=True))"
-            for lib in family_of(model_name).libraries]
