@@ -89,7 +89,7 @@ def evaluate(run_dir: Path, weights: list[str], seed: int, budget, device: str) 
                                "--warmup-epochs", str(max(1, budget.probe_epochs // 10)), "--output-dir", str(probe_dir)])
     if not (ft_dir / "results.json").is_file():
         _tool("finetune")([*common, "--label-fraction", str(budget.finetune_fraction), "--epochs",
-                           str(budget.finetune_epochs), "--warmup-epochs", "0.5", "--batch-size", str(budget.finetune_batch),
+                           str(budget.finetune_epochs), "--warmup-epochs", "0.5", "--batch-size", str(budget.finetune_batch), "--blr", str(budget.finetune_blr),
                            "--output-dir", str(ft_dir)])
     for name, folder in (("probe", probe_dir), ("finetune", ft_dir)):
         r = json.loads((folder / "results.json").read_text())

@@ -72,6 +72,7 @@ class Budget:
     finetune_fraction: float = 0.005  # finetune: fraction of the labelled training images (300 of 60k)
     finetune_epochs: int = 1
     finetune_batch: int = 32
+    finetune_blr: float = 8e-3      # lr = blr x batch / 256 = 1e-3: a 10-step finetune needs a high lr to move at all
     collapse_images: int = 32       # test images for the feature-collapse statistic
 
     def to_dict(self) -> dict:
@@ -96,7 +97,8 @@ def load_results(out_dir: str | Path) -> dict[str, list[dict]]:
 METRICS = (  # (column, key path in result.json, scale)
     ("linear probe top-1 %", ("probe", "final_top1"), 100.0),
     ("finetune top-1 %", ("finetune", "final_top1"), 100.0),
-    ("collapse: channel distance after GRN (mean over blocks)", ("collapse", "grn", "mean"), 1.0),
+    ("channel distance before GRN (mean over blocks)", ("collapse", "mlp", "mean"), 1.0),
+    ("channel distance after GRN", ("collapse", "grn", "mean"), 1.0),
     ("pretrain loss (last 20 % of steps)", ("pretrain", "final_loss"), 1.0),
 )
 
