@@ -66,6 +66,11 @@ def test_claim_tables_give_mean_and_sample_std_over_seeds():
     assert f"{statistics.mean([80, 83]):.2f} ± {statistics.stdev([80, 83]):.2f}" in row  # 81.50 ± 2.12
     assert "72.00 ± 2.83" in row and "0.450 ± 0.071" in row and "| – |" in row and "s0: 80.00, s1: 83.00" in row
     assert "| leaky-r0.6-grn | 0 | – |" in claim_table(CLAIMS[0], results)
+    # The paired column: variant minus the baseline of the same seed.
+    results["leaky-r0.6-grn"] = [dict(record(0, 0.78, 0.7), variant="leaky-r0.6-grn"),
+                                 dict(record(1, 0.84, 0.7), variant="leaky-r0.6-grn")]
+    leaky = claim_table(CLAIMS[0], results).splitlines()[3]
+    assert leaky.endswith(f"| {statistics.mean([-2, 1]):.2f} ± {statistics.stdev([-2, 1]):.2f} (-2.00, +1.00) |")
     # Every claim's rows are variants the harness runs, and the baseline serves all three tables.
     assert all(name in VARIANTS for c in CLAIMS for name in c.rows)
     assert all("sparse-r0.6-grn" in c.rows for c in CLAIMS)

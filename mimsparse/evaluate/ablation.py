@@ -120,8 +120,11 @@ def mean_std(values: list[float], digits: int) -> str:
 
 def claim_table(claim: Claim, results: dict[str, list[dict]]) -> str:
     """A markdown table: one row per variant, mean ± std over its seeds, and the per-seed values."""
-    lines = ["| variant | seeds | " + " | ".join(m[0] for m in METRICS) + " | probe per seed |",
-             "|---|---|" + "---|" * len(METRICS) + "---|"]
+    lines = ["| variant | seeds | " + " | ".join(m[0] for m in METRICS) + " | probe per seed | probe − baseline, "
+             "paired by seed |", "|---|---|" + "---|" * len(METRICS) + "---|---|"]
+    # A seed fixes the probe's training subset for every variant, so the paired difference to the baseline
+    # of the same seed removes that share of the spread.
+    base = {r["seed"]: 100 * r["probe"]["final_top1"] for r in results.get(BASELINE.name, [])}
     for name in claim.rows:
         records = results.get(name, [])
         cells = []
@@ -129,7 +132,10 @@ def claim_table(claim: Claim, results: dict[str, list[dict]]) -> str:
             values = [scale * v for v in (_get(r, path) for r in records) if v is not None]
             cells.append(mean_std(values, 2 if scale == 100.0 else 3))
         per_seed = ", ".join(f"s{r['seed']}: {100 * r['probe']['final_top1']:.2f}" for r in records)
-        lines.append(f"| {name} | {len(records)} | " + " | ".join(cells) + f" | {per_seed or '–'} |")
+        diffs = [100 * r["probe"]["final_top1"] - base[r["seed"]] for r in records if r["seed"] in base]
+        paired = "–" if name == BASELINE.name or not diffs else (
+            f"{mean_std(diffs, 2)} ({', '.join(f'{d:+.2f}' for d in diffs)})")
+        lines.append(f"| {name} | {len(records)} | " + " | ".join(cells) + f" | {per_seed or '–'} | {paired} |")
     return "\n".join(lines)
 
 
