@@ -60,11 +60,11 @@ def test_leaky_visible_features_depend_on_masked_regions_sparse_do_not(backend):
     assert rel_err(leaky.forward_encoder(images, visible)[0, :, 1, 1], alone[0]) > 0.05
 
     # What the masked patches hold changes the leaky model's visible features: the same visible pixels with
-    # the masked patches shown as grey instead of black (= timm's network on that image) ...
+    # the masked patches at 0.5 instead of its 0 (the normalised mean colour; timm's network on that image) ...
     keep = upsample_mask(visible, 32).unsqueeze(1)
-    grey = dense.forward_features(torch.where(keep, images, torch.full_like(images, 0.5)))
-    black = leaky.forward_encoder(images, visible)
-    assert rel_err(black.permute(0, 2, 3, 1)[visible], grey.permute(0, 2, 3, 1)[visible]) > 0.05
+    filled = dense.forward_features(torch.where(keep, images, torch.full_like(images, 0.5)))
+    zeroed = leaky.forward_encoder(images, visible)
+    assert rel_err(zeroed.permute(0, 2, 3, 1)[visible], filled.permute(0, 2, 3, 1)[visible]) > 0.05
     # ... while the sparse model's visible features are the same whatever the masked patches hold.
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(1)) * 3
     other = torch.where(keep, images, noise)
