@@ -25,6 +25,7 @@ class ModelConfig:
     norm_pix_loss: bool = True
     decoder: str = "fcmae"          # fcmae (ConvNeXt V2 block) | linear (SimMIM: one 1x1 conv) | spark (SparK: all stages, UNet)
     encoder_input: str = "sparse"   # sparse (masked patches removed) | mask_token (SimMIM: learned token, dense)
+                                    # | masked_image_dense (ablation: zeroed patches, plain dense encoder, leaks)
     loss: str = "mse"               # mse | l1
     loss_on: str = "masked"         # masked | all (patches the loss averages over)
 

@@ -12,6 +12,12 @@ runs SimMIM's recipe (learned mask token at the encoder input, linear head, L1 l
 | loss_on       | ``masked``                         | ``masked``                      | ``masked``                  |
 | norm_pix_loss | True                               | False                           | True                        |
 
+``encoder_input="masked_image_dense"`` is an ablation, not a method: the papers' "naive dense"
+baseline (ConvNeXt V2 Table 1, SparK Sec. 3.1). Masked patches are zeroed once in the image and the
+same encoder then runs as a plain dense network over every site (no re-masking after each op), so
+convolutions carry information out of masked regions, LN/GRN statistics include masked sites and the
+mask pattern blurs stage by stage. The decoder still replaces masked sites by its mask token.
+
 The encoder is any module with ``patch_size``, ``in_chans``, ``num_features``, ``stage_dims``,
 ``stage_strides``, ``forward(images, visible)`` (last stage's dense map) and
 ``forward_hierarchical(images, visible)`` (every stage's, finest first): SparseConvNeXtV2 or
@@ -27,7 +33,7 @@ from mimsparse.errors import ConfigError
 from mimsparse.models.loss import LOSS_ON, LOSSES, pixel_targets, reconstruction_loss
 from mimsparse.masking import PatchMasker, num_masked, upsample_mask
 
-ENCODER_INPUTS = ("sparse", "mask_token")
+ENCODER_INPUTS = ("sparse", "mask_token", "masked_image_dense")
 
 
 class FCMAE(nn.Module):
@@ -52,6 +58,7 @@ class FCMAE(nn.Module):
             s = encoder.stage_strides[0]
             self.input_mask_token = nn.Parameter(torch.zeros(1, encoder.in_chans, s, s))
             nn.init.trunc_normal_(self.input_mask_token, std=0.02)
+        self.encoder_input = encoder_input
         self.loss, self.loss_on, self.norm_pix_loss = loss, loss_on, norm_pix_loss
 
     @property
@@ -76,11 +83,20 @@ class FCMAE(nn.Module):
     def forward_encoder(self, images_bchw, visible_bhw, num_visible: int | None = None):
         """-> what the decoder reads: the last stage's features [B, C, H/p, W/p] or, for a hierarchical
         decoder, every stage's [B, C_i, H/s_i, W/s_i], finest first. With a sparse input they are zero
-        at masked patches. ``num_visible``: see :meth:`forward`."""
+        at masked patches (the leaky ``masked_image_dense`` input: not zero there). ``num_visible``: see
+        :meth:`forward`."""
         encode = self.encoder.forward_hierarchical if self.decoder.hierarchical else self.encoder
-        if self.input_mask_token is None:
+        if self.encoder_input == "sparse":
             return encode(images_bchw, visible_bhw, num_visible=num_visible)
-        return encode(self.fill_masked(images_bchw, visible_bhw), None)
+        # Dense inputs: every site is active (visible=None), so each backend computes the plain dense network.
+        if self.encoder_input == "mask_token":
+            return encode(self.fill_masked(images_bchw, visible_bhw), None)
+        return encode(self.zero_masked(images_bchw, visible_bhw), None)
+
+    def zero_masked(self, images_bchw, visible_bhw):
+        """Images with every masked patch set to zero, once (the leaky dense ablation's input)."""
+        keep = upsample_mask(visible_bhw, self.patch_size).unsqueeze(1)
+        return images_bchw * keep.to(images_bchw.dtype)
 
     def fill_masked(self, images_bchw, visible_bhw):
         """Images with every masked patch showing the tiled input mask token (SimMIM's encoder input)."""

@@ -1,0 +1,76 @@
+"""The ablation harness (tools/ablate.py) on a tiny budget: result files with their full config,
+skipping of finished work, refusal of a mixed budget, and the summary tables' arithmetic."""
+import json
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from mimsparse.evaluate.ablation import CLAIMS, VARIANTS, claim_table
+from tests.conftest import ROOT
+
+TINY = ["--data", "lfw-subset", "--img-size", "64", "--steps", "2", "--batch-size", "8", "--probe-train", "40",
+        "--probe-epochs", "2", "--eval-limit", "20", "--finetune-fraction", "0.1", "--finetune-epochs", "1",
+        "--finetune-batch", "8", "--collapse-images", "4", "--seeds", "0"]
+
+
+def _ablate(out, *args):
+    cmd = [sys.executable, str(ROOT / "tools" / "ablate.py"), "--out", str(out), *TINY, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+@pytest.mark.slow
+def test_tiny_ablation_runs_records_its_config_and_skips_finished_work(tmp_path):
+    out = tmp_path / "abl"
+    variants = ["--variants", "sparse-r0.6-grn", "leaky-r0.6-grn", "random-init"]
+    r = _ablate(out, *variants)
+    assert r.returncode == 0, r.stderr[-2000:]
+    sparse, leaky, rand = (json.loads((out / v / "s0" / "result.json").read_text())
+                           for v in ("sparse-r0.6-grn", "leaky-r0.6-grn", "random-init"))
+    # Each result holds the full pretraining config (the variant's own setting included) and the budget.
+    assert sparse["pretrain_config"]["model"]["encoder_input"] == "sparse"
+    assert leaky["pretrain_config"]["model"]["encoder_input"] == "masked_image_dense"
+    assert sparse["pretrain_config"]["train"]["max_steps"] == 2 and sparse["pretrain_config"]["data"]["img_size"] == 64
+    assert rand["pretrain_config"] is None and rand["budget"]["steps"] == 2
+    for rec, v in ((sparse, "sparse-r0.6-grn"), (rand, "random-init")):
+        probe = json.loads((out / v / "s0" / "probe" / "results.json").read_text())
+        assert rec["probe"]["final_top1"] == probe["final_top1"]
+        assert 0.0 <= rec["finetune"]["final_top1"] <= 1.0
+        assert len(rec["collapse"]["grn"]["per_block"]) == 12  # atto: 2 + 2 + 6 + 2 blocks
+    summary = (out / "summary.md").read_text()
+    assert "| leaky-r0.6-grn | 1 |" in summary and "| sparse-r0.6-nogrn | 0 |" in summary
+
+    # A second call skips the finished runs; a lost result.json is rebuilt without pretraining again.
+    ckpt = next((out / "sparse-r0.6-grn" / "s0" / "pretrain").glob("checkpoint-*.pth"))
+    before = ckpt.stat().st_mtime_ns
+    (out / "sparse-r0.6-grn" / "s0" / "result.json").unlink()
+    r = _ablate(out, *variants)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("done, skipped") == 2 and ckpt.stat().st_mtime_ns == before
+    assert json.loads((out / "sparse-r0.6-grn" / "s0" / "result.json").read_text())["probe"] == sparse["probe"]
+
+    # Runs of another budget do not mix into the same tables.
+    r = _ablate(out, "--variants", "random-init", "--probe-epochs", "3")
+    assert r.returncode != 0 and "holds runs of another budget" in r.stderr
+
+
+def test_claim_tables_give_mean_and_sample_std_over_seeds():
+    def record(seed, probe, ft):
+        return {"variant": "sparse-r0.6-grn", "seed": seed, "probe": {"final_top1": probe},
+                "finetune": {"final_top1": ft}, "collapse": {"grn": {"mean": 0.4 + seed / 10}},
+                "pretrain": {"final_loss": 0.5}}
+    results = {"sparse-r0.6-grn": [record(0, 0.80, 0.70), record(1, 0.83, 0.74)]}
+    row = claim_table(CLAIMS[0], results).splitlines()[2]
+    assert row.startswith("| sparse-r0.6-grn | 2 | ")
+    assert f"{statistics.mean([80, 83]):.2f} ± {statistics.stdev([80, 83]):.2f}" in row  # 81.50 ± 2.12
+    assert "72.00 ± 2.83" in row and "0.450 ± 0.071" in row and "| – |" in row and "s0: 80.00, s1: 83.00" in row
+    assert "| leaky-r0.6-grn | 0 | – |" in claim_table(CLAIMS[0], results)
+    # The paired column: variant minus the baseline of the same seed.
+    results["leaky-r0.6-grn"] = [dict(record(0, 0.78, 0.7), variant="leaky-r0.6-grn"),
+                                 dict(record(1, 0.84, 0.7), variant="leaky-r0.6-grn")]
+    leaky = claim_table(CLAIMS[0], results).splitlines()[3]
+    assert leaky.endswith(f"| {statistics.mean([-2, 1]):.2f} ± {statistics.stdev([-2, 1]):.2f} (-2.00, +1.00) |")
+    # Every claim's rows are variants the harness runs, and the baseline serves all three tables.
+    assert all(name in VARIANTS for c in CLAIMS for name in c.rows)
+    assert all("sparse-r0.6-grn" in c.rows for c in CLAIMS)

@@ -1,0 +1,179 @@
+#!/usr/bin/env python
+"""The papers' ablations at small scale (docs/ablations.md): sparse vs leaky dense encoder, mask ratio
+0.4/0.6/0.75/0.9, GRN on/off, each pretrained per seed on an equal budget and evaluated by linear probe,
+short finetune at a low label fraction and the feature-collapse statistic.
+  tools/ablate.py                                   # every variant, seeds 0 1, the budget of docs/ablations.md
+  tools/ablate.py --variants sparse-r0.6-grn leaky-r0.6-grn --seeds 0
+  tools/ablate.py --summary-only                    # tables of what has finished
+Resumable: a run whose result.json exists is skipped, an interrupted pretraining resumes from its last
+checkpoint and a finished probe / finetune is not redone. Writes <out>/<variant>/s<seed>/result.json
+(the full pretraining config, the budget and every metric) and <out>/summary.md. Seed 0's runs go
+first, so a partial run still covers every variant once.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    from mimsparse.evaluate.ablation import VARIANTS, Budget
+
+    p = argparse.ArgumentParser("ablate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/ablations", help="results folder (default %(default)s)")
+    p.add_argument("--config", default=str(ROOT / "configs" / "ablation_fmnist.yaml"), help="base pretraining config")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME",
+                   help=f"subset of: {', '.join(VARIANTS)} (default: all)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--backend", default="packed", help="sparse backend of the pretraining (default %(default)s)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--summary-only", action="store_true", help="only write <out>/summary.md from finished runs")
+    for f in fields(Budget):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                       help=f"budget (default %(default)s)")
+    return p
+
+
+def _tool(name: str):
+    """The main() of tools/<name>.py, run in this process (no interpreter start-up per step)."""
+    spec = importlib.util.spec_from_file_location(f"_ablate_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def pretrain(run_dir: Path, variant, seed: int, budget, args) -> tuple[Path, dict]:
+    """Pretrains (or resumes) the variant; returns its last checkpoint and a summary of the run."""
+    from mimsparse.evaluate.datasets import load_labelled
+    from mimsparse.train.engine import latest_checkpoint
+
+    out = run_dir / "pretrain"
+    n_train = len(load_labelled(budget.data, "train"))
+    warmup_epochs = 0.1 * budget.steps * budget.batch_size / n_train  # warm up over the first 10 % of the steps
+    overrides = [f"data.path={budget.data}", f"data.img_size={budget.img_size}", f"train.batch_size={budget.batch_size}",
+                 f"train.max_steps={budget.steps}", f"optim.warmup_epochs={warmup_epochs:.6g}", f"train.seed={seed}",
+                 f"train.output_dir={out}", *variant.overrides]
+    t0 = time.perf_counter()
+    ckpt = latest_checkpoint(out)
+    if ckpt is None or _step_of(ckpt) < budget.steps:
+        _tool("pretrain")(["--config", args.config, "--backend", args.backend, "--device", args.device,
+                           "--resume", "auto", "--no-progress", *overrides])
+        ckpt = latest_checkpoint(out)
+    losses = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+    losses = [v for v in losses if v is not None]
+    tail = losses[-max(1, len(losses) // 5):]
+    return ckpt, {"checkpoint": str(ckpt), "overrides": overrides, "first_loss": losses[0] if losses else None,
+                  "final_loss": sum(tail) / len(tail) if tail else None, "wall_s_this_call": time.perf_counter() - t0}
+
+
+def _step_of(ckpt: Path) -> int:
+    from mimsparse.train.checkpoint import load_checkpoint
+
+    return int(load_checkpoint(ckpt)["run"]["step"])
+
+
+def evaluate(run_dir: Path, weights: list[str], seed: int, budget, device: str) -> dict:
+    common = [*weights, "--data", budget.data, "--img-size", str(budget.img_size), "--eval-limit",
+              str(budget.eval_limit), "--seed", str(seed), "--device", device, "--no-progress"]
+    out = {}
+    probe_dir, ft_dir = run_dir / "probe", run_dir / "finetune"
+    if not (probe_dir / "results.json").is_file():
+        _tool("linear_probe")([*common, "--train-limit", str(budget.probe_train), "--epochs", str(budget.probe_epochs),
+                               "--warmup-epochs", str(max(1, budget.probe_epochs // 10)), "--output-dir", str(probe_dir)])
+    if not (ft_dir / "results.json").is_file():
+        _tool("finetune")([*common, "--label-fraction", str(budget.finetune_fraction), "--epochs",
+                           str(budget.finetune_epochs), "--warmup-epochs", "0.5", "--batch-size", str(budget.finetune_batch), "--blr", str(budget.finetune_blr),
+                           "--output-dir", str(ft_dir)])
+    for name, folder in (("probe", probe_dir), ("finetune", ft_dir)):
+        r = json.loads((folder / "results.json").read_text())
+        out[name] = {k: r[k] for k in ("final_top1", "best_top1", "best_epoch", "args", "data", "wall_time_s") if k in r}
+    return out
+
+
+def collapse(ckpt: Path | None, seed: int, budget) -> dict:
+    """Mean / min over blocks of the channel cosine distance, before GRN (mlp) and after it (grn)."""
+    import timm
+    import torch
+
+    from mimsparse.evaluate.collapse import analysis_images, feature_collapse, load_timm_model
+    from mimsparse.train.checkpoint import load_checkpoint
+
+    if ckpt is not None:
+        model, _ = load_timm_model(load_checkpoint(ckpt))
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = timm.create_model("convnextv2_atto").eval()
+    images = analysis_images(budget.data, budget.img_size, budget.collapse_images)
+    out = {}
+    with torch.no_grad():
+        for where in ("mlp", "grn"):
+            d = [r["distance"] for r in feature_collapse(model, images, where=where)]
+            out[where] = {"mean": sum(d) / len(d), "min": min(d), "per_block": d}
+    return out
+
+
+def run_one(out_dir: Path, variant, seed: int, budget, args) -> Path:
+    from mimsparse.evaluate.ablation import run_name
+    from mimsparse.train.engine import config_of_checkpoint
+
+    run_dir = out_dir / run_name(variant.name, seed)
+    result_path = run_dir / "result.json"
+    if result_path.is_file():
+        print(f"[ablate] {variant.name} seed {seed}: done, skipped ({result_path})")
+        return result_path
+    run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"[ablate] {variant.name} seed {seed}: start", flush=True)
+    t0 = time.perf_counter()
+    record = {"variant": variant.name, "seed": seed, "budget": budget.to_dict(), "backend": args.backend}
+    if variant.pretrained:
+        ckpt, record["pretrain"] = pretrain(run_dir, variant, seed, budget, args)
+        record["pretrain_config"] = config_of_checkpoint(ckpt).to_dict()
+        weights = ["--ckpt", str(ckpt)]
+    else:
+        ckpt, weights = None, ["--ckpt", "random", "--model", "convnextv2_atto"]
+        record["pretrain"] = record["pretrain_config"] = None
+    record.update(evaluate(run_dir, weights, seed, budget, args.device))
+    record["collapse"] = collapse(ckpt, seed, budget)
+    record["wall_s_this_call"] = time.perf_counter() - t0
+    tmp = result_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(result_path)  # atomic: a result.json is always a finished run
+    print(f"[ablate] {variant.name} seed {seed}: probe {record['probe']['final_top1']:.2%}, finetune "
+          f"{record['finetune']['final_top1']:.2%}, {record['wall_s_this_call']:.0f} s", flush=True)
+    return result_path
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    from mimsparse.evaluate.ablation import VARIANTS, Budget, summary_markdown
+
+    out_dir = Path(args.out)
+    budget = Budget(**{f.name: getattr(args, f.name) for f in fields(Budget)})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    budget_path = out_dir / "budget.json"
+    if not args.summary_only:
+        if budget_path.is_file() and json.loads(budget_path.read_text()) != budget.to_dict():
+            raise ValueError(f"{out_dir} holds runs of another budget ({budget_path}); pass the same budget options "
+                             f"or a new --out")
+        budget_path.write_text(json.dumps(budget.to_dict(), indent=1))
+        for seed in args.seeds:  # seed-major: a partial run covers every variant once
+            for name in args.variants:
+                run_one(out_dir, VARIANTS[name], seed, budget, args)
+    summary = summary_markdown(out_dir)
+    (out_dir / "summary.md").write_text(summary)
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    from mimsparse.cli import run_cli
+    sys.exit(run_cli(main))
