@@ -52,7 +52,7 @@ def _tool(name: str):
 def pretrain(run_dir: Path, variant, seed: int, budget, args) -> tuple[Path, dict]:
     """Pretrains (or resumes) the variant; returns its last checkpoint and a summary of the run."""
     from mimsparse.evaluate.datasets import load_labelled
-    from mimsparse.train.engine import latest_checkpoint
+    from mimsparse.train.checkpoint_manager import latest_checkpoint
 
     out = run_dir / "pretrain"
     n_train = len(load_labelled(budget.data, "train"))
@@ -122,7 +122,8 @@ def collapse(ckpt: Path | None, seed: int, budget) -> dict:
 
 def run_one(out_dir: Path, variant, seed: int, budget, args) -> Path:
     from mimsparse.evaluate.ablation import run_name
-    from mimsparse.train.engine import config_of_checkpoint
+    from mimsparse.config import config_from_dict
+    from mimsparse.train.checkpoint import load_checkpoint
 
     run_dir = out_dir / run_name(variant.name, seed)
     result_path = run_dir / "result.json"
@@ -135,7 +136,7 @@ def run_one(out_dir: Path, variant, seed: int, budget, args) -> Path:
     record = {"variant": variant.name, "seed": seed, "budget": budget.to_dict(), "backend": args.backend}
     if variant.pretrained:
         ckpt, record["pretrain"] = pretrain(run_dir, variant, seed, budget, args)
-        record["pretrain_config"] = config_of_checkpoint(ckpt).to_dict()
+        record["pretrain_config"] = config_from_dict(load_checkpoint(ckpt)["config"]).to_dict()
         weights = ["--ckpt", str(ckpt)]
     else:
         ckpt, weights = None, ["--ckpt", "random", "--model", "convnextv2_atto"]
