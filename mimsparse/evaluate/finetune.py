@@ -216,7 +216,7 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, device, step
                     mixup=None, desc: str = "", show_progress: bool = True) -> dict:
     """Trains over ``loader`` from global step ``step`` (stops at ``max_steps`` if > 0).
     Returns {"step": the next step, "loss": mean training loss, "lr": last lr, "images", "unreadable"}."""
-    from mimsparse.train.engine import TrainingError
+    from mimsparse.errors import TrainingError
 
     model.train()
     loss_sum, batches, images_seen, unreadable, lr = 0.0, 0, 0, 0, max_lr(optimizer)
