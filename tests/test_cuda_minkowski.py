@@ -21,7 +21,8 @@ dense = get_backend("dense")
 
 
 @pytest.fixture(autouse=True)
-def _no_tf32():
+def _seeded_full_fp32():
+    torch.manual_seed(0)
     # cuDNN convolutions default to TF32 (10-bit mantissa): the dense reference must be full fp32.
     flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
