@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import importlib
 
-from .base import Backend, RowBackend
+from mimsparse.errors import BackendUnavailable
+
+from .base import Backend
+from .rows import RowBackend
 
 # name -> (module, class, how to install what it needs)
 _BACKENDS: dict[str, tuple[str, str, str]] = {
@@ -14,10 +17,6 @@ _BACKENDS: dict[str, tuple[str, str, str]] = {
     "minkowski": ("mimsparse.backends.minkowski", "MinkowskiBackend",
                   "bash scripts/build_minkowski.sh .venv/bin/python (builds MinkowskiEngine 0.5.4), or `make setup`"),
 }
-
-
-class BackendUnavailable(RuntimeError):
-    pass
 
 
 def backend_names() -> list[str]:

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from mimsparse.sparse import SparseBatch
 
-from .base import Backend, batch_norm_rows, check_conv_weight, check_window_op
+from .base import Backend
+from .checks import check_conv_weight, check_downsample_weight, check_window_op
 
 
 @dataclass
@@ -32,11 +33,12 @@ class MaskedDenseBackend(Backend):
     name = "dense"
 
     def from_sparse(self, sb: SparseBatch) -> MaskedDense:
+        sb.validate()  # to_dense would silently merge duplicates and fail on bounds
         return self.from_dense(sb.to_dense(), sb.active_mask(), sb.stride)
 
     def from_dense(self, x_bchw, active_bhw, stride=1):
         # channels_last: convs keep it, and per-site ops then see contiguous [..., C] rows
-        # (about 2x faster on CPU than NCHW for ConvNeXt).
+        # (faster on CPU than NCHW: BENCHMARKS.md, "Depthwise 7×7 on sparse rows").
         x_bchw = x_bchw.contiguous(memory_format=torch.channels_last)
         return MaskedDense(x_bchw, active_bhw, stride).masked(x_bchw)
 
@@ -47,13 +49,15 @@ class MaskedDenseBackend(Backend):
         return t.x_bchw
 
     def conv(self, t, weight, bias):
+        check_conv_weight(weight, t.x_bchw.shape[1], "conv")
         return t.masked(F.conv2d(t.x_bchw, weight, bias, padding=weight.shape[-1] // 2))
 
     def dwconv(self, t, weight, bias):
+        check_conv_weight(weight, t.x_bchw.shape[1], "dwconv", depthwise=True)
         return t.masked(F.conv2d(t.x_bchw, weight, bias, padding=weight.shape[-1] // 2, groups=t.x_bchw.shape[1]))
 
     def downsample(self, t, weight, bias):
-        k = weight.shape[-1]
+        k = check_downsample_weight(weight, t.x_bchw.shape[1], t.x_bchw.shape[2:])
         active = F.max_pool2d(t.active_bhw.unsqueeze(1).float(), k).squeeze(1) > 0
         out = MaskedDense(F.conv2d(t.x_bchw, weight, bias, stride=k), active, t.stride * k)
         return out.masked(out.x_bchw)
@@ -73,22 +77,28 @@ class MaskedDenseBackend(Backend):
         out = out.masked_fill(out == float("-inf"), 0.0)  # windows without an active site
         return MaskedDense(out, active_out_bhw, t.stride * stride).masked(out)
 
-    def batch_norm(self, t, bn):
-        # statistics over the active sites only: normalise their gathered rows, scatter them back
+    def map_rows(self, t, fn):
+        # gather the active sites' rows, apply fn, scatter the result back (zeros elsewhere)
         x = t.x_bchw.permute(0, 2, 3, 1)
-        rows = batch_norm_rows(x[t.active_bhw], bn)
-        out = rows.new_zeros(x.shape).index_put((t.active_bhw,), rows)
+        batch_n = t.active_bhw.nonzero()[:, 0]
+        rows = fn(x[t.active_bhw], batch_n)
+        out = rows.new_zeros(*x.shape[:3], rows.shape[1]).index_put((t.active_bhw,), rows)
         return MaskedDense(out.permute(0, 3, 1, 2), t.active_bhw, t.stride)
+
+    def batch_size(self, t):
+        return t.x_bchw.shape[0]
 
     def map_feats(self, t, fn):
         return t.masked(fn(t.x_bchw.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
 
     def grn(self, t, weight, bias, eps=1e-6):
         # Inactive sites are zero, so the norm over the whole map is the norm over the active sites.
+        # Statistics in float32 whatever x's dtype (bf16 sums over a whole map lose small channels).
         x = t.x_bchw
-        gx = torch.linalg.vector_norm(x, ord=2, dim=(2, 3), keepdim=True)
-        nx = gx / (gx.mean(dim=1, keepdim=True) + eps)
-        return t.masked(x + torch.addcmul(bias.view(1, -1, 1, 1), weight.view(1, -1, 1, 1), x * nx))
+        gx = torch.linalg.vector_norm(x.float(), ord=2, dim=(2, 3), keepdim=True)
+        nx = (gx / (gx.mean(dim=1, keepdim=True) + eps)).to(x.dtype)
+        w, b = weight.view(1, -1, 1, 1).to(x.dtype), bias.view(1, -1, 1, 1).to(x.dtype)
+        return t.masked(x + torch.addcmul(b, w, x * nx))
 
     def add(self, a, b):
         return MaskedDense(a.x_bchw + b.x_bchw, a.active_bhw, a.stride)

@@ -4,7 +4,7 @@ Native tensor: ``MinkowskiTensor`` = an ``ME.SparseTensor`` (features [N, C], co
 (b, y, x) in its coordinate manager) plus what ME does not keep: batch_size (a sample may have no
 site at all), spatial_shape (H, W) of the current grid and the stride in image pixels.
 
-What ME gives and what this module adds (see /work/shared/notes/minkowski.md for the build and API):
+What ME gives and what this module adds (scripts/build_minkowski.sh builds it; README, "Backends"):
 
 - Coordinates are explicit: ``SparseTensor(features, coordinates=...)`` from the ``SparseBatch``,
   never ``MinkowskiOps.to_sparse`` (which drops all-zero rows). ME coordinates stay in units of the
@@ -33,11 +33,8 @@ What ME gives and what this module adds (see /work/shared/notes/minkowski.md for
   ``dense`` (default): scatter the rows into a zero channels-last map, ``F.conv2d(groups=C)``,
   gather the active sites -- exact, since inactive sites are zero; ``kernel_map``: the channelwise
   loop (gather, scale by that tap, index_add per offset) over ME's kernel map, cached per site set.
-  Measured on the 2-core CPU, one thread (7x7, 96 ch, B=8, 56x56, 40.8 % active, fwd+bwd, kernel
-  map cached; building it takes another 20 ms): dense 37 ms, kernel_map 185 ms (ME's own in-place
-  ``out[idx] +=`` loop: 405 ms; one vectorised gather/index_add over all 377k pairs: 405 ms), hence
-  the default. Whole convnextv2_atto encoder, B=8, 224, r=0.6, fwd+bwd: 285 ms with dense
-  depthwise, 600 ms with kernel_map (masked-dense backend: 580 ms).
+  ``dense`` measured several times faster on CPU (BENCHMARKS.md, "Depthwise 7×7 on sparse rows"),
+  hence the default.
 - LayerNorm, the MLP, GRN (per sample), residuals: on the feature rows (``RowBackend``), rewrapped
   with the same coordinate map key and manager.
 - ``to_dense`` is ME's ``SparseTensor.dense`` with an explicit shape and min_coordinate 0 (never
@@ -65,18 +62,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from mimsparse.errors import ConfigError
 from mimsparse.sparse import SparseBatch
 
-from .base import (
-    RowBackend,
-    add_bias,
-    autocast_dtype,
-    check_conv_weight,
-    check_window_op,
-    dtype_name,
-    window_max,
-    window_rows,
-)
+from .checks import add_bias, check_conv_weight, check_downsample_weight, check_window_op
+from .minkowski_layout import channelwise_kernel, me_kernel
+from .rows import RowBackend, dwconv_by_offsets, dwconv_via_dense, window_max, window_rows
 
 with warnings.catch_warnings():
     # a CPU-only build warns at every import that it is one
@@ -165,25 +156,6 @@ class MinkowskiTensor:
                 f"spatial_shape={self.spatial_shape}, stride={self.stride}, tensor_stride={self.tensor_stride})")
 
 
-# ---- weight layouts ---------------------------------------------------------------------------------
-def me_kernel(weight: torch.Tensor) -> torch.Tensor:
-    """Dense [C_out, C_in, kh, kw] -> ME [kh*kw, C_in, C_out] for ``kernel_size=[kh, kw]`` on (y, x)
-    coordinates (ME's offset index: y fastest, i.e. ix * kh + iy). Differentiable."""
-    c_out, c_in, kh, kw = weight.shape
-    return weight.permute(3, 2, 1, 0).reshape(kw * kh, c_in, c_out).contiguous()
-
-
-def dense_weight(kernel: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
-    """Inverse of ``me_kernel``: ME [kh*kw, C_in, C_out] -> dense [C_out, C_in, kh, kw]."""
-    return kernel.reshape(kw, kh, kernel.shape[1], kernel.shape[2]).permute(3, 2, 1, 0)
-
-
-def channelwise_kernel(weight: torch.Tensor) -> torch.Tensor:
-    """Depthwise [C, 1, kh, kw] -> ``MinkowskiChannelwiseConvolution``'s [kh*kw, C]."""
-    c, _, kh, kw = weight.shape
-    return weight[:, 0].permute(2, 1, 0).reshape(kw * kh, c)
-
-
 # ---- the backend ------------------------------------------------------------------------------------
 class MinkowskiBackend(RowBackend):
     """Backend on MinkowskiEngine 0.5.4. Option ``dwconv`` (``MIMSPARSE_MINKOWSKI_DWCONV``): ``dense``
@@ -195,7 +167,7 @@ class MinkowskiBackend(RowBackend):
     def __init__(self, dwconv: str | None = None):
         dwconv = dwconv if dwconv is not None else os.environ.get("MIMSPARSE_MINKOWSKI_DWCONV", "dense")
         if dwconv not in DWCONV_IMPLS:
-            raise ValueError(f"unknown depthwise implementation {dwconv!r}; choose one of {', '.join(DWCONV_IMPLS)}")
+            raise ConfigError(f"unknown depthwise implementation {dwconv!r}; choose one of {', '.join(DWCONV_IMPLS)}")
         self.dwconv_impl = dwconv
         self._kernel_generators: dict[tuple[int, int, int], ME.KernelGenerator] = {}
 
@@ -207,16 +179,6 @@ class MinkowskiBackend(RowBackend):
         # ME 0.5.4 dispatches its kernels (CPU and CUDA) on float and double only.
         return _DTYPES
 
-    def _check_compute(self, feats: torch.Tensor, weight: torch.Tensor | None = None) -> None:
-        """Refuse dtypes ME cannot compute in, also when autocast would produce them."""
-        dtype = autocast_dtype(feats.device) or feats.dtype
-        self.check_dtype(dtype, feats.device)
-        if weight is not None:
-            if weight.device != feats.device:
-                raise ValueError(f"weight on {weight.device} but features on {feats.device}")
-            if weight.dtype != feats.dtype:
-                raise TypeError(f"weight dtype {dtype_name(weight.dtype)} differs from the features' {dtype_name(feats.dtype)}")
-
     # ---- entering and leaving -------------------------------------------------------------------
     def from_sparse(self, sb: SparseBatch) -> MinkowskiTensor:
         if min(sb.spatial_shape) < 1:
@@ -225,7 +187,7 @@ class MinkowskiBackend(RowBackend):
             raise ValueError(f"coords on {sb.coords.device} but feats on {sb.feats.device}")
         self.check_dtype(sb.feats.dtype, sb.feats.device)
         if sb.feats.is_cuda and not ME.is_cuda_available():
-            raise ValueError("this MinkowskiEngine build is CPU-only (scripts/build_minkowski.sh builds "
+            raise ConfigError("this MinkowskiEngine build is CPU-only (scripts/build_minkowski.sh builds "
                              "a CUDA one where a GPU is present); use --device cpu or another backend")
         sb.validate()  # ME would merge duplicate coordinates and accept any bound
         return self._new_tensor(sb.feats, sb.coords, sb.batch_size, sb.spatial_shape, sb.stride)
@@ -285,7 +247,7 @@ class MinkowskiBackend(RowBackend):
     # ---- convolutions ---------------------------------------------------------------------------
     def conv(self, t, weight, bias):
         kh, kw = check_conv_weight(weight, t.F.shape[1], "conv")
-        self._check_compute(t.F, weight)
+        self.check_compute(t.F, weight)
         if kh == kw == 1:
             out = F.linear(t.F, weight[:, :, 0, 0])
         else:
@@ -293,15 +255,10 @@ class MinkowskiBackend(RowBackend):
         return t.replace(add_bias(out, bias))
 
     def downsample(self, t, weight, bias):
-        kh, kw = check_conv_weight(weight, t.F.shape[1], "downsample")
-        if kh != kw:
-            raise ValueError(f"downsample: expected a square kernel [C_out, C_in, k, k], got {tuple(weight.shape)}")
-        k = kh
-        self._check_compute(t.F, weight)
+        k = check_downsample_weight(weight, t.F.shape[1], t.spatial_shape)
+        self.check_compute(t.F, weight)
         h, w = t.spatial_shape
         out_shape = (h // k, w // k)  # F.conv2d(stride=k), no padding: a partial last block is dropped
-        if min(out_shape) < 1:
-            raise ValueError(f"cannot downsample a {h}x{w} map with a {k}x{k} stride-{k} conv")
         if k == 1:
             return MinkowskiTensor(t.st, t.batch_size, out_shape, t.stride, t.cache).replace(
                 add_bias(F.linear(t.F, weight[:, :, 0, 0]), bias))
@@ -328,7 +285,7 @@ class MinkowskiBackend(RowBackend):
     def strided_conv(self, t, weight, bias, stride, active_out_bhw):
         kh, kw = check_conv_weight(weight, t.F.shape[1], "strided_conv")
         check_window_op("strided_conv", kw, stride, t.batch_size, t.spatial_shape, active_out_bhw)
-        self._check_compute(t.F, weight)
+        self.check_compute(t.F, weight)
         out_key, _ = self._out_sites(t, stride, active_out_bhw)
         # ME centres an odd kernel on the output coordinate and steps by the input's tensor stride:
         # output (i, j) reads input (stride*i + dy - k//2, stride*j + dx - k//2), as torchvision's convs
@@ -368,36 +325,20 @@ class MinkowskiBackend(RowBackend):
     def dwconv(self, t, weight, bias):
         c = t.F.shape[1]
         kh, kw = check_conv_weight(weight, c, "dwconv", depthwise=True)
-        self._check_compute(t.F, weight)
+        self.check_compute(t.F, weight)
         if kh == kw == 1:
             out = t.F * weight[:, 0, 0, 0]
         elif self.dwconv_impl == "dense":
-            out = self._dwconv_dense(t, weight)
+            out = dwconv_via_dense(t.F, t.flat_index(), t.batch_size, t.spatial_shape, weight)
         else:
             out = self._dwconv_kernel_map(t, weight, kh, kw)
         return t.replace(add_bias(out, bias))
-
-    def _dwconv_dense(self, t: MinkowskiTensor, weight: torch.Tensor) -> torch.Tensor:
-        """Scatter to a zero channels-last map, grouped F.conv2d, gather the active sites."""
-        feats = t.F
-        b, (h, w), c = t.batch_size, t.spatial_shape, feats.shape[1]
-        flat = t.flat_index()
-        grid = feats.new_zeros(b * h * w, c).index_copy(0, flat, feats)
-        x = grid.view(b, h, w, c).permute(0, 3, 1, 2)  # NCHW view of channels-last memory
-        kh, kw = weight.shape[-2:]
-        y = F.conv2d(x, weight, None, padding=(kh // 2, kw // 2), groups=c)
-        return y.permute(0, 2, 3, 1).reshape(b * h * w, c).index_select(0, flat)
 
     def _dwconv_kernel_map(self, t: MinkowskiTensor, weight: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
         """MinkowskiChannelwiseConvolution's computation: per kernel offset, gather the input rows,
         scale by that offset's taps, add into the output rows (functional index_add, not ME's
         in-place ``out[idx] +=``, which is twice as slow in backward)."""
-        feats = t.F
-        taps = channelwise_kernel(weight)
-        out = feats.new_zeros(feats.shape)
-        for offset, in_rows, out_rows in self._kernel_map(t, kh, kw):
-            out = out.index_add(0, out_rows, feats.index_select(0, in_rows) * taps[offset])
-        return out
+        return dwconv_by_offsets(t.F.new_zeros(t.F.shape), t.F, channelwise_kernel(weight), self._kernel_map(t, kh, kw))
 
     def _kernel_map(self, t: MinkowskiTensor, kh: int, kw: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         """ME's stride-1 kernel map of t's sites onto themselves: (offset, in rows, out rows)."""

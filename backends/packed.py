@@ -26,6 +26,13 @@ per sample) are computed once per batch and stage and cached on :class:`PackedGe
 tensor of that stage shares; nothing is cached in module globals. Scratch buffers are cached there
 too and only ever written at active sites, so they need no per-layer zero fill. Rows are in
 ``SparseBatch`` order (batch, then raster), so ``to_sparse`` is free.
+
+Static mode (``patch_embed(..., rows_per_sample=n)``: every sample has exactly n active sites, as
+mimsparse's maskers make them): the indices are built without host syncs or data-dependent shapes
+(a stable sort of each sample's mask instead of ``nonzero``, sizes from ``n``, the count checked on
+the device by ``torch._assert_async``), and every op is plain differentiable torch (the depthwise
+conv as scatter -> dense channels-last conv -> gather), so ``torch.compile(fullgraph=True,
+dynamic=False)`` traces the whole train step and replays it for any mask with that count.
 """
 from __future__ import annotations
 
@@ -37,7 +44,8 @@ from torch.autograd.function import once_differentiable
 
 from mimsparse.sparse import SparseBatch
 
-from .base import RowBackend
+from .checks import check_conv_weight, check_downsample_weight
+from .rows import RowBackend
 
 # Depthwise tiles are processed in chunks of about this many input floats (a cache-sized working set
 # for the weight-gradient convs); PackedBackend(tile_chunk_floats=...) overrides it.
@@ -62,6 +70,7 @@ class PackedGeometry:
     spatial_shape: tuple[int, int]
     stride: int
     counts: tuple[int, ...]
+    static: bool = False            # built by from_mask_static: sync-free, static shapes
     _cache: dict = field(default_factory=dict, repr=False)
 
     # ---- construction ---------------------------------------------------------------------------
@@ -88,6 +97,30 @@ class PackedGeometry:
         flat = (b * h + y) * w + x
         counts = tuple(torch.bincount(b, minlength=bsz).tolist()) if flat.numel() else (0,) * bsz
         geom = cls(coords64.to(torch.int32), flat, bsz, (h, w), stride, counts)
+        geom._cache["bxy"] = (b, y, x)
+        return geom
+
+    @classmethod
+    def from_mask_static(cls, active_bhw: torch.Tensor, stride: int, rows_per_sample: int) -> "PackedGeometry":
+        """Like ``from_mask`` when every sample has exactly ``rows_per_sample`` active sites, without a
+        host sync: a stable sort of each sample's inactive flags puts its active sites first, in raster
+        order, so the first ``rows_per_sample`` positions are its rows. The count is checked on the device
+        (an error at the next sync, e.g. ``loss.item()``, not a silent wrong result)."""
+        bsz, h, w = active_bhw.shape
+        n = int(rows_per_sample)
+        if not 0 < n <= h * w:
+            raise ValueError(f"rows_per_sample={n} must be in [1, {h * w}] (sites per sample at stride {stride})")
+        act = active_bhw.reshape(bsz, h * w)
+        torch._assert_async((act.sum(1) == n).all(),
+                            f"static packed geometry: every sample must have exactly {n} active sites at stride "
+                            f"{stride}; pass num_visible=None for masks with varying counts")
+        pos = (~act).to(torch.int32).argsort(dim=1, stable=True)[:, :n]
+        b = torch.arange(bsz, device=act.device).repeat_interleave(n)
+        rem = pos.reshape(-1)
+        y = torch.div(rem, w, rounding_mode="floor")
+        x = rem - y * w
+        flat = b * (h * w) + rem
+        geom = cls(torch.stack([b, y, x], 1).to(torch.int32), flat, bsz, (h, w), stride, (n,) * bsz, static=True)
         geom._cache["bxy"] = (b, y, x)
         return geom
 
@@ -190,6 +223,8 @@ class PackedGeometry:
         complete: every child exists (the forward gather needs no zero row);
         covered: every input row has a parent (the backward gather needs no zero row)."""
         key = ("down", k)
+        if self.static and key not in self._cache:
+            self._cache[key] = self._down_static(k)
         if key not in self._cache:
             h, w = self.spatial_shape
             ho, wo = h // k, w // k
@@ -215,6 +250,29 @@ class PackedGeometry:
             complete = int(valid.sum()) == m * kk
             self._cache[key] = (child, child_idx, parent_idx, complete, covered)
         return self._cache[key]
+
+
+    def _down_static(self, k: int):
+        """``down`` for a static geometry whose k x k blocks are all complete (patch-aligned masks:
+        every stage sees whole patches), with sizes known on the host: n / k^2 outputs per sample.
+        Anything else fails the device-side count check of the child geometry."""
+        h, w = self.spatial_shape
+        n = self.counts[0]
+        if h % k or w % k or n % (k * k):
+            raise ValueError(f"static packed geometry: a {k}x{k} downsample of a {h}x{w} map with {n} sites per "
+                             f"sample needs whole {k}x{k} blocks; use masks aligned with the patches or "
+                             f"num_visible=None")
+        ho, wo = h // k, w // k
+        b, y, x = self.bxy()
+        pflat = (b * ho + torch.div(y, k, rounding_mode="floor")) * wo + torch.div(x, k, rounding_mode="floor")
+        mask = torch.zeros(self.batch_size * ho * wo, dtype=torch.bool, device=self.device).index_fill(0, pflat, True)
+        child = PackedGeometry.from_mask_static(mask.view(self.batch_size, ho, wo), self.stride * k, n // (k * k))
+        cb, cy, cx = child.bxy()
+        dy = torch.arange(k, device=self.device)
+        pos = ((cb[:, None, None] * h + cy[:, None, None] * k + dy[None, :, None]) * w
+               + cx[:, None, None] * k + dy[None, None, :])        # [M, k, k] parent positions
+        child_idx = self.dense_to_row()[pos.reshape(-1)]
+        return child, child_idx, None, True, True
 
 
 @dataclass(eq=False)
@@ -429,6 +487,29 @@ class _SubmConv(torch.autograd.Function):
         return grad_feats, grad_w, grad_b, None, None
 
 
+# ---- static mode: plain differentiable torch (AOTAutograd derives the backward, inductor fuses) ----
+def _conv_static(feats, weight, bias, geom: PackedGeometry, groups: int) -> torch.Tensor:
+    """Stride-1 submanifold conv: rows -> zero [B, H, W, C] map (channels-last) -> dense conv -> rows."""
+    c = feats.shape[1]
+    x = feats.new_zeros(geom.num_sites, c).index_copy(0, geom.flat, feats)
+    x = x.view(geom.batch_size, *geom.spatial_shape, c).permute(0, 3, 1, 2)
+    pad = (weight.shape[-2] // 2, weight.shape[-1] // 2)
+    return geom.gather(F.conv2d(x, weight.to(feats.dtype), None if bias is None else bias.to(feats.dtype),
+                                padding=pad, groups=groups))
+
+
+def _grn_static(feats, weight, bias, eps: float, geom: PackedGeometry) -> torch.Tensor:
+    """GRN with per-sample statistics as views of [B, n, C], computed in float32 whatever the rows'
+    dtype (bf16 squares summed over thousands of sites lose the small channels)."""
+    x = feats.view(geom.batch_size, geom.counts[0], feats.shape[1])
+    sumsq = x.float().square().sum(1, keepdim=True)
+    positive = sumsq > 0  # an all-zero channel: gx = 0 with zero gradient, like vector_norm
+    gx = torch.where(positive, sumsq, torch.ones_like(sumsq)).sqrt() * positive
+    nx = gx / (gx.mean(-1, keepdim=True) + eps)
+    scale = torch.addcmul(torch.ones_like(nx), weight.float(), nx).to(feats.dtype)
+    return torch.addcmul(bias.to(feats.dtype), x, scale).view_as(feats)
+
+
 def _pad_row(rows: torch.Tensor) -> torch.Tensor:
     """rows with a zero row appended (index N reads zero)."""
     return torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
@@ -574,6 +655,7 @@ class PackedBackend(RowBackend):
 
     # ---- entering and leaving -------------------------------------------------------------------
     def from_sparse(self, sb: SparseBatch) -> PackedTensor:
+        sb.validate()
         h, w = sb.spatial_shape
         b, y, x = sb.coords.long().unbind(1)
         flat = (b * h + y) * w + x
@@ -602,31 +684,37 @@ class PackedBackend(RowBackend):
         out = t.feats.new_zeros(g.num_sites, c).index_copy(0, g.flat, t.feats)
         return out.view(g.batch_size, *g.spatial_shape, c).permute(0, 3, 1, 2)
 
-    def patch_embed(self, image, active_bhw, weight, bias, stride):
+    def patch_embed(self, image, active_bhw, weight, bias, stride, rows_per_sample=None):
         """Gather the k x k pixel patch of every active output site, then one matmul (exact for any
-        ``active_bhw``, aligned with the patches or not)."""
+        ``active_bhw``, aligned with the patches or not). ``rows_per_sample``: static mode (see the
+        module docstring)."""
         k = weight.shape[-1]
         bsz, cin, h, w = image.shape
         ho, wo = h // k, w // k
         if active_bhw.shape != (bsz, ho, wo):
             raise ValueError(f"active mask {tuple(active_bhw.shape)} does not match the output grid {(bsz, ho, wo)}")
-        geom = PackedGeometry.from_mask(active_bhw, stride)
+        geom = (PackedGeometry.from_mask(active_bhw, stride) if rows_per_sample is None
+                else PackedGeometry.from_mask_static(active_bhw, stride, rows_per_sample))
         img = image[:, :, : ho * k, : wo * k].reshape(bsz, cin, ho, k, wo, k).permute(0, 2, 4, 1, 3, 5)
         patches = img.reshape(-1, cin * k * k).index_select(0, geom.flat).to(weight.dtype)
         return PackedTensor(F.linear(patches, weight.reshape(weight.shape[0], -1), bias), geom)
 
     # ---- convolutions ---------------------------------------------------------------------------
     def conv(self, t, weight, bias):
-        kh, kw = _odd_kernel(weight)
+        kh, kw = check_conv_weight(weight, t.feats.shape[1], "conv")
         if kh == 1 and kw == 1:
             return t.replace(F.linear(t.feats, weight.flatten(1), bias))
+        if t.geom.static:
+            return t.replace(_conv_static(t.feats, weight, bias, t.geom, 1))
         return t.replace(_SubmConv.apply(t.feats, weight, bias, t.geom, 1))
 
     def dwconv(self, t, weight, bias):
-        kh, kw = _odd_kernel(weight)
+        kh, kw = check_conv_weight(weight, t.feats.shape[1], "dwconv", depthwise=True)
         if kh == 1 and kw == 1:
             out = t.feats * weight.reshape(1, -1).to(t.feats.dtype)
             return t.replace(out + bias if bias is not None else out)
+        if t.geom.static:
+            return t.replace(_conv_static(t.feats, weight, bias, t.geom, t.feats.shape[1]))
         tile = self.choose_tile(t.geom, kh, kw)
         if tile is None:
             return t.replace(_SubmConv.apply(t.feats, weight, bias, t.geom, t.feats.shape[1]))
@@ -662,9 +750,12 @@ class PackedBackend(RowBackend):
         return geom._cache[key]
 
     def downsample(self, t, weight, bias):
-        k = weight.shape[-1]
+        k = check_downsample_weight(weight, t.feats.shape[1], t.geom.spatial_shape)
         child, child_idx, parent_idx, complete, covered = t.geom.down(k)
-        gathered = _PermuteRows.apply(t.feats, child_idx, parent_idx, not complete, not covered)
+        if t.geom.static:  # every child exists: a plain gather, whose backward autograd derives
+            gathered = t.feats.index_select(0, child_idx)
+        else:
+            gathered = _PermuteRows.apply(t.feats, child_idx, parent_idx, not complete, not covered)
         cout = weight.shape[0]
         wmat = weight.permute(0, 2, 3, 1).reshape(cout, -1)
         out = F.linear(gathered.view(child.num_rows, wmat.shape[1]), wmat, bias)
@@ -687,6 +778,8 @@ class PackedBackend(RowBackend):
         return t.replace(fn(t.feats))
 
     def grn(self, t, weight, bias, eps=1e-6):
+        if t.geom.static:
+            return t.replace(_grn_static(t.feats, weight, bias, eps, t.geom))
         return t.replace(_GRN.apply(t.feats, weight, bias, eps, t.geom))
 
     def add(self, a, b):
@@ -701,10 +794,3 @@ class PackedBackend(RowBackend):
         if n is not None:
             return t.replace((f.view(t.geom.batch_size, n, f.shape[1]) * scale.view(-1, 1, 1)).view_as(f))
         return t.replace(f * scale[t.geom.batch_index()].unsqueeze(1))
-
-
-def _odd_kernel(weight: torch.Tensor) -> tuple[int, int]:
-    kh, kw = weight.shape[-2:]
-    if kh % 2 == 0 or kw % 2 == 0:
-        raise ValueError(f"stride-1 submanifold convs need odd kernel sizes, got {kh}x{kw}")
-    return kh, kw

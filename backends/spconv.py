@@ -3,7 +3,7 @@
 Native tensor: ``SpconvTensor`` = a ``spconv.pytorch.SparseConvTensor`` (features [N, C], int32
 indices [N, 3] = (b, y, x), spatial_shape [H, W], batch_size) plus the stride in image pixels.
 
-What spconv gives and what this module adds (see /work/shared/notes/spconv.md for the facts):
+What spconv gives and what this module adds:
 
 - Full-channel convs (``conv``, ``downsample``) run spconv's own rulebook kernels through its
   functional ops, with the model's dense-layout weight permuted on the fly to spconv's
@@ -13,10 +13,8 @@ What spconv gives and what this module adds (see /work/shared/notes/spconv.md fo
 - Depthwise convs: spconv has no grouped conv. Two implementations:
   ``dense`` (default): scatter the rows into a zero channels-last map, ``F.conv2d(groups=C)``,
   gather the active sites; ``rulebook``: gather-multiply-scatter per kernel offset over spconv's
-  submanifold rulebook. Measured on a 2-core CPU (7x7, 96 ch, B=8, 56x56, 39.5 % active, fwd+bwd,
-  rule table cached): dense 25 ms, rulebook 73 ms (one vectorised gather/index_add instead of the
-  per-offset loop: 118 ms), hence the default. Whole convnextv2_atto encoder, B=8, 224, r=0.6:
-  203 ms with dense depthwise, 408 ms with rulebook (masked-dense backend: 367 ms).
+  submanifold rulebook. ``dense`` measured several times faster on CPU (BENCHMARKS.md, "Depthwise
+  7×7 on sparse rows"), hence the default.
 - Rule tables are computed once per set of sites and kept in the SparseConvTensor's
   ``indice_dict`` (spconv's indice_key mechanism: every tensor over the same sites shares that
   dict), so all blocks of a stage reuse one rulebook per kernel size; a downsample starts a new dict.
@@ -43,9 +41,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mimsparse.errors import ConfigError
 from mimsparse.sparse import SparseBatch
 
-from .base import RowBackend, add_bias, autocast_dtype, check_conv_weight, dtype_name
+from .checks import add_bias, autocast_dtype, check_conv_weight, check_downsample_weight, dtype_name, max_rel_error
+from .rows import RowBackend, dwconv_by_offsets, dwconv_via_dense
 
 with warnings.catch_warnings():
     # spconv decorates its autograd functions with the deprecated torch.cuda.amp.custom_fwd
@@ -123,11 +123,6 @@ def _make_tensor(feats, indices, spatial_shape, batch_size, stride) -> SpconvTen
 
 
 
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    scale = b.abs().max().item()
-    return (a.double() - b).abs().max().item() / (scale if scale > 0 else 1.0)
-
-
 class SpconvBackend(RowBackend):
     """Backend on spconv 2.x. Options (also from the environment, so that ``get_backend('spconv')``
     can be steered without code): ``algo`` (``MIMSPARSE_SPCONV_ALGO``: native, mask_implicit_gemm,
@@ -140,13 +135,13 @@ class SpconvBackend(RowBackend):
         algo = algo if algo is not None else os.environ.get("MIMSPARSE_SPCONV_ALGO", "native")
         if isinstance(algo, str):
             if algo.lower() not in ALGOS:
-                raise ValueError(f"unknown spconv algorithm {algo!r}; choose one of {', '.join(ALGOS)}")
+                raise ConfigError(f"unknown spconv algorithm {algo!r}; choose one of {', '.join(ALGOS)}")
             algo = ALGOS[algo.lower()]
         if algo not in ALGOS.values():
-            raise ValueError(f"unsupported spconv algorithm {algo}; choose one of {', '.join(ALGOS)}")
+            raise ConfigError(f"unsupported spconv algorithm {algo}; choose one of {', '.join(ALGOS)}")
         dwconv = dwconv if dwconv is not None else os.environ.get("MIMSPARSE_SPCONV_DWCONV", "dense")
         if dwconv not in DWCONV_IMPLS:
-            raise ValueError(f"unknown depthwise implementation {dwconv!r}; choose one of {', '.join(DWCONV_IMPLS)}")
+            raise ConfigError(f"unknown depthwise implementation {dwconv!r}; choose one of {', '.join(DWCONV_IMPLS)}")
         self.algo = algo
         self.dwconv_impl = dwconv
         # (device, dtype, k, stride, subm, c_in, c_out) -> the algorithm verified for it (CUDA only)
@@ -161,17 +156,6 @@ class SpconvBackend(RowBackend):
         if torch.device(device).type == "cuda":
             return (torch.float32, torch.float16)
         return (torch.float32,)
-
-    def _check_compute(self, feats: torch.Tensor, weight: torch.Tensor | None = None) -> None:
-        """Refuse dtypes spconv cannot compute in (also when autocast would produce them)."""
-        dtype = autocast_dtype(feats.device) or feats.dtype
-        self.check_dtype(dtype, feats.device)
-        if weight is not None:
-            if weight.device != feats.device:
-                raise ValueError(f"weight on {weight.device} but features on {feats.device}")
-            if autocast_dtype(feats.device) is None and weight.dtype != feats.dtype:
-                raise TypeError(f"weight dtype {dtype_name(weight.dtype)} differs from the features' "
-                                f"{dtype_name(feats.dtype)} (use autocast for mixed precision)")
 
     # ---- entering and leaving -------------------------------------------------------------------
     def from_sparse(self, sb: SparseBatch) -> SpconvTensor:
@@ -211,7 +195,7 @@ class SpconvBackend(RowBackend):
     # ---- convolutions ---------------------------------------------------------------------------
     def conv(self, t, weight, bias):
         k = _check_weight(weight, t.features.shape[1], "conv", depthwise=False)
-        self._check_compute(t.features, weight)
+        self.check_compute(t.features, weight)
         feats = t.features
         if k == 1 or feats.shape[0] == 0:
             # 1x1: a matmul (spconv does the same). No site: nothing to gather, keep the graph.
@@ -222,12 +206,10 @@ class SpconvBackend(RowBackend):
         return self.with_feats(t, add_bias(out, bias))
 
     def downsample(self, t, weight, bias):
-        k = _check_weight(weight, t.features.shape[1], "downsample", depthwise=False)
-        self._check_compute(t.features, weight)
+        k = check_downsample_weight(weight, t.features.shape[1], t.spatial_shape)
+        self.check_compute(t.features, weight)
         h, w = t.spatial_shape
         out_shape = (h // k, w // k)  # F.conv2d(stride=k), no padding: a partial last block is dropped
-        if min(out_shape) < 1:
-            raise ValueError(f"cannot downsample a {h}x{w} map with a {k}x{k} stride-{k} conv")
         feats = t.features
         if feats.shape[0] == 0 or not self._any_site_in_blocks(t, k):
             # no output site (spconv's strided rulebook may refuse an empty result, on CUDA)
@@ -253,25 +235,15 @@ class SpconvBackend(RowBackend):
     def dwconv(self, t, weight, bias):
         c = t.features.shape[1]
         k = _check_weight(weight, c, "dwconv", depthwise=True)
-        self._check_compute(t.features, weight)
+        self.check_compute(t.features, weight)
         feats = t.features
         if k == 1 or feats.shape[0] == 0:
             out = feats * weight[:, 0, k // 2, k // 2]
         elif self.dwconv_impl == "dense":
-            out = self._dwconv_dense(t, weight)
+            out = dwconv_via_dense(feats, self._flat_index(t), t.sp.batch_size, t.spatial_shape, weight)
         else:
             out = self._dwconv_rulebook(t, weight, k)
         return self.with_feats(t, add_bias(out, bias))
-
-    def _dwconv_dense(self, t: SpconvTensor, weight: torch.Tensor) -> torch.Tensor:
-        """Scatter to a zero channels-last map, grouped F.conv2d, gather the active sites."""
-        feats = t.features
-        b, (h, w), c = t.sp.batch_size, t.spatial_shape, feats.shape[1]
-        flat = self._flat_index(t)
-        grid = feats.new_zeros(b * h * w, c).index_copy(0, flat, feats)
-        x = grid.view(b, h, w, c).permute(0, 3, 1, 2)  # NCHW view of channels-last memory
-        y = F.conv2d(x, weight, None, padding=weight.shape[-1] // 2, groups=c)
-        return y.permute(0, 2, 3, 1).reshape(b * h * w, c).index_select(0, flat)
 
     def _dwconv_rulebook(self, t: SpconvTensor, weight: torch.Tensor, k: int) -> torch.Tensor:
         """Per kernel offset: gather the input rows, scale by that tap, scatter-add to the outputs."""
@@ -279,9 +251,7 @@ class SpconvBackend(RowBackend):
         taps = weight.reshape(weight.shape[0], k * k).t()  # [k*k, C]
         center = (k * k) // 2
         out = feats * taps[center]  # submanifold: the centre tap maps every site onto itself
-        for offset, in_idx, out_idx in self._dw_pairs(t, k):
-            out = out.index_add(0, out_idx, feats.index_select(0, in_idx) * taps[offset])
-        return out
+        return dwconv_by_offsets(out, feats, taps, self._dw_pairs(t, k))
 
     # ---- spconv calls -------------------------------------------------------------------------------
     def _spconv_conv(self, t: SpconvTensor, weight: torch.Tensor, k: int, stride: int, subm: bool,
@@ -437,9 +407,9 @@ class SpconvBackend(RowBackend):
             return float("inf")
         sb_b, sb_y, sb_x = sb.coords.long().unbind(1)
         errs = [
-            _rel_err(out.detach().cpu(), ref_rows),
-            _rel_err(t.features.grad.cpu(), x_ref.grad.permute(0, 2, 3, 1)[sb_b, sb_y, sb_x]),
-            _rel_err(w_dev.grad.cpu(), w_ref.grad),
+            max_rel_error(out.detach().cpu(), ref_rows),
+            max_rel_error(t.features.grad.cpu(), x_ref.grad.permute(0, 2, 3, 1)[sb_b, sb_y, sb_x]),
+            max_rel_error(w_dev.grad.cpu(), w_ref.grad),
         ]
         return max(errs)
 

@@ -3,6 +3,11 @@ backend and mask ratio, interleaved in one process so that machine noise hits ev
 
 Reference rows in the same run: timm's dense model (``convnextv2_*`` or ``resnet*``) on the unmasked
 image, and the ideal sparse cost = that time x (1 - r).
+
+With ``compile_model`` every compilable row (timm dense, masked-dense ``dense``, ``packed``) is measured
+twice, eager and under ``torch.compile``; ratios compare each row with the timm row of the same mode.
+The packed rows get the per-sample visible count (static mode), so their compiled graph has no host
+sync; spconv and MinkowskiEngine call into their libraries and stay eager.
 """
 from __future__ import annotations
 
@@ -15,16 +20,17 @@ from dataclasses import dataclass, field
 import torch
 
 from mimsparse.backends import BackendUnavailable, get_backend
-from mimsparse.decoder import FCMAEDecoder
-from mimsparse.build import build_encoder
+from mimsparse.models.decoders import FCMAEDecoder
+from mimsparse.models.build import build_encoder
 from mimsparse.config import ModelConfig
-from mimsparse.engine import AMP_DTYPES
-from mimsparse.fcmae import FCMAE
-from mimsparse.loss import masked_reconstruction_loss, pixel_targets
+from mimsparse.train.engine import AMP_DTYPES
+from mimsparse.models.fcmae import FCMAE
+from mimsparse.models.loss import masked_reconstruction_loss, pixel_targets
 from mimsparse.masking import random_patch_mask
 
 MEASURES = ("enc_fwd", "enc_fwd_bwd", "train_step")
 TIMM_DENSE = "timm-dense"
+COMPILABLE = (TIMM_DENSE, "dense", "packed")  # the library backends (spconv, minkowski) stay eager
 
 
 @dataclass
@@ -32,6 +38,7 @@ class Case:
     """One row: a backend (or the timm reference) at one mask ratio."""
     backend: str
     mask_ratio: float
+    compiled: bool = False
     samples_ms: dict = field(default_factory=lambda: {m: [] for m in MEASURES})
     saved_activation_mb: float = 0.0
     peak_cuda_mb: float | None = None
@@ -83,7 +90,7 @@ class DenseReference(torch.nn.Module):
         return masked_reconstruction_loss(pred, target, visible.flatten(1))
 
 
-def _runners(model_name, backend_name, ratio, images, device, amp_dtype, compile_model, seed):
+def _runners(model_name, backend_name, ratio, images, device, amp_dtype, compile_model, seed, compile_mode=None):
     """Three zero-argument callables (encoder fwd, encoder fwd+bwd, train step) for one case."""
     torch.manual_seed(seed)
     b, _, h, w = images.shape
@@ -97,10 +104,15 @@ def _runners(model_name, backend_name, ratio, images, device, amp_dtype, compile
         step_loss = lambda: model(images, visible)
     else:
         model = FCMAE(build_encoder(ModelConfig(name=model_name), backend_name), mask_ratio=ratio).to(device)
-        encode = lambda: model.encoder(images, visible)
-        step_loss = lambda: model(images, visible)[0]
+        # compiled packed: the count every mimsparse mask has, so its indices need no host sync (static
+        # mode); eager packed keeps its default path (what train.compile=off runs)
+        n = model.visible_count(grid) if backend_name == "packed" and compile_model else None
+        encode = lambda: model.encoder(images, visible, num_visible=n)
+        step_loss = lambda: model(images, visible, num_visible=n)[0]
+    encode_eager = encode  # saved-tensor hooks count activations; they need the eager graph
     if compile_model:
-        encode, step_loss = torch.compile(encode), torch.compile(step_loss)
+        encode = torch.compile(encode, mode=compile_mode, dynamic=False)
+        step_loss = torch.compile(step_loss, mode=compile_mode, dynamic=False)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
@@ -124,14 +136,21 @@ def _runners(model_name, backend_name, ratio, images, device, amp_dtype, compile
 
     def activation_mb(out: list):
         with _count_saved_tensors(out), autocast():
-            encode()
+            encode_eager()
 
     return {"enc_fwd": enc_fwd, "enc_fwd_bwd": enc_fwd_bwd, "train_step": train_step}, activation_mb
 
 
 def run_benchmark(model: str = "convnextv2_atto", backends=("dense", "packed"), mask_ratios=(0.0, 0.6),
                   batch: int = 8, img: int = 224, device: str = "cpu", repeats: int = 5, warmup: int = 1,
-                  amp: str = "none", compile_model: bool = False, seed: int = 0, log=print) -> dict:
+                  amp: str = "none", compile_model: bool = False, seed: int = 0, log=print,
+                  compile_mode: str | None = None, measures=MEASURES, compiled_only=()) -> dict:
+    """``measures``: a subset of MEASURES to time (each compiled row compiles one graph per measure,
+    minutes each on a small CPU); the others are reported as not measured. ``compiled_only``: backends
+    whose eager rows are left out when compiling (e.g. masked-dense, whose eager cost is timm's)."""
+    unknown = set(measures) - set(MEASURES)
+    if unknown or not measures:
+        raise ValueError(f"measures must be a non-empty subset of {', '.join(MEASURES)}, got {', '.join(measures)}")
     dev = torch.device(device)
     amp_dtype = AMP_DTYPES[amp]
     images = torch.randn(batch, 3, img, img, generator=torch.Generator().manual_seed(seed)).to(dev)
@@ -146,11 +165,22 @@ def run_benchmark(model: str = "convnextv2_atto", backends=("dense", "packed"), 
             log(f"skipping backend {name}: {e}")
             continue
         for r in mask_ratios:
-            cases.append(Case(name, float(r)))
-    ref = Case(TIMM_DENSE, 0.0)
-    cases.insert(0, ref)
+            if not (compile_model and name in COMPILABLE and name in compiled_only):
+                cases.append(Case(name, float(r)))
+            if compile_model and name in COMPILABLE:
+                cases.append(Case(name, float(r), compiled=True))
+    cases.insert(0, Case(TIMM_DENSE, 0.0))
+    if compile_model:
+        cases.insert(1, Case(TIMM_DENSE, 0.0, compiled=True))
+        eager = sorted({c.backend for c in cases if c.backend not in COMPILABLE})
+        if eager:
+            log(f"--compile: {', '.join(eager)} call(s) into their libraries and stay eager")
     for case in cases:
-        fns, act = _runners(model, case.backend, case.mask_ratio, images, dev, amp_dtype, compile_model, seed)
+        if case.compiled:
+            log(f"compiling {case.backend} r={case.mask_ratio} (encoder fwd, fwd+bwd, train step)...")
+        fns, act = _runners(model, case.backend, case.mask_ratio, images, dev, amp_dtype, case.compiled, seed,
+                            compile_mode)
+        fns = {m: fns[m] for m in MEASURES if m in measures}
         runners[id(case)] = fns
         out = []
         act(out)
@@ -168,20 +198,26 @@ def run_benchmark(model: str = "convnextv2_atto", backends=("dense", "packed"), 
                     case.peak_cuda_mb = max(case.peak_cuda_mb or 0, torch.cuda.max_memory_allocated(dev) / 2**20)
         log(f"repeat {rep + 1}/{repeats} done")
     return summarize(cases, skipped, dict(model=model, batch=batch, img=img, device=device, repeats=repeats,
-                                          warmup=warmup, amp=amp, compile=compile_model, mask_ratios=list(mask_ratios),
+                                          warmup=warmup, amp=amp, compile=compile_model, compile_mode=compile_mode,
+                                          mask_ratios=list(mask_ratios),
                                           backends=list(backends)))
 
 
 def summarize(cases: list[Case], skipped: dict, settings: dict) -> dict:
-    """Medians, spreads and the ratios to the dense-unmasked and ideal rows (computed, not measured)."""
-    ref = next(c for c in cases if c.backend == TIMM_DENSE)
-    ref_median = {m: statistics.median(ref.samples_ms[m]) for m in MEASURES}
+    """Medians, spreads and the ratios to the dense-unmasked and ideal rows (computed, not measured);
+    compiled rows are compared with the compiled timm row."""
+    refs = {c.compiled: {m: statistics.median(c.samples_ms[m]) for m in MEASURES if c.samples_ms[m]}
+            for c in cases if c.backend == TIMM_DENSE}
     rows = []
     for c in cases:
-        row = {"backend": c.backend, "mask_ratio": c.mask_ratio, "saved_activation_mb": c.saved_activation_mb,
-               "peak_cuda_mb": c.peak_cuda_mb, "samples_ms": c.samples_ms}
+        ref_median = refs.get(c.compiled, refs[False])
+        row = {"backend": c.backend, "mask_ratio": c.mask_ratio, "compiled": c.compiled,
+               "saved_activation_mb": c.saved_activation_mb, "peak_cuda_mb": c.peak_cuda_mb, "samples_ms": c.samples_ms}
         for m in MEASURES:
             s = c.samples_ms[m]
+            if not s:
+                row[m] = None  # not measured (``measures``)
+                continue
             med = statistics.median(s)
             ideal = ref_median[m] * (1.0 - c.mask_ratio)
             row[m] = {"median_ms": med, "min_ms": min(s), "max_ms": max(s),
@@ -213,15 +249,22 @@ def markdown_table(result: dict) -> str:
     lines = ["| backend | mask r | enc fwd ms | enc fwd+bwd ms | ×dense | ×ideal | train step ms | ×dense | ×ideal | img/s (step) | saved act. MB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda x: "–" if x is None else f"{x:.2f}"
+    ms = lambda x: "–" if x != x else f"{x:.1f}"  # nan: not measured
+    nm = dict.fromkeys(("median_ms", "min_ms", "max_ms", "ratio_to_dense", "ratio_to_ideal", "images_per_s"))
     for r in result["rows"]:
-        f, fb, ts = r["enc_fwd"], r["enc_fwd_bwd"], r["train_step"]
-        lines.append(f"| {r['backend']} | {r['mask_ratio']:.2f} | {f['median_ms']:.1f} | "
-                     f"{fb['median_ms']:.1f} ({fb['min_ms']:.0f}–{fb['max_ms']:.0f}) | {fmt(fb['ratio_to_dense'])} | "
-                     f"{fmt(fb['ratio_to_ideal'])} | {ts['median_ms']:.1f} | {fmt(ts['ratio_to_dense'])} | "
-                     f"{fmt(ts['ratio_to_ideal'])} | {ts['images_per_s']:.1f} | {r['saved_activation_mb']:.0f} |")
+        f, fb, ts = (r[m] or {**nm, "median_ms": float("nan")} for m in MEASURES)  # nan: not measured
+        spread = "" if fb["min_ms"] is None else f" ({fb['min_ms']:.0f}–{fb['max_ms']:.0f})"
+        lines.append(f"| {label(r)} | {r['mask_ratio']:.2f} | {ms(f['median_ms'])} | "
+                     f"{ms(fb['median_ms'])}{spread} | {fmt(fb['ratio_to_dense'])} | "
+                     f"{fmt(fb['ratio_to_ideal'])} | {ms(ts['median_ms'])} | {fmt(ts['ratio_to_dense'])} | "
+                     f"{fmt(ts['ratio_to_ideal'])} | {fmt(ts['images_per_s'])} | {r['saved_activation_mb']:.0f} |")
     for name, why in result["skipped"].items():
         lines.append(f"| {name} | skipped: {why} | | | | | | | | | |")
     return "\n".join(lines)
+
+
+def label(row: dict) -> str:
+    return row["backend"] + (" (compiled)" if row.get("compiled") else "")
 
 
 def plot(result: dict, path) -> None:
@@ -231,16 +274,17 @@ def plot(result: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    ref = next(r for r in rows if r["backend"] == TIMM_DENSE)["enc_fwd_bwd"]["median_ms"]
+    measure = next(m for m in ("enc_fwd_bwd", "train_step", "enc_fwd") if rows[0][m])  # first one measured
+    ref = next(r for r in rows if r["backend"] == TIMM_DENSE and not r.get("compiled"))[measure]["median_ms"]
     ratios = sorted({r["mask_ratio"] for r in rows if r["backend"] != TIMM_DENSE})
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(ratios, [ref * (1 - r) for r in ratios], "k--", label="ideal = timm dense × (1 − r)")
     ax.axhline(ref, color="gray", lw=1, label="timm dense, unmasked")
-    for name in dict.fromkeys(r["backend"] for r in rows if r["backend"] != TIMM_DENSE):
-        pts = sorted((r["mask_ratio"], r["enc_fwd_bwd"]["median_ms"]) for r in rows if r["backend"] == name)
+    for name in dict.fromkeys(label(r) for r in rows if r["backend"] != TIMM_DENSE):
+        pts = sorted((r["mask_ratio"], r[measure]["median_ms"]) for r in rows if label(r) == name)
         ax.plot(*zip(*pts), "o-", label=name)
     s = result["settings"]
-    ax.set(xlabel="mask ratio", ylabel="encoder fwd+bwd (ms)",
+    ax.set(xlabel="mask ratio", ylabel=f"{measure} (ms)",
            title=f"{s['model']} B={s['batch']} {s['img']}px {s['device']}")
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=8)

@@ -1,24 +1,42 @@
-"""Command-line wrapper: expected failures (bad input) print one clear line instead of a traceback."""
+"""Command-line wrapper: failures caused by the input or the machine print one line instead of a traceback.
+
+The project's own errors (:mod:`mimsparse.errors`) are raised where bad input is detected and carry a
+message that names the problem and the fix; an ``OSError`` escaping a tool (a file that cannot be
+written or read) is reported with its path. Any other exception is a bug and keeps its traceback."""
 from __future__ import annotations
 
+import argparse
 import sys
 
-from mimsparse.backends import BackendUnavailable
-from mimsparse.checkpoint import CheckpointError
-from mimsparse.config import ConfigError
-from mimsparse.convert import ConversionError
-from mimsparse.data import DataError
-from mimsparse.distributed import DistributedError
-
-USER_ERRORS = (BackendUnavailable, CheckpointError, ConfigError, ConversionError, DataError, DistributedError,
-               ValueError, TypeError)
+from mimsparse.errors import MimsparseError
 
 
 def run_cli(main) -> int:
-    from mimsparse.engine import TrainingError
-
     try:
         return main()
-    except (*USER_ERRORS, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except MimsparseError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+    except OSError as e:  # the project's code names its own files (OutputError); this is the rest
+        where = f"{str(e.filename)!r}: " if e.filename else ""
+        print(f"error: {where}{one_line(e.strerror or e)}", file=sys.stderr)
+        return 2
+
+
+def one_line(e: BaseException) -> str:
+    """The message of ``e`` on one line (library messages quoted inside ours may span several)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse ``argv`` where ``section.key=value`` config overrides may stand anywhere among the options
+    (before, between or after them); they land, in the order given, in ``args.overrides``. Anything
+    else argparse does not know is refused as usual."""
+    args, rest = parser.parse_known_args(argv)
+    overrides = list(getattr(args, "overrides", None) or []) + rest
+    bad = [a for a in overrides if a.startswith("-") or "=" not in a]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)} (config overrides look like section.key=value)")
+    args.overrides = overrides
+    return args

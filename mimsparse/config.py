@@ -1,13 +1,17 @@
 """Pretraining configuration: frozen dataclasses are the truth; YAML files and ``key=value``
 command-line overrides only change fields, and unknown keys or wrong types are refused by name."""
 from __future__ import annotations
+from mimsparse.errors import ConfigError
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from mimsparse.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,7 @@ class MaskConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    path: str = ""              # ImageFolder / flat folder, a built-in dataset name (mimsparse.datasets); "" = bundled photos
+    path: str = ""              # ImageFolder / flat folder, a built-in dataset name (mimsparse.evaluate.datasets); "" = bundled photos
     img_size: int = 224
     min_scale: float = 0.2      # RandomResizedCrop scale range (min_scale, 1)
     repeat: int = 1             # passes over a small dataset per epoch
@@ -63,8 +67,9 @@ class TrainConfig:
     log_every: int = 10
     save_every_epochs: int = 1
     max_steps: int = 0          # stop early after this many steps (0 = run all epochs)
-    keep_last: int = 3          # step checkpoints kept besides checkpoint-best.pth
-    amp: str = "none"           # none | bf16 | fp16 (CUDA only; CPU trains in fp32)
+    keep_last: int = 3          # step checkpoints kept besides checkpoint-best.pth; 0 keeps every one
+    amp: str = "none"           # none | bf16 | fp16 (fp16: CUDA only; bf16 on CPU: dense and packed backends)
+    compile: str = "off"        # off | default | reduce-overhead | max-autotune: torch.compile mode of the model
     clip_grad: float = 0.0      # max gradient norm (0 = off)
     accum_steps: int = 1        # gradient accumulation: optimizer step every N batches
     skip_nonfinite: int = 0     # non-finite steps skipped (no weight update) before training stops
@@ -89,13 +94,17 @@ class PretrainConfig:
         return dataclasses.asdict(self)
 
 
-class ConfigError(ValueError):
-    pass
-
-
 def _coerce(value, typ, key: str):
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
+    if typ is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-3 (no dot) as a string; it is the number the user meant
+            value = float(value)
+        except ValueError:
+            pass
+    if typ is float and isinstance(value, float) and not math.isfinite(value):
+        # an infinite or NaN learning rate, decay, ratio ... makes every weight non-finite
+        raise ConfigError(f"config key {key!r} must be a finite number, got {value}")
     if typ is bool and not isinstance(value, bool):
         raise ConfigError(f"config key {key!r} must be true/false, got {value!r}")
     if typ in (int, float) and isinstance(value, bool):
@@ -130,7 +139,11 @@ def parse_override(text: str) -> dict:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value, e.g. train.epochs=5")
     dotted, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    _check_override_key(dotted.strip(), text)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:  # e.g. "[": keep the text; the key's type check names it
+        value = raw
     # YAML 1.1 reads "1e-3" as a string; accept it as the number the user meant.
     if isinstance(value, str):
         try:
@@ -147,6 +160,20 @@ def parse_override(text: str) -> dict:
     return root
 
 
+def _check_override_key(dotted: str, text: str) -> None:
+    """Refuse ``train=5`` (a whole section given one value) by name: merged with the other overrides
+    it would silently replace them."""
+    obj = PretrainConfig()
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(obj) or part not in typing.get_type_hints(type(obj)):
+            return  # unknown keys are refused with the list of known ones by _apply
+        obj = getattr(obj, part)
+    if dataclasses.is_dataclass(obj):
+        keys = ", ".join(f"{dotted}.{f.name}" for f in dataclasses.fields(obj))
+        raise ConfigError(f"override {text!r}: {dotted!r} is a section, not a value; set one of its keys "
+                          f"({keys})")
+
+
 def _merge(a: dict, b: dict) -> dict:
     out = dict(a)
     for k, v in b.items():
@@ -155,18 +182,37 @@ def _merge(a: dict, b: dict) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PretrainConfig:
+    return config_from_dict(load_updates(path, overrides))
+
+
+def load_updates(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """The nested dict of values the user set: the YAML file, then the overrides in order (later wins)."""
     updates: dict = {}
     if path:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} not found; see configs/ for examples")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
-        updates = loaded
+        updates = _read_yaml(Path(path))
     for text in overrides:
         updates = _merge(updates, parse_override(text))
-    return config_from_dict(updates)
+    return updates
+
+
+def _read_yaml(path: Path) -> dict:
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a folder; pass a YAML file, e.g. configs/fcmae_atto.yaml")
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found; see configs/ for examples")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {problem}; "
+                          f"see configs/ for examples") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {str(path)!r} ({getattr(e, 'strerror', None) or e})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+    return loaded
 
 
 def config_from_dict(updates: dict) -> PretrainConfig:

@@ -10,11 +10,13 @@ from dataclasses import dataclass
 
 import torch
 
+from mimsparse.errors import ConfigError
+
 
 def check_image_size(height: int, width: int, patch_size: int) -> tuple[int, int]:
     """Return the patch grid (h, w); image sides must be multiples of the encoder's patch size."""
     if height % patch_size or width % patch_size or height <= 0 or width <= 0:
-        raise ValueError(
+        raise ConfigError(
             f"image size {height}x{width} is not divisible by the patch size {patch_size} "
             f"(the encoder's total stride); resize or crop to a multiple of {patch_size}, "
             f"e.g. --img {max(patch_size, round(height / patch_size) * patch_size)}"
@@ -26,7 +28,7 @@ def check_mask_ratio(mask_ratio: float) -> float:
     if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)):
         raise TypeError(f"mask ratio must be a number in [0, 1), got {mask_ratio!r}")
     if not 0.0 <= mask_ratio < 1.0:
-        raise ValueError(
+        raise ConfigError(
             f"mask ratio must be in [0, 1) so that some patches stay visible, got {mask_ratio}"
         )
     return float(mask_ratio)
@@ -73,15 +75,15 @@ MASK_STRATEGIES = ("random", "block", "progressive", "importance")
 
 def check_block_shape(min_patches: int, min_aspect: float) -> None:
     if isinstance(min_patches, bool) or not isinstance(min_patches, int) or min_patches < 1:
-        raise ValueError(f"mask.block_min_patches must be an integer >= 1, got {min_patches!r}")
+        raise ConfigError(f"mask.block_min_patches must be an integer >= 1, got {min_patches!r}")
     if not 0.0 < min_aspect <= 1.0:
-        raise ValueError(f"mask.block_min_aspect must be in (0, 1] (aspect ratios are drawn in [a, 1/a]), "
+        raise ConfigError(f"mask.block_min_aspect must be in (0, 1] (aspect ratios are drawn in [a, 1/a]), "
                          f"got {min_aspect}")
 
 
 def check_random_fraction(random_fraction: float) -> None:
     if not 0.0 <= random_fraction <= 1.0:
-        raise ValueError(f"mask.random_fraction must be in [0, 1], got {random_fraction}")
+        raise ConfigError(f"mask.random_fraction must be in [0, 1], got {random_fraction}")
 
 
 def block_patch_mask(
@@ -211,7 +213,7 @@ class PatchMasker:
 
     def __post_init__(self):
         if self.strategy not in MASK_STRATEGIES:
-            raise ValueError(f"mask.strategy must be one of {', '.join(MASK_STRATEGIES)}, got {self.strategy!r}")
+            raise ConfigError(f"mask.strategy must be one of {', '.join(MASK_STRATEGIES)}, got {self.strategy!r}")
         check_mask_ratio(self.ratio)
         check_mask_ratio(self.start_ratio)
         check_block_shape(self.block_min_patches, self.block_min_aspect)

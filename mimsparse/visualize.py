@@ -8,8 +8,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from mimsparse.data import IMAGENET_MEAN, IMAGENET_STD, to_rgb
-from mimsparse.loss import patchify, unpatchify
+from mimsparse.train.data import IMAGENET_MEAN, IMAGENET_STD, to_rgb
+from mimsparse.errors import ConfigError, DataError
+from mimsparse.models.loss import patchify, unpatchify
 from mimsparse.masking import check_image_size, upsample_mask
 
 PANELS = ("original", "masked input", "reconstruction", "visible pasted back")
@@ -33,7 +34,7 @@ def pred_to_pixels(pred_bld: torch.Tensor, images_bchw: torch.Tensor, patch_size
     """Predictions [B, L, p*p*C] -> image [B, C, H, W] in the (ImageNet-normalised) input space.
 
     With ``norm_pix`` the model predicts each patch standardised by its own mean and variance
-    (:func:`mimsparse.loss.pixel_targets`); those statistics come from the original patch:
+    (:func:`mimsparse.models.loss.pixel_targets`); those statistics come from the original patch:
     pixels = pred * sqrt(var + 1e-6) + mean."""
     b, c, h, w = images_bchw.shape
     pred = pred_bld.float()
@@ -50,7 +51,7 @@ def reconstruct(model, images_bchw: torch.Tensor, visible_bhw: torch.Tensor) -> 
     """Run an FCMAE (in eval mode: no stochastic depth) and return the four panels, each
     [B, 3, H, W] in [0, 1], keyed by :data:`PANELS`. ``visible``: bool [B, H/p, W/p], True = kept."""
     if images_bchw.shape[1] != len(IMAGENET_MEAN):
-        raise ValueError(f"visualisation needs RGB images, got {images_bchw.shape[1]} channels")
+        raise ConfigError(f"visualisation needs RGB images, got {images_bchw.shape[1]} channels")
     was_training = model.training
     model.eval()
     try:
@@ -122,7 +123,7 @@ def parse_size(text: str) -> tuple[int, int]:
     if len(parts) == 1:
         parts = parts * 2
     if len(parts) != 2 or min(parts) <= 0:
-        raise ValueError(f"image size {text!r} must be N or HxW with positive integers, e.g. 224 or 192x320")
+        raise ConfigError(f"image size {text!r} must be N or HxW with positive integers, e.g. 224 or 192x320")
     return parts[0], parts[1]
 
 
@@ -133,13 +134,13 @@ def load_image(path: str | Path, size_hw: tuple[int, int], patch_size: int = 32)
     check_image_size(h, w, patch_size)
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"image {str(path)!r} does not exist")
+        raise DataError(f"image {str(path)!r} does not exist")
     try:
         with Image.open(path) as img:
             img.load()
             img = to_rgb(img)
     except (OSError, SyntaxError) as e:
-        raise ValueError(f"cannot read image {str(path)!r}: {e}") from e
+        raise DataError(f"cannot read image {str(path)!r}: {e}") from e
     scale = max(h / img.height, w / img.width)
     img = img.resize((max(w, round(img.width * scale)), max(h, round(img.height * scale))), Image.BICUBIC)
     left, top = (img.width - w) // 2, (img.height - h) // 2

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from timm.layers.grn import GlobalResponseNorm
 
 from mimsparse.backends import BackendUnavailable, get_backend
-from mimsparse.backends.base import per_sample_l2_norm
+from mimsparse.backends.rows import per_sample_l2_norm
 from tests.helpers import random_active, rel_err
 
 dense = get_backend("dense")

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from mimsparse.collapse import channel_cosine_distance
+from mimsparse.evaluate.collapse import channel_cosine_distance
 from tests.conftest import run_tool, tiny_overrides
 
 
@@ -103,8 +103,8 @@ def test_cli_on_tiny_pretraining_checkpoint(photo_dir, tmp_path):
 def test_plain_timm_state_dict_in_process():
     import timm
 
-    from mimsparse.collapse import feature_collapse, load_timm_model
-    from mimsparse.convert import ConversionError
+    from mimsparse.evaluate.collapse import feature_collapse, load_timm_model
+    from mimsparse.errors import ConversionError
 
     torch.manual_seed(0)
     sd = timm.create_model("convnextv2_atto", num_classes=3).state_dict()
@@ -127,7 +127,7 @@ def test_mlp_activation_before_and_after_grn_match_a_hand_computation(name):
     import timm
     import torch.nn.functional as F
 
-    from mimsparse.collapse import feature_collapse
+    from mimsparse.evaluate.collapse import feature_collapse
 
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=0).eval()
@@ -159,7 +159,7 @@ def test_mlp_activation_before_and_after_grn_match_a_hand_computation(name):
 
 
 def test_analysis_images_from_builtin_dataset():
-    from mimsparse.collapse import analysis_images
+    from mimsparse.evaluate.collapse import analysis_images
 
     images = analysis_images("lfw-subset", 32, limit=4)
     assert images.shape == (4, 3, 32, 32)

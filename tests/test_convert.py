@@ -3,9 +3,10 @@ import pytest
 import timm
 import torch
 
-from mimsparse.convert import ConversionError, encoder_to_timm
-from mimsparse.encoder import SparseConvNeXtV2
-from mimsparse.models import CONVNEXTV2_SPECS
+from mimsparse.errors import ConversionError
+from mimsparse.models.convnextv2 import encoder_to_timm
+from mimsparse.models.convnextv2 import SparseConvNeXtV2
+from mimsparse.models.convnextv2 import CONVNEXTV2_SPECS
 from tests.conftest import run_tool, tiny_overrides
 
 

@@ -7,15 +7,13 @@ import timm
 import torch
 
 from mimsparse.backends import BackendUnavailable, get_backend
-from mimsparse.checkpoint import load_checkpoint
+from mimsparse.train.checkpoint import load_checkpoint
 from mimsparse.config import load_config
 from mimsparse.convert import convert_checkpoint
-from mimsparse.engine import Pretrainer
+from mimsparse.train.engine import Pretrainer
 from tests.conftest import tiny_overrides
 
-pytest.importorskip("spconv", reason="spconv-cu120 is not installed (make setup installs it)")
-
-
+@pytest.mark.spconv
 @pytest.mark.parametrize("first,second", [("spconv", "dense"), ("dense", "spconv")])
 def test_train_resume_on_other_backend_and_convert(first, second, photo_dir, tmp_path):
     def cfg(steps):
@@ -42,7 +40,7 @@ def test_train_resume_on_other_backend_and_convert(first, second, photo_dir, tmp
 
 def test_missing_library_gives_install_hint():
     code = ("import sys; sys.modules['MinkowskiEngine'] = None; sys.modules['spconv'] = None\n"
-            "import mimsparse.encoder, mimsparse.engine\n"
+            "import mimsparse.models.convnextv2, mimsparse.train.engine\n"
             "from mimsparse.backends import get_backend, BackendUnavailable\n"
             "for name in ('minkowski', 'spconv'):\n"
             "    try:\n"

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from mimsparse.backends import get_backend
-from mimsparse.encoder import SparseConvNeXtV2
-from mimsparse.fcmae import FCMAE
+from mimsparse.models.convnextv2 import SparseConvNeXtV2
+from mimsparse.models.fcmae import FCMAE
 from tests.helpers import backend_or_skip, random_active, randomize_, rel_err
 
 pytestmark = [pytest.mark.cuda, pytest.mark.minkowski,
@@ -190,14 +190,19 @@ def test_grn_map_feats_add_scale_samples(mink):
     assert rel_err(mink.to_dense(mink.add(a, b)), 3 * xs * active.unsqueeze(1)) < TOL
 
 
-def test_batch_norm_trains_like_dense(mink):
+def test_map_rows_batch_norm_and_sample_index(mink):
+    # SparK's sparse BatchNorm as the ResNet encoder runs it (bn over the active rows), and a per-sample scale
     x = torch.randn(3, 6, 7, 8) * 3 + 1
     active = random_active(3, 7, 8, 0.5, seed=4, empty_sample=2)
     bn, bn_ref = torch.nn.BatchNorm2d(6).to(CUDA), torch.nn.BatchNorm2d(6).to(CUDA)
     leaf, ref_leaf = (x.to(CUDA, copy=True).requires_grad_() for _ in range(2))
     act = active.to(CUDA)
-    out = mink.to_dense(mink.batch_norm(mink.from_dense(leaf, act), bn))
-    ref = dense.to_dense(dense.batch_norm(dense.from_dense(ref_leaf, act), bn_ref))
+
+    def rows_fn(module):
+        return lambda feats_nc, batch_n: module(feats_nc[:, :, None, None]).flatten(1) * (batch_n[:, None] + 1)
+
+    out = mink.to_dense(mink.map_rows(mink.from_dense(leaf, act), rows_fn(bn)))
+    ref = dense.to_dense(dense.map_rows(dense.from_dense(ref_leaf, act), rows_fn(bn_ref)))
     g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1)).to(CUDA)
     (out * g).sum().backward()
     (ref * g).sum().backward()

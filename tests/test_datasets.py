@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mimsparse.data import DataError
-from mimsparse.datasets import FASHION_MNIST_DIR, fashion_mnist, image_folder, load_labelled, read_idx
+from mimsparse.train.data import DataError
+from mimsparse.evaluate.datasets import FASHION_MNIST_DIR, fashion_mnist, image_folder, load_labelled, read_idx
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

@@ -7,10 +7,10 @@ import sys
 import pytest
 import torch
 
-from mimsparse.checkpoint import load_checkpoint
+from mimsparse.train.checkpoint import load_checkpoint
 from mimsparse.config import load_config
-from mimsparse.data import EpochSampler
-from mimsparse.engine import Pretrainer
+from mimsparse.train.data import EpochSampler
+from mimsparse.train.engine import Pretrainer
 from tests.conftest import ROOT, tiny_overrides
 
 
@@ -39,19 +39,8 @@ def _torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
     return proc
 
 
-def _packed_available() -> str | None:
-    try:
-        import mimsparse.backends.packed  # noqa: F401
-    except ImportError as e:
-        return f"mimsparse.backends.packed does not import: {e}"
-    return None
-
-
-_PACKED = pytest.mark.skipif(_packed_available() is not None, reason=str(_packed_available()))
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("backend,batch,accum", [("dense", 2, 1), pytest.param("packed", 2, 1, marks=_PACKED),
+@pytest.mark.parametrize("backend,batch,accum", [("dense", 2, 1), ("packed", 2, 1),
                                                  ("dense", 1, 2)])
 def test_two_processes_match_one_with_the_global_batch(photo_dir, tmp_path, backend, batch, accum):
     """2 processes x batch b (x accum) == 1 process x batch 2b (x accum) after 2 steps: same lr, same

@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-from mimsparse.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from mimsparse.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mimsparse.config import ConfigError, config_from_dict, load_config
-from mimsparse.data import DataError
-from mimsparse.engine import Pretrainer, warmup_cosine
+from mimsparse.train.data import DataError
+from mimsparse.train.engine import Pretrainer, warmup_cosine
 from tests.conftest import run_tool, tiny_overrides
 
 

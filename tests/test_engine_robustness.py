@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 
 from mimsparse.backends import BackendUnavailable, get_backend
-from mimsparse.build import build_fcmae
-from mimsparse.checkpoint import CheckpointError, load_checkpoint
+from mimsparse.models.build import build_fcmae
+from mimsparse.train.checkpoint import CheckpointError, load_checkpoint
 from mimsparse.config import ConfigError, config_from_dict, load_config
-from mimsparse.data import FileSource, SeededImages, list_images, pretrain_transform, to_rgb
-from mimsparse.engine import Pretrainer, TrainingError, check_amp
+from mimsparse.train.data import FileSource, SeededImages, list_images, pretrain_transform, to_rgb
+from mimsparse.train.engine import Pretrainer, TrainingError, check_amp
 from tests.conftest import ROOT, run_tool, tiny_overrides
 
 
@@ -317,8 +317,17 @@ def test_skip_nonfinite_skips_the_update(photo_dir, tmp_path):
 
 # ---- precision ------------------------------------------------------------------------------------------
 def test_mixed_precision_is_refused_where_it_cannot_run(photo_dir, tmp_path):
-    with pytest.raises(TrainingError, match=r"train.amp=bf16\) is for CUDA; on cpu train in fp32"):
-        Pretrainer(_cfg(tmp_path, photo_dir, **{"train.amp": "bf16"}), "dense", show_progress=False)
+    with pytest.raises(TrainingError, match=r"train.amp=fp16 is for CUDA; on cpu use train.amp=bf16 \(dense and "
+                                            r"packed backends\) or train.amp=none"):
+        Pretrainer(_cfg(tmp_path, photo_dir, **{"train.amp": "fp16"}), "dense", show_progress=False)
+    for name in ("spconv", "minkowski"):  # no bf16 kernels in either library
+        try:
+            backend = get_backend(name)
+        except BackendUnavailable:
+            continue
+        with pytest.raises(TypeError, match=f"the {name} backend does not support bfloat16 on cpu"):
+            check_amp("bf16", backend, torch.device("cpu"))
+    assert check_amp("bf16", get_backend("packed"), torch.device("cpu")) is torch.bfloat16
     with pytest.raises(TrainingError, match="train.amp must be one of none, bf16, fp16, got 'fp8'"):
         check_amp("fp8", get_backend("dense"), torch.device("cpu"))
 
@@ -409,7 +418,7 @@ def test_worker_processes_give_the_same_batches(photo_dir, tmp_path):
 
 
 def test_tensorboard_is_optional(photo_dir, tmp_path, monkeypatch):
-    import mimsparse.engine as engine
+    import mimsparse.train.engine as engine
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
     assert engine.tensorboard_writer(tmp_path / "tb") is None

@@ -10,11 +10,11 @@ import timm
 import torch
 from PIL import Image
 
-from mimsparse.checkpoint import load_checkpoint, save_checkpoint
-from mimsparse.classify_data import stratified_subset, top1_correct
+from mimsparse.train.checkpoint import load_checkpoint, save_checkpoint
+from mimsparse.evaluate.loaders import stratified_subset, top1_correct
 from mimsparse.cli import run_cli
 from mimsparse.convert import convert_checkpoint
-from mimsparse.finetune import build_model, create_optimizer, create_scheduler, evaluate
+from mimsparse.evaluate.finetune import build_model, create_optimizer, create_scheduler, evaluate
 from tests.conftest import ROOT, run_tool, tiny_overrides
 
 # a couple of optimizer steps on lfw-subset's 25x25 faces resized to 32x32

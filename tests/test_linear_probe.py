@@ -7,7 +7,7 @@ import timm
 import torch
 
 from mimsparse.cli import run_cli
-from mimsparse.linear_probe import extract_features, probe_head, train_probe
+from mimsparse.evaluate.linear_probe import extract_features, probe_head, train_probe
 from tests.conftest import run_tool
 from tests.test_finetune import image_folder, pretrained_checkpoints, read_results, tool_main
 

@@ -4,7 +4,7 @@ import importlib.util
 import pytest
 import torch
 
-from mimsparse.build import build_fcmae
+from mimsparse.models.build import build_fcmae
 from mimsparse.config import ConfigError, load_config
 from mimsparse.masking import (MASK_STRATEGIES, PatchMasker, block_patch_mask, importance_patch_mask,
                                patch_variance, random_patch_mask)
@@ -154,7 +154,7 @@ def test_strategies_are_selected_from_config_keys():
 
 
 def test_engine_masks_follow_the_training_progress(photo_dir, tmp_path):
-    from mimsparse.engine import Pretrainer
+    from mimsparse.train.engine import Pretrainer
     from tests.conftest import tiny_overrides
 
     cfg = load_config(None, tiny_overrides(tmp_path, **{"data.path": str(photo_dir), "mask.strategy": "progressive",

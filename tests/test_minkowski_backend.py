@@ -13,12 +13,8 @@ pytest.importorskip("MinkowskiEngine", reason="MinkowskiEngine is not installed 
 import MinkowskiEngine as ME  # noqa: E402
 
 from mimsparse.backends import get_backend  # noqa: E402
-from mimsparse.backends.minkowski import (  # noqa: E402
-    MinkowskiBackend,
-    channelwise_kernel,
-    dense_weight,
-    me_kernel,
-)
+from mimsparse.backends.minkowski import MinkowskiBackend  # noqa: E402
+from mimsparse.backends.minkowski_layout import channelwise_kernel, dense_weight, me_kernel  # noqa: E402
 from mimsparse.sparse import SparseBatch  # noqa: E402
 from tests.conftest import run_tool, tiny_overrides  # noqa: E402
 from tests.helpers import random_active, rel_err  # noqa: E402

@@ -3,12 +3,13 @@ import pytest
 import timm
 import torch
 
-from mimsparse.build import build_encoder
+from mimsparse.models.build import build_encoder
 from mimsparse.config import ConfigError, ModelConfig
-from mimsparse.convert import conversion_error, timm_to_encoder, to_timm_model_state
-from mimsparse.encoder import SparseConvNeXtV2
-from mimsparse.fcmae import FCMAE
-from mimsparse.loss import masked_reconstruction_loss, patchify, pixel_targets, unpatchify
+from mimsparse.convert import conversion_error
+from mimsparse.models.convnextv2 import timm_to_encoder, to_timm
+from mimsparse.models.convnextv2 import SparseConvNeXtV2
+from mimsparse.models.fcmae import FCMAE
+from mimsparse.models.loss import masked_reconstruction_loss, patchify, pixel_targets, unpatchify
 from mimsparse.masking import upsample_mask
 from tests.helpers import fit_fixed_batch, randomize_, rel_err
 
@@ -17,7 +18,7 @@ from tests.helpers import fit_fixed_batch, randomize_, rel_err
 def test_encoder_at_ratio_0_equals_timm(name):
     enc = randomize_(SparseConvNeXtV2.from_name(name), seed=1, std=0.05)
     model = timm.create_model(name, num_classes=0)
-    model.load_state_dict({k: v for k, v in to_timm_model_state(enc.state_dict(), name, 0).items()}, strict=True)
+    model.load_state_dict({k: v for k, v in to_timm(enc.state_dict(), name, 0).items()}, strict=True)
     assert conversion_error(enc, model, img_size=(64, 96)) < 1e-4
     # and back: timm weights -> our encoder give the same features
     enc2 = SparseConvNeXtV2.from_name(name)
@@ -121,8 +122,9 @@ def test_forward_hierarchical_gives_every_stage_zero_at_masked_sites():
 
 
 @pytest.mark.parametrize("overrides,message", [
-    ({"name": "vit_base"}, r"model.name='vit_base' is not a known encoder; choose convnextv2_atto .* resnet18\|34\|50\|101"),
-    ({"name": "convnextv2_giant"}, r"model.name: unknown model 'convnextv2_giant'"),
+    ({"name": "vit_base"}, r"model.name='vit_base' is not a known encoder; choose one of: convnextv2_atto, .*convnextv2_huge, resnet18, "
+                           r"resnet34, resnet50, resnet101$"),
+    ({"name": "convnextv2_giant"}, r"model.name='convnextv2_giant' is not a known encoder; choose one of: convnextv2_atto"),
     ({"name": "resnet50", "drop_path": 0.1}, r"model.drop_path=0.1: stochastic depth is implemented for ConvNeXt V2 only"),
 ])
 def test_unknown_encoders_and_convnext_only_settings_are_refused_by_key(overrides, message):

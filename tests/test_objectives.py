@@ -3,10 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mimsparse.build import build_fcmae
+from mimsparse.models.build import build_fcmae
 from mimsparse.config import ConfigError, load_config
-from mimsparse.decoder import FCMAEDecoder, LinearDecoder, SparKDecoder
-from mimsparse.loss import patchify, pixel_targets, reconstruction_loss, unpatchify
+from mimsparse.models.decoders import FCMAEDecoder, LinearDecoder, SparKDecoder
+from mimsparse.models.loss import patchify, pixel_targets, reconstruction_loss, unpatchify
 from mimsparse.masking import random_patch_mask
 from tests.conftest import ROOT
 from tests.helpers import fit_fixed_batch, randomize_, rel_err

@@ -15,14 +15,14 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from mimsparse.build import build_fcmae
+from mimsparse.models.build import build_fcmae
 from mimsparse.config import config_from_dict
-from mimsparse.convert import ConversionError
-from mimsparse.encoder import SparseConvNeXtV2
-from mimsparse.fcmae import FCMAE
+from mimsparse.errors import ConversionError
+from mimsparse.models.convnextv2 import SparseConvNeXtV2
+from mimsparse.models.fcmae import FCMAE
 from mimsparse.masking import random_patch_mask, upsample_mask
-from mimsparse.models import get_spec
-from mimsparse.official import (encoder_from_official_dense, encoder_to_official_dense, fcmae_from_official,
+from mimsparse.models.convnextv2 import get_spec
+from mimsparse.convert.official import (encoder_from_official_dense, encoder_to_official_dense, fcmae_from_official,
                                 fcmae_to_official, load_official_checkpoint, official_config)
 from tests.conftest import ROOT, run_tool, tiny_overrides
 from tests.helpers import randomize_, rel_err
@@ -349,7 +349,7 @@ def _tool_main():
 
 def test_import_then_resume_on_another_backend_then_export(photo_dir, tmp_path, capsys):
     from mimsparse.config import load_config
-    from mimsparse.engine import Pretrainer
+    from mimsparse.train.engine import Pretrainer
 
     tool = _tool_main()  # in-process, except one export run as a user would
     official = random_state(official_fcmae_layout(NAME, DEC_DIM, DEC_DEPTH), seed=7)

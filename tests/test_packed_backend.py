@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from mimsparse.backends import get_backend
 from mimsparse.backends.dense import MaskedDenseBackend
 from mimsparse.backends.packed import TILE_CHUNK_FLOATS, PackedBackend, PackedGeometry, PackedTensor
-from mimsparse.build import build_fcmae
-from mimsparse.config import PretrainConfig
-from mimsparse.encoder import SparseConvNeXtV2
+from mimsparse.models.build import build_fcmae
+from mimsparse.config import ModelConfig, PretrainConfig
+from mimsparse.models.convnextv2 import SparseConvNeXtV2
 from mimsparse.masking import random_patch_mask, upsample_mask
 from mimsparse.sparse import SparseBatch
 
@@ -361,6 +361,55 @@ def test_fcmae_loss_and_grads_match_dense():
     loss_p.backward()
     for (name, pd), (_, pp) in zip(dense.named_parameters(), packed.named_parameters()):
         assert_close(pp.grad, pd.grad, what=name)
+
+
+@pytest.mark.parametrize("decoder", ["fcmae", "spark"])
+def test_static_mode_matches_dense(decoder):
+    """num_visible given (static, sync-free indices; plain-torch ops): the dense backend's loss,
+    predictions and gradients, on a non-square image; the spark decoder reads every stage."""
+    cfg = PretrainConfig(model=ModelConfig(decoder=decoder, decoder_dim=64))
+    torch.manual_seed(0)
+    dense = build_fcmae(cfg, "dense")
+    _randomize(dense, seed=4)
+    packed = copy.deepcopy(dense)
+    packed.encoder.backend = "packed"
+    img = torch.randn(3, 3, 64, 96, generator=torch.Generator().manual_seed(5))
+    vis = dense.make_mask(img, torch.Generator().manual_seed(6))
+    n = packed.visible_count(vis.shape[1:])
+    loss_d, pred_d, _ = dense(img, vis)
+    loss_p, pred_p, _ = packed(img, vis, num_visible=n)
+    assert_close(loss_p, loss_d, what="loss")
+    assert_close(pred_p, pred_d, what="predictions")
+    loss_d.backward()
+    loss_p.backward()
+    for (name, pd), (_, pp) in zip(dense.named_parameters(), packed.named_parameters()):
+        assert_close(pp.grad, pd.grad, what=name)
+
+
+def test_static_geometry_equals_general():
+    """The sort-based indices are nonzero()'s, at every stage (down() included)."""
+    vis = random_patch_mask(3, (3, 4), 0.6, torch.Generator().manual_seed(1))
+    n = int(vis[0].sum())
+    active = upsample_mask(vis, 8)
+    static = PackedGeometry.from_mask_static(active, 4, n * 64)
+    general = PackedGeometry.from_mask(active, 4)
+    for _ in range(3):
+        assert static.static and torch.equal(static.coords, general.coords)
+        assert torch.equal(static.flat, general.flat) and static.counts == general.counts
+        (static, s_idx, *_), (general, g_idx, *_) = static.down(2), general.down(2)
+        assert torch.equal(s_idx, g_idx)
+
+
+def test_static_mode_refuses_a_wrong_count():
+    model = SparseConvNeXtV2.from_name("convnextv2_atto", backend="packed")
+    img = torch.randn(2, 3, 64, 64)
+    vis = random_patch_mask(2, (2, 2), 0.5, torch.Generator().manual_seed(0))
+    vis[1, 0, 0] = ~vis[1, 0, 0]
+    with pytest.raises(RuntimeError, match="every sample must have exactly 128 active sites at stride 4; pass "
+                                           "num_visible=None for masks with varying counts"):
+        model(img, vis, num_visible=2)
+    with pytest.raises(ValueError, match=r"rows_per_sample=0 must be in \[1, 256\]"):
+        model(img, vis, num_visible=0)
 
 
 def test_encoder_bfloat16_runs():

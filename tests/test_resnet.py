@@ -10,9 +10,9 @@ import torch.nn.functional as F
 import torchvision
 
 from mimsparse.convert import ConversionError, convert_checkpoint
-from mimsparse.convert_resnet import resnet_model_state, torchvision_features
+from mimsparse.models.resnet import to_dense as resnet_model_state, torchvision_features
 from mimsparse.masking import upsample_mask
-from mimsparse.resnet import RESNET_ARCHS, SparseResNet
+from mimsparse.models.resnet import RESNET_SIZES, SparseResNet
 from tests.conftest import run_tool
 from tests.helpers import backend_or_skip, backend_param, random_active, rel_err
 
@@ -52,7 +52,7 @@ def _model(name, seed=0):
 
 
 # ---- the encoder contract ----------------------------------------------------------------------------
-@pytest.mark.parametrize("name", list(RESNET_ARCHS))
+@pytest.mark.parametrize("name", list(RESNET_SIZES))
 def test_names_and_shapes_are_torchvision_and_timm(name):
     with torch.device("meta"):
         ours = SparseResNet.from_name(name).state_dict()

@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mimsparse.models.resnet import sparse_batch_norm
 from tests.helpers import backend_or_skip, backend_param, random_active, rel_err
 
 TOL = 1e-5
@@ -52,7 +53,7 @@ def test_batch_norm_uses_active_sites_only(backend, momentum):
         active = random_active(3, 7, 9, 0.4, seed=step, empty_sample=1)
         (x_ours,), (x_ref,) = _leaves(x), _leaves(x)
         bn.zero_grad()
-        out = backend.to_dense(backend.batch_norm(backend.from_dense(x_ours, active), bn))
+        out = backend.to_dense(sparse_batch_norm(backend, backend.from_dense(x_ours, active), bn))
         rows = _reference_bn_step(x_ref.permute(0, 2, 3, 1)[active], ref_w, ref_b, state, momentum, bn.eps)
         ref = rows.new_zeros(3, 7, 9, c).index_put((active,), rows).permute(0, 3, 1, 2)
         assert rel_err(out, ref) < TOL
@@ -66,7 +67,7 @@ def test_batch_norm_uses_active_sites_only(backend, momentum):
     # eval: the running statistics, nothing updated
     bn.eval()
     before = bn.running_mean.clone()
-    out = backend.to_dense(backend.batch_norm(backend.from_dense(x, active), bn))
+    out = backend.to_dense(sparse_batch_norm(backend, backend.from_dense(x, active), bn))
     rows = (x.permute(0, 2, 3, 1)[active] - state["mean"]) / torch.sqrt(state["var"] + bn.eps) * bn.weight + bn.bias
     ref = rows.new_zeros(3, 7, 9, c).index_put((active,), rows).permute(0, 3, 1, 2)
     assert rel_err(out, ref.detach()) < TOL

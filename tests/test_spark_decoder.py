@@ -4,10 +4,10 @@ import timm
 import torch
 import torch.nn as nn
 
-from mimsparse.build import build_fcmae
+from mimsparse.models.build import build_fcmae
 from mimsparse.config import ConfigError, load_config
-from mimsparse.decoder import SparKDecoder
-from mimsparse.loss import pixel_targets
+from mimsparse.models.decoders import SparKDecoder
+from mimsparse.models.loss import pixel_targets
 from mimsparse.masking import random_patch_mask
 from mimsparse.visualize import load_image
 from tests.conftest import ROOT, run_tool, tiny_overrides

@@ -8,7 +8,7 @@ pytest.importorskip("spconv.pytorch", reason="spconv is not installed (pip insta
 from mimsparse.backends import get_backend  # noqa: E402
 from mimsparse.backends import spconv as spconv_backend  # noqa: E402
 from mimsparse.backends.spconv import ConvAlgo, SpconvBackend  # noqa: E402
-from mimsparse.encoder import SparseConvNeXtV2  # noqa: E402
+from mimsparse.models.convnextv2 import SparseConvNeXtV2  # noqa: E402
 from tests.helpers import random_active  # noqa: E402
 
 pytestmark = pytest.mark.spconv

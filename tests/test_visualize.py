@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from mimsparse.build import build_fcmae
+from mimsparse.models.build import build_fcmae
 from mimsparse.cli import run_cli
 from mimsparse.config import load_config
-from mimsparse.engine import Pretrainer
-from mimsparse.loss import pixel_targets
+from mimsparse.train.engine import Pretrainer
+from mimsparse.models.loss import pixel_targets
 from mimsparse.masking import upsample_mask
 from mimsparse.visualize import (MASKED_GRAY, PANELS, grid_image, load_image, normalize, parse_size, pred_to_pixels,
                                  reconstruct, unnormalize)

@@ -20,15 +20,17 @@ def main(argv=None) -> int:
     p.add_argument("-o", "--output", default=None, help="also write the table to this file")
     args = p.parse_args(argv)
 
+    from mimsparse.errors import ConfigError, DataError
+
     lines = ["| runs | seeds | final top-1 (mean ± std) | per seed | best-epoch top-1 (mean) |", "|---|---|---|---|---|"]
     for group in args.groups:
         label, sep, pattern = group.partition("=")
         if not sep:
-            raise ValueError(f"{group!r}: expected LABEL=GLOB")
+            raise ConfigError(f"{group!r}: expected LABEL=GLOB")
         files = sorted(Path(d) / "results.json" for d in glob.glob(pattern))
         files = [f for f in files if f.is_file()]
         if not files:
-            raise ValueError(f"{label}: no results.json under {pattern!r}; run the tool first")
+            raise DataError(f"{label}: no results.json under {pattern!r}; run the tool first")
         results = [json.loads(f.read_text()) for f in files]
         final = [100 * r["final_top1"] for r in results]
         best = [100 * r["best_top1"] for r in results]

@@ -21,52 +21,69 @@ from pathlib import Path
 def import_official(args) -> int:
     import yaml
 
-    from mimsparse.config import config_from_dict, load_config
-    from mimsparse.engine import Pretrainer
-    from mimsparse.official import fcmae_from_official, load_official_checkpoint, official_config
+    from mimsparse.train.checkpoint import write_text_atomic
+    from mimsparse.config import config_from_dict, load_updates
+    from mimsparse.train.engine import Pretrainer
+    from mimsparse.errors import OutputError
+    from mimsparse.convert.official import fcmae_from_official, import_config, load_official_checkpoint, official_config
 
     official_sd, official_args = load_official_checkpoint(args.checkpoint)
     overrides = list(args.overrides) + [f"train.output_dir={args.output_dir}"]
     if args.data:
         overrides.append(f"data.path={args.data}")
-    base = load_config(args.config, overrides).to_dict()
-    found = official_config(official_sd, official_args)  # the architecture comes from the checkpoint
-    cfg = config_from_dict({section: {**base[section], **found.get(section, {})} for section in base})
-    trainer = Pretrainer(cfg, "dense", "cpu", show_progress=False)
+    user = load_updates(args.config, overrides)
+    config_from_dict(user)  # the user's own values are checked by key first
+    # the architecture comes from the checkpoint; mask.ratio / norm_pix_loss from its args unless given
+    updates, notes = import_config(user, official_config(official_sd, official_args))
+    cfg = config_from_dict(updates)
+    trainer = Pretrainer(cfg, "dense", "cpu", show_progress=False, overwrite=args.overwrite)
     trainer.model.load_state_dict(fcmae_from_official(official_sd), strict=True)
     path = trainer.save()
     config_path = Path(args.output_dir) / "config.yaml"
-    config_path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    try:
+        write_text_atomic(config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    except OSError as e:
+        raise OutputError(f"cannot write {str(config_path)!r} ({e.strerror or e}); {path} was written") from e
     m = cfg.model
     print(f"imported {args.checkpoint}: {m.name}, decoder {m.decoder_dim}x{m.decoder_depth}, "
           f"mask ratio {cfg.mask.ratio}, norm_pix_loss {m.norm_pix_loss} ({len(official_sd)} tensors)")
+    for note in notes:
+        print(f"  {note}")
     print(f"wrote {path} and {config_path}; continue with:\n"
           f"  tools/pretrain.py --config {config_path} --resume auto --backend BACKEND")
     return 0
 
 
 def export_official(args) -> int:
-    import torch
-
-    from mimsparse.checkpoint import load_checkpoint
+    from mimsparse.train.checkpoint import load_checkpoint, require_training_checkpoint, save_checkpoint
     from mimsparse.convert import encoder_state_from_checkpoint
-    from mimsparse.official import encoder_to_official_dense, fcmae_to_official
+    from mimsparse.errors import ConfigError
+    from mimsparse.convert.official import encoder_to_official_dense, fcmae_to_official
 
     ckpt = load_checkpoint(args.checkpoint)
+    require_training_checkpoint(ckpt, args.checkpoint)
+    out = Path(args.output)
     if args.dense:
         encoder_sd, name = encoder_state_from_checkpoint(ckpt)
         sd = encoder_to_official_dense(encoder_sd, args.num_classes)
         head = f"fresh {args.num_classes}-class head" if args.num_classes is not None else "no head"
         what = f"official ConvNeXtV2 ({name}, {head})"
+        strict = "" if args.num_classes is not None else ", strict=False)  # no norm/head: the classifier stays fresh"
+        build = f"{name}(num_classes={args.num_classes})" if args.num_classes is not None else f"{name}()"
+        load = (f"from models.convnextv2 import {name}; model = {build}; "
+                f"model.load_state_dict(torch.load('{out}', weights_only=True)['model']{strict or ')'}")
     else:
         if args.num_classes is not None:
-            raise ValueError("--num-classes goes with --dense (the FCMAE layout has no classifier)")
+            raise ConfigError("--num-classes goes with --dense (the FCMAE layout has no classifier)")
         sd = fcmae_to_official(ckpt["model"])
         what = "official FCMAE"
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": sd}, out)
-    print(f"wrote {out}: {what} layout, {len(sd)} tensors")
+        m = ckpt["config"]["model"]
+        load = (f"from models.fcmae import {m['name']}; model = {m['name']}(decoder_depth={m['decoder_depth']}, "
+                f"decoder_embed_dim={m['decoder_dim']}, norm_pix_loss={m['norm_pix_loss']}); "
+                f"model.load_state_dict(torch.load('{out}', weights_only=True)['model'])")
+    save_checkpoint({"model": sd}, out)  # atomic; a full disk or a folder in the way is one line naming out
+    print(f"wrote {out}: {what} layout, {len(sd)} tensors, under the key 'model' (as the official code saves)")
+    print(f"load with: {load}")
     return 0
 
 
@@ -79,7 +96,11 @@ def main(argv=None) -> int:
     imp.add_argument("--config", default=None,
                      help="YAML for the training settings; the architecture comes from the checkpoint")
     imp.add_argument("--data", default=None, help="ImageFolder or flat folder (default: bundled photos)")
-    imp.epilog = "Config overrides section.key=value may follow, e.g. train.epochs=5 optim.base_lr=1e-4."
+    imp.add_argument("--overwrite", action="store_true",
+                     help="import into an output dir that holds another run's checkpoints, deleting them")
+    imp.epilog = ("Config overrides section.key=value may follow, e.g. train.epochs=5 optim.base_lr=1e-4. The "
+                  "architecture always comes from the checkpoint's shapes; mask.ratio and model.norm_pix_loss come "
+                  "from its saved args unless given here. Each decision is printed.")
     exp = sub.add_parser("export", help="mimsparse checkpoint -> official layout")
     exp.add_argument("checkpoint", help="checkpoint written by tools/pretrain.py")
     exp.add_argument("-o", "--output", required=True)

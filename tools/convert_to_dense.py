@@ -22,9 +22,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-verify", action="store_true", help="skip comparing the dense model with the sparse encoder")
     args = p.parse_args(argv)
 
-    from mimsparse.checkpoint import load_checkpoint, save_checkpoint
+    from mimsparse.train.checkpoint import load_checkpoint, save_checkpoint
     from mimsparse.convert import convert_checkpoint
-    from mimsparse.resnet import RESNET_ARCHS
+    from mimsparse.models.registry import family_of, load_lines
 
     ckpt = load_checkpoint(args.checkpoint)
     sd, name, error = convert_checkpoint(ckpt, args.num_classes, verify=not args.no_verify, tolerance=args.tolerance)
@@ -32,11 +32,10 @@ def main(argv=None) -> int:
         Path(args.checkpoint).stem + "-timm.pth")
     save_checkpoint(sd, out)
     check = f"max relative error vs sparse encoder at mask ratio 0: {error:.2e}" if error is not None else "not verified"
-    resnet = name in RESNET_ARCHS
-    print(f"wrote {out}: {'torchvision/timm' if resnet else 'timm'} {name} (num_classes={args.num_classes}); {check}")
-    print(f"load with: timm.create_model('{name}', num_classes={args.num_classes}).load_state_dict(torch.load('{out}'))")
-    if resnet:
-        print(f"       or: torchvision.models.{name}(num_classes={args.num_classes}).load_state_dict(torch.load('{out}'))")
+    libraries = "/".join(reversed(family_of(name).libraries))
+    print(f"wrote {out}: {libraries} {name} (num_classes={args.num_classes}); {check}")
+    for i, line in enumerate(load_lines(name, args.num_classes, str(out))):  # a bare state dict (no 'model' key)
+        print(f"{'load with' if i == 0 else '       or'}: {line}")
     return 0
 
 

@@ -40,8 +40,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from mimsparse.checkpoint import load_checkpoint
-    from mimsparse.collapse import analysis_images, feature_collapse, load_timm_model, plot, write_csv
+    from mimsparse.train.checkpoint import load_checkpoint
+    from mimsparse.evaluate.collapse import analysis_images, feature_collapse, load_timm_model, plot, write_csv
 
     torch.set_grad_enabled(False)
     stem = Path(args.checkpoints[0]).with_suffix("")

@@ -19,7 +19,7 @@ import sys
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    from mimsparse.finetune import weights_and_data_args
+    from mimsparse.evaluate.finetune import weights_and_data_args
 
     p = argparse.ArgumentParser("finetune", description=__doc__, parents=[weights_and_data_args()],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,7 +51,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    from mimsparse.finetune import main as finetune
+    from mimsparse.evaluate.finetune import main as finetune
 
     finetune(args)
     return 0

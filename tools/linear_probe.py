@@ -19,7 +19,7 @@ import sys
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    from mimsparse.finetune import weights_and_data_args
+    from mimsparse.evaluate.finetune import weights_and_data_args
 
     p = argparse.ArgumentParser("linear_probe", description=__doc__, parents=[weights_and_data_args()],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,7 +41,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    from mimsparse.linear_probe import main as linear_probe
+    from mimsparse.evaluate.linear_probe import main as linear_probe
 
     linear_probe(args)
     return 0

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""FCMAE pretraining of a sparse ConvNeXt V2.
+"""Masked image modeling pretraining of a sparse encoder (ConvNeXt V2 or ResNet; FCMAE, SimMIM or SparK objective).
 
   tools/pretrain.py --config configs/fcmae_atto.yaml --backend dense [--data DIR|fashion-mnist] [key=value ...]
   torchrun --standalone --nproc_per_node N tools/pretrain.py ...   (DDP: gloo on CPU, nccl on CUDA)
@@ -16,7 +16,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser("FCMAE pretraining", add_help=add_help,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Overrides: section.key=value, e.g. train.epochs=5 optim.base_lr=1e-4.\n"
+                                epilog="Overrides: section.key=value, anywhere among the options, e.g. train.epochs=5\n"
+                                       "optim.base_lr=1e-4.\n"
                                        "Precision: CPU trains in fp32; train.amp=bf16|fp16 needs CUDA and a backend\n"
                                        "that supports it (minkowski and spconv refuse bf16).\n"
                                        "Several processes: torchrun --standalone --nproc_per_node N tools/pretrain.py\n"
@@ -28,7 +29,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--img", type=int, default=None, help="training crop size, a multiple of 32 (= data.img_size)")
     p.add_argument("--output-dir", default=None, help="where checkpoints and logs go (= train.output_dir)")
     p.add_argument("--resume", default=None,
-                   help="checkpoint to resume from, or 'auto' for the latest in the output dir")
+                   help="checkpoint to resume from, or 'auto' for the newest one in the output dir that verifies")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an output dir that holds another run's checkpoints, deleting them "
+                        "(without it such a start is refused)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs still go to log.jsonl)")
     p.add_argument("overrides", nargs="*", help="config overrides section.key=value")
@@ -42,12 +46,14 @@ def _cuda() -> bool:
 
 
 def main(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
+    from mimsparse.cli import parse_with_overrides
+
+    args = parse_with_overrides(get_args_parser(), argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
-    from mimsparse import distributed
+    from mimsparse.train import distributed
     from mimsparse.config import load_config
-    from mimsparse.engine import Pretrainer
+    from mimsparse.train.engine import Pretrainer
 
     overrides = list(args.overrides)
     if args.data:
@@ -59,7 +65,8 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, overrides)
     env, device = distributed.init_from_env(args.device)
     try:
-        trainer = Pretrainer(cfg, args.backend, device, resume=args.resume, show_progress=not args.no_progress)
+        trainer = Pretrainer(cfg, args.backend, device, resume=args.resume, show_progress=not args.no_progress,
+                             overwrite=args.overwrite)
         say = print if env.is_main else (lambda *a, **k: None)
         batch = f"{cfg.train.batch_size}"
         if cfg.train.accum_steps > 1:

@@ -26,13 +26,15 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the masks")
     p.add_argument("--config", default=None, help="YAML whose mask section sets the strategies' options")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. mask.ratio=0.75 mask.block_min_patches=2")
-    args = p.parse_args(argv)
+    from mimsparse.cli import parse_with_overrides
+
+    args = parse_with_overrides(p, argv)  # overrides may stand anywhere among the options
 
     import torch
 
-    from mimsparse.build import build_encoder, build_masker
+    from mimsparse.models.build import build_encoder, build_masker
     from mimsparse.config import load_config
-    from mimsparse.data import bundled_photo_paths
+    from mimsparse.train.data import bundled_photo_paths
     from mimsparse.masking import upsample_mask
     from mimsparse.visualize import MASKED_GRAY, load_image, parse_size, save_grid, unnormalize
 

@@ -33,8 +33,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from mimsparse.build import build_fcmae
-    from mimsparse.checkpoint import CheckpointError, load_checkpoint
+    from mimsparse.models.build import build_fcmae
+    from mimsparse.train.checkpoint import CheckpointError, load_checkpoint
     from mimsparse.config import config_from_dict
     from mimsparse.visualize import load_image, parse_size, reconstruct, save_grid
 

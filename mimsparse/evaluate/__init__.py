@@ -1,0 +1,1 @@
+"""Evaluation of pretrained encoders: labelled datasets, finetuning, linear probing, feature collapse."""

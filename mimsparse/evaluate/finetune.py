@@ -1,0 +1,362 @@
+"""Supervised finetuning of a dense timm classifier: the ConvNeXt V2 / MAE finetune recipe scaled down.
+
+Weights (``--ckpt``), detected by their keys (:func:`load_weights`, shared with the linear probe):
+
+- a mimsparse pretraining checkpoint (keys ``model`` and ``config``): converted on the fly to timm
+  (:func:`mimsparse.convert.convert_checkpoint`, with its numerical self-check), fresh classifier;
+- a plain timm state dict (parameter name -> tensor, e.g. from ``tools/convert_to_dense.py``): loaded
+  with strict=True; a classifier of another size is replaced by a fresh one;
+- ``random``: timm's own initialisation, the baseline.
+
+Recipe: AdamW with layer-wise lr decay (timm ``create_optimizer_v2``: depth from the model's
+``group_matcher``, no weight decay on norms and biases), per-step linear warm-up then cosine
+(timm ``CosineLRScheduler``, which multiplies each group's lr by its ``lr_scale``), label smoothing,
+drop path, optional mixup / cutmix, fresh head scaled by ``head_init_scale`` (ConvNeXt V2: 0.001).
+Top-1 on the test split after every epoch; the best model is saved as a plain timm state dict.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mimsparse.train.checkpoint import CheckpointError, check_writable_dir, load_checkpoint, save_checkpoint
+from mimsparse.evaluate.loaders import (check_fraction, check_img_size, eval_loader, limit_subset, stratified_subset,
+                                     top1_correct, train_loader)
+from mimsparse.convert import ConversionError, convert_checkpoint
+from mimsparse.train.data import DataError
+from mimsparse.errors import ConfigError
+from mimsparse.train.run_log import json_safe
+from mimsparse.evaluate.datasets import LabelledImages, load_labelled
+
+EVAL_SUBSET_SEED = 0  # --eval-limit keeps the same test images whatever --seed, so runs stay comparable
+
+
+# ---- weights ---------------------------------------------------------------------------------------
+@dataclass
+class Weights:
+    """What ``--ckpt`` holds: a timm state dict (None for random init) for the timm model ``name``."""
+
+    state_dict: dict[str, torch.Tensor] | None
+    name: str
+    source: str  # one line for the log
+    fresh_head: bool  # the classifier must be initialised here, whatever the state dict holds
+
+
+def weights_and_data_args() -> argparse.ArgumentParser:
+    """The options tools/finetune.py and tools/linear_probe.py share (weights, data, device), as a
+    parent parser (``argparse.ArgumentParser(parents=[...])``)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--ckpt", required=True, help="pretraining checkpoint, timm state dict, or 'random'")
+    p.add_argument("--data", required=True, help="ImageFolder, or fashion-mnist | lfw-subset | foolbox-imagenet")
+    p.add_argument("--model", default=None, help="timm model name, e.g. convnextv2_atto (default: the one a "
+                   "pretraining checkpoint names; required for a timm state dict and for random)")
+    p.add_argument("--img-size", type=int, default=224, help="input size, a multiple of 32; smaller images are "
+                   "resized up (default %(default)s)")
+    p.add_argument("--eval-limit", type=int, default=0, help="evaluate on about N test images, stratified, the "
+                   "same whatever --seed (default: all)")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    return p
+
+
+def is_pretraining_checkpoint(ckpt: dict) -> bool:
+    return "model" in ckpt and "config" in ckpt
+
+
+def is_state_dict(ckpt: dict) -> bool:
+    return bool(ckpt) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt.items())
+
+
+def load_weights(ckpt: str, model_name: str | None, num_classes: int) -> Weights:
+    """``ckpt``: a path or "random". ``model_name`` may be None for a pretraining checkpoint (it names
+    its model); it must match it when given."""
+    if ckpt == "random":
+        if model_name is None:
+            raise ConfigError("--ckpt random needs --model NAME (e.g. --model convnextv2_atto)")
+        return Weights(None, model_name, "random init (baseline)", fresh_head=True)
+    state = load_checkpoint(ckpt)
+    if is_pretraining_checkpoint(state):
+        saved = state["config"]["model"]["name"]
+        if model_name is not None and model_name != saved:
+            raise CheckpointError(f"{ckpt} was pretrained as {saved!r} but --model asks for {model_name!r}; "
+                                  f"drop --model or pass --model {saved}")
+        sd, name, error = convert_checkpoint(state, num_classes, verify=True)
+        check = f"max relative error vs the sparse encoder {error:.1e}" if error is not None else "not verified"
+        return Weights(sd, name, f"pretraining checkpoint {ckpt} converted to timm {name} ({check})", fresh_head=True)
+    if is_state_dict(state):
+        if model_name is None:
+            raise ConfigError(f"{ckpt} is a timm state dict: pass --model NAME (e.g. --model convnextv2_atto)")
+        return Weights(state, model_name, f"timm state dict {ckpt}", fresh_head=False)
+    raise CheckpointError(f"{ckpt} is neither a mimsparse pretraining checkpoint (keys 'model' and 'config') nor a "
+                          f"timm state dict (parameter name -> tensor); its top-level keys are "
+                          f"{sorted(map(str, state))[:8]}")
+
+
+def create_model(name: str, num_classes: int, drop_path_rate: float = 0.0) -> torch.nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(name, num_classes=num_classes, drop_path_rate=drop_path_rate)
+    except (RuntimeError, TypeError) as e:  # unknown name; a model without drop path
+        raise ConversionError(f"timm cannot create {name!r}: {e}") from e
+
+
+def classifier_keys(model: torch.nn.Module) -> list[str]:
+    """State-dict keys of the model's final classifier (``head.fc.*`` for ConvNeXt, ``fc.*`` for ResNet)."""
+    classifier = model.get_classifier()
+    prefix = next(name for name, module in model.named_modules() if module is classifier)
+    return [f"{prefix}.{k}" for k in classifier.state_dict()]
+
+
+def build_model(ckpt: str, model_name: str | None, num_classes: int, seed: int = 0, drop_path_rate: float = 0.0,
+                head_init_scale: float = 1.0) -> tuple[torch.nn.Module, str, list[str]]:
+    """The timm classifier with ``num_classes`` outputs and the weights of ``ckpt`` ("random" or a path).
+    A fresh classifier is drawn from ``seed`` and scaled by ``head_init_scale``.
+    Returns (model, model name, notes for the log)."""
+    weights = load_weights(ckpt, model_name, num_classes)
+    with torch.random.fork_rng(devices=[]):  # the fresh head comes from ``seed``, whatever ran before
+        torch.manual_seed(seed)
+        model = create_model(weights.name, num_classes, drop_path_rate)
+    notes = [f"weights: {weights.source}"]
+    fresh_head = weights.fresh_head
+    if weights.state_dict is not None:
+        own, sd = model.state_dict(), dict(weights.state_dict)
+        head = [k for k in classifier_keys(model) if k in sd]
+        mismatched = [k for k in head if sd[k].shape != own[k].shape]
+        if mismatched:
+            old = sd[mismatched[0]].shape[0]
+            notes.append(f"replaced the state dict's {old}-class classifier by a fresh {num_classes}-class one")
+            fresh_head = True
+        if fresh_head:
+            sd.update({k: own[k] for k in head})
+        try:
+            model.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            detail = " ".join(line.strip() for line in str(e).splitlines()[1:])  # line 0 only names the class
+            raise CheckpointError(f"{ckpt} does not fit timm {weights.name}: {detail[:300]}") from e
+    if fresh_head:
+        # a near-zero head leaves the pretrained features undisturbed in the first steps (ConvNeXt V2, MAE)
+        with torch.no_grad():
+            for p in model.get_classifier().parameters():
+                p.mul_(head_init_scale)
+    return model, weights.name, notes
+
+
+# ---- optimisation ----------------------------------------------------------------------------------
+def create_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, layer_decay: float):
+    """AdamW; every group carries ``lr_scale`` = layer_decay ** (depth of the head - depth of the group)."""
+    from timm.optim import create_optimizer_v2
+
+    return create_optimizer_v2(model, "adamw", lr=lr, weight_decay=weight_decay, layer_decay=layer_decay)
+
+
+def create_scheduler(optimizer, total_steps: int, warmup_steps: int, min_lr: float):
+    """Per-step schedule (call ``step_update(step)`` before step ``step``): lr rises linearly from 0 over
+    ``warmup_steps``, then falls along half a cosine to ``min_lr`` at ``total_steps``; timm's scheduler
+    applies each group's ``lr_scale`` (torch's LambdaLR would ignore it)."""
+    from timm.scheduler import CosineLRScheduler
+
+    # t_initial >= 2: the same lrs as 1 (a single post-warm-up step runs at the peak either way) without
+    # timm's warning that a one-step cosine has no effect
+    return CosineLRScheduler(optimizer, t_initial=max(2, total_steps - warmup_steps), lr_min=min_lr,
+                             warmup_t=warmup_steps, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
+
+
+def max_lr(optimizer) -> float:
+    """The head's lr (scale 1), the one the schedule describes."""
+    return max(group["lr"] for group in optimizer.param_groups)
+
+
+# ---- one epoch, evaluation -------------------------------------------------------------------------
+def train_one_epoch(model, criterion, loader, optimizer, scheduler, device, step: int, max_steps: int = 0,
+                    mixup=None, desc: str = "", show_progress: bool = True) -> dict:
+    """Trains over ``loader`` from global step ``step`` (stops at ``max_steps`` if > 0).
+    Returns {"step": the next step, "loss": mean training loss, "lr": last lr, "images", "unreadable"}."""
+    from mimsparse.train.engine import TrainingError
+
+    model.train()
+    loss_sum, batches, images_seen, unreadable, lr = 0.0, 0, 0, 0, max_lr(optimizer)
+    bar = tqdm(loader, desc=desc, disable=not show_progress, dynamic_ncols=True, leave=False)
+    for images, labels, n_bad in bar:
+        unreadable += n_bad
+        if max_steps and step >= max_steps:
+            break
+        if mixup is not None and len(images) % 2:
+            images, labels = images[:-1], labels[:-1]  # timm's Mixup pairs samples; a file was unreadable
+        if len(images) == 0:
+            continue
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if mixup is not None:
+            images, labels = mixup(images, labels)  # labels become soft targets [B, num_classes]
+        scheduler.step_update(step)
+        lr = max_lr(optimizer)
+        loss = criterion(model(images), labels)
+        if not math.isfinite(loss.item()):
+            raise TrainingError(f"training loss is {loss.item()} at step {step}; lower --lr / --blr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        loss_sum, batches, images_seen = loss_sum + loss.item(), batches + 1, images_seen + len(images)
+        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
+    bar.close()
+    return {"step": step, "loss": loss_sum / batches if batches else None, "lr": lr, "images": images_seen,
+            "unreadable": unreadable}
+
+
+@torch.no_grad()
+def evaluate(model, loader, device) -> dict:
+    """{"top1": correct / total in [0, 1], "loss": mean cross-entropy, "correct", "total"} over ``loader``."""
+    model.eval()
+    correct, total, loss_sum = 0, 0, 0.0
+    for images, labels, _ in loader:
+        if len(images) == 0:
+            continue
+        logits = model(images.to(device))
+        labels = labels.to(device)
+        loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        correct += top1_correct(logits, labels)
+        total += len(labels)
+    if total == 0:
+        raise DataError("no readable test image to evaluate on")
+    return {"top1": correct / total, "loss": loss_sum / total, "correct": correct, "total": total}
+
+
+# ---- run -------------------------------------------------------------------------------------------
+def write_json(path: Path, obj) -> None:
+    """Written to a temporary file and renamed: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(json_safe(obj), indent=2, default=str, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")  # NaN/inf -> null: valid JSON
+
+
+def peak_lr(lr: float | None, blr: float, batch_size: int) -> float:
+    """``lr``, or ``blr`` x batch size / 256 (the linear scaling rule of MAE and ConvNeXt V2)."""
+    return lr if lr is not None else blr * batch_size / 256
+
+
+def seed_everything(seed: int) -> None:
+    """torch drives drop path, NumPy timm's mixup / cutmix draws, Python's ``random`` is seeded for completeness."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def check_args(args) -> None:
+    """Values argparse's types cannot rule out, refused before anything is loaded."""
+    check_img_size(args.img_size)
+    check_fraction(args.label_fraction)
+    for flag in ("epochs", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if peak_lr(args.lr, args.blr, args.batch_size) <= 0:
+        raise ConfigError("the learning rate must be positive (--lr or --blr)")
+    if not 0 <= args.drop_path < 1 or not 0 <= args.smoothing < 1:
+        raise ConfigError("--drop-path and --smoothing must be in [0, 1)")
+    if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
+        raise ConfigError(f"mixup / cutmix pair the samples of a batch: --batch-size must be even, "
+                         f"got {args.batch_size}")
+
+
+def load_data(spec: str, label_fraction: float, eval_limit: int,
+              seed: int) -> tuple[LabelledImages, LabelledImages, int]:
+    """(training subset, test subset, training images before --label-fraction)."""
+    train, test = load_labelled(spec, "train"), load_labelled(spec, "test")
+    total = len(train)
+    if label_fraction < 1:
+        train = train.subset(stratified_subset(train.labels, label_fraction, seed))
+    return train, limit_subset(test, eval_limit, EVAL_SUBSET_SEED), total
+
+
+def main(args) -> dict:
+    """Finetunes as ``tools/finetune.py`` describes; returns the results also written to results.json."""
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+
+    start = time.perf_counter()
+    check_args(args)
+    out_dir = check_writable_dir(args.output_dir)
+    device = torch.device(args.device)
+    train, test, train_total = load_data(args.data, args.label_fraction, args.eval_limit, args.seed)
+    num_classes = len(train.classes)
+    steps_per_epoch = len(train) // args.batch_size
+    if steps_per_epoch == 0:
+        raise DataError(f"{len(train)} training images (after --label-fraction {args.label_fraction:g}) are fewer than "
+                        f"one batch; lower --batch-size below {args.batch_size}")
+
+    model, name, notes = build_model(args.ckpt, args.model, num_classes, args.seed, args.drop_path,
+                                     args.head_init_scale)
+    model.to(device)
+    seed_everything(args.seed)
+    lr = peak_lr(args.lr, args.blr, args.batch_size)
+    optimizer = create_optimizer(model, lr, args.weight_decay, args.layer_decay)
+    total_steps = steps_per_epoch * args.epochs
+    scheduler = create_scheduler(optimizer, total_steps, round(args.warmup_epochs * steps_per_epoch), args.min_lr)
+    mixup = None
+    if args.mixup > 0 or args.cutmix > 0:
+        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
+                      num_classes=num_classes)
+        criterion = SoftTargetCrossEntropy()  # mixup already smooths the targets
+    else:
+        criterion = torch.nn.CrossEntropyLoss(label_smoothing=args.smoothing)
+    test_loader = eval_loader(test, args.img_size, args.batch_size, args.num_workers)
+
+    lr_source = f"--lr {args.lr:g}" if args.lr is not None else f"--blr {args.blr:g} x {args.batch_size}/256"
+    for note in notes:
+        print(note)
+    print(f"model {name} | {args.data}: {num_classes} classes, {len(train)}/{train_total} training images "
+          f"(--label-fraction {args.label_fraction:g}), {len(test)} test images | lr {lr:.3g} ({lr_source}) | "
+          f"{total_steps} steps | output {out_dir}")
+
+    log_path, best_path = out_dir / "log.jsonl", out_dir / "best.pth"
+    log_path.unlink(missing_ok=True)  # one run per folder: the log describes this run only
+    history, best, step = [], None, 0
+    for epoch in range(args.epochs):
+        t0 = time.perf_counter()
+        stats = train_one_epoch(model, criterion, train_loader(train, args.img_size, args.batch_size, args.seed, epoch,
+                                                               args.num_workers),
+                                optimizer, scheduler, device, step, args.max_steps, mixup, f"epoch {epoch}",
+                                not args.no_progress)
+        step = stats["step"]
+        result = evaluate(model, test_loader, device)
+        record = {"epoch": epoch, "step": step, "train_loss": stats["loss"], "lr": stats["lr"],
+                  "test_top1": result["top1"], "test_loss": result["loss"], "test_correct": result["correct"],
+                  "test_total": result["total"], "unreadable": stats["unreadable"],
+                  "epoch_time_s": time.perf_counter() - t0}
+        if best is None or result["top1"] > best["test_top1"]:
+            best = record
+            save_checkpoint({k: v.detach().cpu() for k, v in model.state_dict().items()}, best_path)
+        history.append(record)
+        append_jsonl(log_path, record)
+        train_loss = f"{stats['loss']:.4f}" if stats["loss"] is not None else "-"
+        print(f"epoch {epoch}: step {step} | train loss {train_loss} | lr {stats['lr']:.2e} | test top-1 "
+              f"{result['top1']:.2%} ({result['correct']}/{result['total']}) | best {best['test_top1']:.2%}")
+        if args.max_steps and step >= args.max_steps:
+            break
+
+    results = {"model": name, "ckpt": args.ckpt, "weights": notes, "num_classes": num_classes,
+               "data": {"name": args.data, "train_images": len(train), "train_images_total": train_total,
+                        "test_images": len(test)},
+               "lr": lr, "steps": step, "best_top1": best["test_top1"], "best_epoch": best["epoch"],
+               "final_top1": history[-1]["test_top1"], "best_checkpoint": str(best_path), "history": history,
+               "args": vars(args), "wall_time_s": time.perf_counter() - start}
+    write_json(out_dir / "results.json", results)
+    print(f"best top-1 {results['best_top1']:.2%} (epoch {results['best_epoch']}), final {results['final_top1']:.2%}; "
+          f"wrote {best_path}, {out_dir / 'results.json'}, {log_path}")
+    return results

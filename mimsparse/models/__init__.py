@@ -1,0 +1,1 @@
+"""Sparse encoders (ConvNeXt V2, ResNet), decoders, the masked-image-modeling wrapper and its loss."""

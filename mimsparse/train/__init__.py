@@ -1,0 +1,1 @@
+"""Pretraining: config -> data -> model -> optimisation step -> checkpoints, for one process or torchrun."""

@@ -1,0 +1,202 @@
+"""The run folder's checkpoints: which run owns the folder, naming, rotation, best, latest, verified resume.
+
+A run folder holds ``run.json`` (the owning run's id and the SHA-256 of every checkpoint it wrote),
+``checkpoint-NNNNNNN.pth`` (step checkpoints, the newest ``train.keep_last`` kept) and
+``checkpoint-best.pth``. Rules, each against a way of losing data:
+
+- a fresh run refuses a folder that holds another run's checkpoints (resume it, or say ``--overwrite``);
+- rotation deletes only step checkpoints this run recorded in ``run.json``, matched by the exact name
+  (never ``checkpoint-0000004-mybackup.pth`` or a file another run wrote);
+- a checkpoint is verified on load (zip CRCs, and the recorded SHA-256), and ``--resume auto`` falls back
+  to the newest one that verifies, saying which were skipped and why;
+- weights that are not finite are never written as a checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from mimsparse.train.checkpoint import all_finite, file_sha256, load_checkpoint, save_checkpoint, write_text_atomic
+from mimsparse.errors import CheckpointError, OutputError, TrainingError
+
+RUN_FILE = "run.json"
+BEST_NAME = "checkpoint-best.pth"
+STEP_NAME = re.compile(r"^checkpoint-(\d{7})\.pth$")
+
+
+def step_name(step: int) -> str:
+    return f"checkpoint-{step:07d}.pth"
+
+
+def step_checkpoints(folder: str | Path) -> list[Path]:
+    """``checkpoint-NNNNNNN.pth`` files of ``folder`` (exact name), oldest step first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_NAME.match(p.name)) and p.is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    found = step_checkpoints(folder)
+    return found[-1] if found else None
+
+
+class CheckpointManager:
+    """Checkpoints of one run in ``folder``. Call :meth:`claim` before the first write."""
+
+    def __init__(self, folder: str | Path, keep_last: int):
+        self.folder = Path(folder)
+        self.keep_last = keep_last      # 0 = keep every step checkpoint
+        self.record: dict | None = None  # run.json once claimed
+        self.last_good: Path | None = None  # newest checkpoint known to hold finite weights
+
+    @property
+    def run_file(self) -> Path:
+        return self.folder / RUN_FILE
+
+    # ---- ownership -------------------------------------------------------------------------------
+    def read_record(self) -> dict | None:
+        try:
+            record = json.loads(self.run_file.read_text())
+        except (OSError, ValueError):
+            return None  # absent, or torn by a crash: the checkpoints still verify by their zip CRCs
+        return record if isinstance(record, dict) and isinstance(record.get("checkpoints"), dict) else None
+
+    def claim(self, resuming: bool, overwrite: bool = False, say: Callable[[str], None] = print) -> str:
+        """Make this run the owner of the folder and return its id. A resumed run keeps the folder's
+        record (its checkpoints stay its own); a fresh run refuses a folder with another run's
+        checkpoints unless ``overwrite``, which first deletes that run's checkpoints and log."""
+        if self.record is not None:
+            return self.record["run_id"]
+        record = self.read_record() if resuming else None
+        if not resuming:
+            theirs = self.check_can_start(resuming, overwrite)
+            if theirs:
+                for p in theirs + [self.folder / "log.jsonl", self.run_file]:
+                    p.unlink(missing_ok=True)
+                say(f"--overwrite: deleted the previous run's {len(theirs)} checkpoint(s) and log in {self.folder}")
+        if record is None:
+            record = {"run_id": uuid.uuid4().hex, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checkpoints": {}}
+        self.record = record
+        self._write_record()
+        return record["run_id"]
+
+    def check_can_start(self, resuming: bool, overwrite: bool = False) -> list[Path]:
+        """Read-only part of :meth:`claim` (every process of a torchrun job runs it, so all stop
+        together): raise unless this start may own the folder; returns the other run's checkpoints
+        that ``overwrite`` will replace."""
+        if resuming:
+            return []
+        theirs = step_checkpoints(self.folder) + [p for p in [self.folder / BEST_NAME] if p.is_file()]
+        if theirs and not overwrite:
+            names = ", ".join(p.name for p in theirs[-3:])
+            raise CheckpointError(
+                f"output folder {str(self.folder)!r} holds the checkpoints of another run ({len(theirs)} file(s): "
+                f"{names}); a new run there would mix with or delete them. Continue that run with --resume auto, "
+                f"choose another folder with --output-dir DIR, or replace it with --overwrite")
+        return theirs
+
+    def _write_record(self) -> None:
+        try:
+            write_text_atomic(self.run_file, json.dumps(self.record, indent=1) + "\n")
+        except OSError as e:
+            raise OutputError(f"cannot write {str(self.run_file)!r} ({e.strerror or e}); the checkpoints in "
+                              f"{str(self.folder)!r} are kept. Free disk space or choose another output folder") from e
+
+    def digest(self, path: str | Path) -> str | None:
+        """The SHA-256 recorded when this folder's run wrote ``path`` (None: not written by it)."""
+        path = Path(path)
+        record = self.record or self.read_record() or {"checkpoints": {}}
+        if path.parent.resolve() != self.folder.resolve():
+            return None
+        return record["checkpoints"].get(path.name)
+
+    # ---- writing ---------------------------------------------------------------------------------
+    def save(self, state: dict, step: int, is_best: bool = False) -> Path:
+        """Write the step checkpoint (and the best one), record their digests, rotate. Refuses weights
+        that are not finite: they are no checkpoint to go back to."""
+        if self.record is None:
+            raise RuntimeError("CheckpointManager.claim() must run before the first save")
+        if not all_finite(state["model"]):
+            kept = f"the last good checkpoint {str(self.last_good)!r} is kept" if self.last_good else \
+                "no checkpoint was written"
+            raise TrainingError(f"the weights at step {step} are not finite (NaN/inf); they were not saved and {kept}. "
+                                f"Lower optim.base_lr or set train.clip_grad")
+        path = self.folder / step_name(step)
+        kept = (f"the previous checkpoint {str(self.last_good)!r} is kept" if self.last_good
+                else "no earlier checkpoint of this run exists")
+        save_checkpoint(state, path, kept=kept)
+        self.record["checkpoints"][path.name] = file_sha256(path)
+        if is_best:
+            best = save_checkpoint(state, self.folder / BEST_NAME, kept=f"{path.name} was written; the previous "
+                                                                        f"{BEST_NAME} is kept")
+            self.record["checkpoints"][BEST_NAME] = file_sha256(best)
+        self.last_good = path
+        self.rotate()
+        return path
+
+    def rotate(self) -> list[Path]:
+        """Delete this run's step checkpoints beyond the newest ``keep_last``; returns what was deleted."""
+        if self.keep_last <= 0:
+            self._write_record()
+            return []
+        mine = [p for p in step_checkpoints(self.folder) if p.name in self.record["checkpoints"]]
+        old = mine[:-self.keep_last]
+        for p in old:
+            p.unlink(missing_ok=True)
+            self.record["checkpoints"].pop(p.name, None)
+        self._write_record()
+        return old
+
+    # ---- reading ---------------------------------------------------------------------------------
+    def load(self, path: str | Path, map_location="cpu") -> dict:
+        """Load a checkpoint, verified against its recorded digest when this folder's run wrote it."""
+        ckpt = load_checkpoint(path, map_location, sha256=self.digest(path))
+        if "model" in ckpt and not all_finite(ckpt["model"]):
+            raise CheckpointError(f"checkpoint {str(path)!r} holds non-finite (NaN/inf) weights; use an earlier "
+                                  f"checkpoint from the same folder")
+        return ckpt
+
+    def load_latest(self, map_location="cpu", say: Callable[[str], None] = print) -> tuple[Path, dict] | None:
+        """The newest step checkpoint that verifies and loads (``--resume auto``); each newer one that
+        does not is named with the reason. None when the folder holds no step checkpoint."""
+        candidates = step_checkpoints(self.folder)
+        if not candidates:
+            return None
+        reasons = []
+        for path in reversed(candidates):
+            try:
+                return path, self.load(path, map_location)
+            except CheckpointError as e:
+                reasons.append(f"{path.name}: {e}")
+                say(f"--resume auto: skipped {path} ({e})")
+        raise CheckpointError(f"--resume auto: no checkpoint in {str(self.folder)!r} verifies ({'; '.join(reasons)}); "
+                              f"start a new run with --overwrite or in another folder")
+
+    # ---- space -----------------------------------------------------------------------------------
+    def check_free_space(self, needed_bytes: int) -> None:
+        """Refuse to start when the folder's disk cannot hold one more checkpoint (the atomic write
+        needs the new file beside the old one)."""
+        free = shutil.disk_usage(self.folder).free
+        if free < needed_bytes:
+            raise OutputError(f"output folder {str(self.folder)!r} has {free / 2**20:.1f} MiB free but one checkpoint "
+                              f"of this run needs about {needed_bytes / 2**20:.1f} MiB; free disk space or choose "
+                              f"another folder with --output-dir DIR")
+
+
+def checkpoint_size_estimate(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Bytes of a training checkpoint: the model state plus AdamW's two moments per parameter, plus
+    a small margin for the scheduler, config and RNG state."""
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    moments = 2 * param_bytes if optimizer is not None else 0
+    return model_bytes + moments + (1 << 20)
+
