@@ -4,7 +4,7 @@ BACKEND ?= minkowski
 RUN ?= runs/fcmae_atto
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup demo test benchmark clean
+.PHONY: setup demo test benchmark minkowski-cuda clean
 
 setup:
 	bash scripts/setup.sh
@@ -18,6 +18,11 @@ demo: setup
 test: setup
 	OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(PY) -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$rc
+
+# MinkowskiEngine built for CUDA (sm_80 and sm_90 unless TORCH_CUDA_ARCH_LIST says otherwise), installed into
+# .venv in place of the CPU build; needs no GPU to build. Long (see README): not part of setup, test or CI.
+minkowski-cuda: setup
+	MINKOWSKI_FLAVOR=cuda bash scripts/build_minkowski.sh $(PY)
 
 benchmark: setup
 	$(PY) tools/benchmark.py --model convnextv2_atto --backends dense,packed,spconv,minkowski --device cpu

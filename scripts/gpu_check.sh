@@ -62,7 +62,9 @@ fi
 
 # 4. MinkowskiEngine only when asked (a CUDA build takes long).
 if [ "${MIMSPARSE_BUILD_MINKOWSKI:-0}" = "1" ]; then
-    "$PY" -c "import MinkowskiEngine" 2>/dev/null || bash "$ROOT/scripts/build_minkowski.sh" "$PY"
+    # idempotent; with torch seeing the GPU it wants the CUDA flavour (a CPU-only ME is replaced), and a
+    # wheel already in its cache (e.g. built elsewhere by `make minkowski-cuda`) installs offline
+    bash "$ROOT/scripts/build_minkowski.sh" "$PY"
 fi
 
 # 5. The check; its last line is the summary.
