@@ -113,7 +113,8 @@ class Backend(ABC):
     def grn(self, t: Native, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6) -> Native:
         """ConvNeXt V2's GRN, statistics per sample over its active sites. An op rather than model
         code over ``map_rows`` because the dense backend computes it on the map without gathering
-        rows, and the packed backend has a fused kernel (BENCHMARKS.md, "GRN")."""
+        rows and the packed backend has a fused kernel (and a sync-free one for its static mode);
+        measured against the row formulation in BENCHMARKS.md, "GRN"."""
 
     @abstractmethod
     def map_rows(self, t: Native, fn: RowsFn) -> Native:
