@@ -75,7 +75,7 @@ def test_pth_on_request_and_encoder_only(pretrained, tmp_path):
         proc = run_tool("convert_to_dense.py", str(pretrained["ckpt"]), "--num-classes", "3", *args)
         sd = torch.load(out, weights_only=True)  # a bare state dict
         assert "head.fc.weight" in sd and sd["head.fc.weight"].shape == (3, 320)
-        assert "bare torch state dict" in proc.stdout and f"torch.load('{out}')" in proc.stdout
+        assert "bare torch state dict" in proc.stdout and f"torch.load('{out}', weights_only=True)" in proc.stdout
         run_load_lines(proc.stdout)
     proc = run_tool("convert_to_dense.py", str(pretrained["ckpt"]), "--num-classes", "0", "-o",
                     str(tmp_path / "enc.safetensors"))
@@ -153,7 +153,8 @@ def test_official_dense_export_is_wrapped_and_its_timm_line_loads(pretrained, tm
     proc = run_tool("convert_official.py", "export", "--checkpoint", str(pretrained["ckpt"]), "-o", str(out),
                     "--dense", "--num-classes", "3")
     assert "wrapped as {'model': state_dict}" in proc.stdout
-    assert f"convnextv2_atto(num_classes=3).load_state_dict(torch.load('{out}')[\"model\"])" in proc.stdout
+    assert (f"convnextv2_atto(num_classes=3); model.load_state_dict(torch.load('{out}', weights_only=True)['model'])"
+            in proc.stdout)
     assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~_umask()
     wrapped = torch.load(out, weights_only=True)
     assert list(wrapped) == ["model"]

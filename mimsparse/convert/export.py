@@ -8,20 +8,19 @@ half a file), with the mode an ordinary ``open()`` would give (0666 minus the um
 
 Two shapes of ``.pth`` exist in the project, and the load line differs:
 
-- bare: ``{name: tensor}`` (``tools/convert_to_dense.py``, finetune's ``best``): ``model.load_state_dict(torch.load(p))``;
+- bare: ``{name: tensor}`` (``tools/convert_to_dense.py``, finetune's ``best``): ``model.load_state_dict(torch.load(p, weights_only=True))``;
 - wrapped: ``{"model": {name: tensor}}`` (``tools/convert_official.py export --dense``, as the official
   ConvNeXt-V2 code saves): ``model.load_state_dict(torch.load(p)["model"])``.
 """
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from mimsparse.errors import CheckpointError
+from mimsparse.train.checkpoint import write_file_atomic
 
 FORMATS = ("safetensors", "pth")
 SUFFIXES = {".safetensors": "safetensors", ".pth": "pth", ".pt": "pth", ".bin": "pth"}
@@ -37,33 +36,11 @@ def export_format(path: str | Path, fmt: str | None = None) -> str:
     return SUFFIXES.get(Path(path).suffix, "safetensors")
 
 
-def _file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def atomic_write(path: str | Path, write) -> Path:
     """``write(tmp_path)`` fills a temporary file beside ``path``, which is then fsynced, given the
-    usual file mode and renamed over ``path``."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-    except OSError as e:
-        raise CheckpointError(f"cannot write {str(path)!r} ({e.strerror}); choose a writable folder") from e
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    usual file mode and renamed over ``path`` (one mechanism with the checkpoints: any OS error is one
+    OutputError naming the path and what was kept)."""
+    return write_file_atomic(path, write)
 
 
 def header_metadata(metadata: dict | None) -> dict[str, str]:
@@ -151,7 +128,7 @@ def load_lines(model_name: str, num_classes: int, path: str | Path, libraries=("
     if export_format(path) == "safetensors":
         read = f"safetensors.torch.load_file('{path}')"
     else:
-        read = f"torch.load('{path}')" + ('["model"]' if wrapped else "")
+        read = f"torch.load('{path}', weights_only=True)" + ('["model"]' if wrapped else "")
     create = {"timm": f"timm.create_model('{model_name}', num_classes={num_classes})",
               "torchvision": f"torchvision.models.{model_name}(num_classes={num_classes})",
               "official": f"{model_name}(num_classes={num_classes or 1000})"}  # ConvNeXt-V2 repo's models/convnextv2.py

@@ -42,9 +42,18 @@ def _as_tuple(x):
 
 
 def save_checkpoint(state: dict, path: str | Path, kept: str | None = None) -> Path:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``: a crash at
-    any moment leaves either the old checkpoint or the new one, never a torn file. The file gets the
-    mode a new file normally gets (0644 under the usual umask), not mkstemp's 0600.
+    """``torch.save(state)`` to ``path`` through :func:`write_file_atomic`."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+
+    return write_file_atomic(path, write, kept)
+
+
+def write_file_atomic(path: str | Path, write, kept: str | None = None) -> Path:
+    """``write(tmp_path)`` fills a temporary file in the same folder, which is fsynced and renamed over
+    ``path``: a crash at any moment leaves either the old file or the new one, never a torn file. The
+    file gets the mode a new file normally gets (0644 under the usual umask), not mkstemp's 0600.
 
     An OS error (full disk, permissions, a folder in the way) becomes an :class:`OutputError` naming
     ``path`` and what was kept (``kept``, default: the previous file at ``path`` if any)."""
@@ -55,10 +64,10 @@ def save_checkpoint(state: dict, path: str | Path, kept: str | None = None) -> P
         if path.is_dir():
             raise IsADirectoryError(21, "a folder of that name is in the way", str(path))
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.fchmod(fd, default_file_mode())
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
+        os.close(fd)
+        write(tmp)
+        os.chmod(tmp, default_file_mode())  # after writing: some writers replace the file they are given
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         tmp = None
