@@ -115,7 +115,8 @@ class MinkowskiTensor:
     cache: dict = field(default_factory=dict, repr=False)
 
     @property
-    def F(self) -> torch.Tensor:  # noqa: N802 (ME's name)
+    def feats(self) -> torch.Tensor:
+        """Feature rows [N, C] (ME's ``F``), named as every backend's tensor names them."""
         return self.st.F
 
     @property
@@ -137,7 +138,7 @@ class MinkowskiTensor:
     def grid_coords(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """int64 (b, y, x) of each row, in units of this grid."""
         if "bxy" not in self.cache:
-            c = self.manager.get_coordinates(self.key).to(self.F.device).long()
+            c = self.manager.get_coordinates(self.key).to(self.feats.device).long()
             ts = self.tensor_stride
             self.cache["bxy"] = (c[:, 0], torch.div(c[:, 1], ts, rounding_mode="floor"),
                                  torch.div(c[:, 2], ts, rounding_mode="floor"))
@@ -152,7 +153,7 @@ class MinkowskiTensor:
         return self.cache["flat"]
 
     def __repr__(self) -> str:
-        return (f"MinkowskiTensor(sites={self.F.shape[0]}, channels={self.F.shape[1]}, batch={self.batch_size}, "
+        return (f"MinkowskiTensor(sites={self.feats.shape[0]}, channels={self.feats.shape[1]}, batch={self.batch_size}, "
                 f"spatial_shape={self.spatial_shape}, stride={self.stride}, tensor_stride={self.tensor_stride})")
 
 
@@ -208,7 +209,7 @@ class MinkowskiBackend(RowBackend):
     def to_sparse(self, t: MinkowskiTensor) -> SparseBatch:
         b, y, x = t.grid_coords()
         coords = torch.stack([b, y, x], 1).to(torch.int32)
-        feats = t.F
+        feats = t.feats
         order = self._raster_order(t)
         if order is not None:
             coords, feats = coords.index_select(0, order), feats.index_select(0, order)
@@ -216,8 +217,8 @@ class MinkowskiBackend(RowBackend):
 
     def to_dense(self, t: MinkowskiTensor) -> torch.Tensor:
         h, w = t.spatial_shape
-        shape = torch.Size([t.batch_size, t.F.shape[1], h, w])
-        origin = torch.zeros(2, dtype=torch.int32, device=t.F.device)
+        shape = torch.Size([t.batch_size, t.feats.shape[1], h, w])
+        origin = torch.zeros(2, dtype=torch.int32, device=t.feats.device)
         return t.st.dense(shape=shape, min_coordinate=origin, contract_stride=True)[0]
 
     @staticmethod
@@ -231,7 +232,7 @@ class MinkowskiBackend(RowBackend):
 
     # ---- RowBackend ----------------------------------------------------------------------------
     def feats(self, t):
-        return t.F
+        return t.feats
 
     def batch_index(self, t):
         return t.grid_coords()[0]
@@ -240,29 +241,29 @@ class MinkowskiBackend(RowBackend):
         return t.batch_size
 
     def with_feats(self, t, feats):
-        if feats.dim() != 2 or feats.shape[0] != t.F.shape[0]:
-            raise ValueError(f"new features {tuple(feats.shape)} do not match {t.F.shape[0]} sites")
+        if feats.dim() != 2 or feats.shape[0] != t.feats.shape[0]:
+            raise ValueError(f"new features {tuple(feats.shape)} do not match {t.feats.shape[0]} sites")
         return t.replace(feats)
 
     # ---- convolutions ---------------------------------------------------------------------------
     def conv(self, t, weight, bias):
-        kh, kw = check_conv_weight(weight, t.F.shape[1], "conv")
-        self.check_compute(t.F, weight)
+        kh, kw = check_conv_weight(weight, t.feats.shape[1], "conv")
+        self.check_compute(t.feats, weight)
         if kh == kw == 1:
-            out = F.linear(t.F, weight[:, :, 0, 0])
+            out = F.linear(t.feats, weight[:, :, 0, 0])
         else:
-            out = self._me_conv(t.F, weight, kh, kw, 1, t.key, t.key, t.manager)
+            out = self._me_conv(t.feats, weight, kh, kw, 1, t.key, t.key, t.manager)
         return t.replace(add_bias(out, bias))
 
     def downsample(self, t, weight, bias):
-        k = check_downsample_weight(weight, t.F.shape[1], t.spatial_shape)
-        self.check_compute(t.F, weight)
+        k = check_downsample_weight(weight, t.feats.shape[1], t.spatial_shape)
+        self.check_compute(t.feats, weight)
         h, w = t.spatial_shape
         out_shape = (h // k, w // k)  # F.conv2d(stride=k), no padding: a partial last block is dropped
         if k == 1:
             return MinkowskiTensor(t.st, t.batch_size, out_shape, t.stride, t.cache).replace(
-                add_bias(F.linear(t.F, weight[:, :, 0, 0]), bias))
-        feats, in_key = t.F, t.key
+                add_bias(F.linear(t.feats, weight[:, :, 0, 0]), bias))
+        feats, in_key = t.feats, t.key
         if h % k or w % k:
             _, y, x = t.grid_coords()
             keep = (y < out_shape[0] * k) & (x < out_shape[1] * k)
@@ -283,13 +284,13 @@ class MinkowskiBackend(RowBackend):
         return MinkowskiTensor(st, t.batch_size, out_shape, t.stride * k)
 
     def strided_conv(self, t, weight, bias, stride, active_out_bhw):
-        kh, kw = check_conv_weight(weight, t.F.shape[1], "strided_conv")
+        kh, kw = check_conv_weight(weight, t.feats.shape[1], "strided_conv")
         check_window_op("strided_conv", kw, stride, t.batch_size, t.spatial_shape, active_out_bhw)
-        self.check_compute(t.F, weight)
+        self.check_compute(t.feats, weight)
         out_key, _ = self._out_sites(t, stride, active_out_bhw)
         # ME centres an odd kernel on the output coordinate and steps by the input's tensor stride:
         # output (i, j) reads input (stride*i + dy - k//2, stride*j + dx - k//2), as torchvision's convs
-        out = self._me_conv(t.F, weight, kh, kw, stride, t.key, out_key, t.manager)
+        out = self._me_conv(t.feats, weight, kh, kw, stride, t.key, out_key, t.manager)
         st = ME.SparseTensor(add_bias(out, bias), coordinate_map_key=out_key, coordinate_manager=t.manager)
         return MinkowskiTensor(st, t.batch_size, tuple(active_out_bhw.shape[1:]), t.stride * stride)
 
@@ -298,8 +299,8 @@ class MinkowskiBackend(RowBackend):
         has no notion of an output site whose window is empty)."""
         check_window_op("max_pool", kernel, stride, t.batch_size, t.spatial_shape, active_out_bhw)
         out_key, out_coords = self._out_sites(t, stride, active_out_bhw)
-        sb = SparseBatch(torch.stack(t.grid_coords(), 1).to(torch.int32), t.F, t.batch_size, t.spatial_shape)
-        out = window_max(t.F, window_rows(sb, out_coords, kernel, stride))
+        sb = SparseBatch(torch.stack(t.grid_coords(), 1).to(torch.int32), t.feats, t.batch_size, t.spatial_shape)
+        out = window_max(t.feats, window_rows(sb, out_coords, kernel, stride))
         st = ME.SparseTensor(out, coordinate_map_key=out_key, coordinate_manager=t.manager)
         return MinkowskiTensor(st, t.batch_size, tuple(active_out_bhw.shape[1:]), t.stride * stride)
 
@@ -323,13 +324,13 @@ class MinkowskiBackend(RowBackend):
         return out_key, coords
 
     def dwconv(self, t, weight, bias):
-        c = t.F.shape[1]
+        c = t.feats.shape[1]
         kh, kw = check_conv_weight(weight, c, "dwconv", depthwise=True)
-        self.check_compute(t.F, weight)
+        self.check_compute(t.feats, weight)
         if kh == kw == 1:
-            out = t.F * weight[:, 0, 0, 0]
+            out = t.feats * weight[:, 0, 0, 0]
         elif self.dwconv_impl == "dense":
-            out = dwconv_via_dense(t.F, t.flat_index(), t.batch_size, t.spatial_shape, weight)
+            out = dwconv_via_dense(t.feats, t.flat_index(), t.batch_size, t.spatial_shape, weight)
         else:
             out = self._dwconv_kernel_map(t, weight, kh, kw)
         return t.replace(add_bias(out, bias))
@@ -338,14 +339,14 @@ class MinkowskiBackend(RowBackend):
         """MinkowskiChannelwiseConvolution's computation: per kernel offset, gather the input rows,
         scale by that offset's taps, add into the output rows (functional index_add, not ME's
         in-place ``out[idx] +=``, which is twice as slow in backward)."""
-        return dwconv_by_offsets(t.F.new_zeros(t.F.shape), t.F, channelwise_kernel(weight), self._kernel_map(t, kh, kw))
+        return dwconv_by_offsets(t.feats.new_zeros(t.feats.shape), t.feats, channelwise_kernel(weight), self._kernel_map(t, kh, kw))
 
     def _kernel_map(self, t: MinkowskiTensor, kh: int, kw: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         """ME's stride-1 kernel map of t's sites onto themselves: (offset, in rows, out rows)."""
         key = ("kernel_map", kh, kw)
         if key not in t.cache:
             kmap = t.manager.kernel_map(t.key, t.key, 1, [kh, kw], 1)
-            t.cache[key] = [(k, m[0].long().to(t.F.device), m[1].long().to(t.F.device))
+            t.cache[key] = [(k, m[0].long().to(t.feats.device), m[1].long().to(t.feats.device))
                             for k, m in sorted(kmap.items()) if m.shape[1] > 0]
         return t.cache[key]
 

@@ -94,7 +94,8 @@ class SpconvTensor:
     stride: int = 1
 
     @property
-    def features(self) -> torch.Tensor:
+    def feats(self) -> torch.Tensor:
+        """Feature rows [N, C] (spconv's ``features``), named as every backend's tensor names them."""
         return self.sp.features
 
     @property
@@ -110,7 +111,7 @@ class SpconvTensor:
         return tuple(self.sp.spatial_shape)
 
     def __repr__(self) -> str:
-        return (f"SpconvTensor(sites={self.indices.shape[0]}, channels={self.features.shape[1]}, "
+        return (f"SpconvTensor(sites={self.indices.shape[0]}, channels={self.feats.shape[1]}, "
                 f"batch={self.sp.batch_size}, spatial_shape={self.spatial_shape}, stride={self.stride})")
 
 
@@ -172,11 +173,11 @@ class SpconvBackend(RowBackend):
                             sb.batch_size, sb.stride)
 
     def to_sparse(self, t: SpconvTensor) -> SparseBatch:
-        return SparseBatch(t.indices, t.features, t.sp.batch_size, t.spatial_shape, t.stride)
+        return SparseBatch(t.indices, t.feats, t.sp.batch_size, t.spatial_shape, t.stride)
 
     # ---- RowBackend ----------------------------------------------------------------------------
     def feats(self, t):
-        return t.features
+        return t.feats
 
     def batch_index(self, t):
         key = ("mimsparse", "batch_index")
@@ -194,9 +195,9 @@ class SpconvBackend(RowBackend):
 
     # ---- convolutions ---------------------------------------------------------------------------
     def conv(self, t, weight, bias):
-        k = _check_weight(weight, t.features.shape[1], "conv", depthwise=False)
-        self.check_compute(t.features, weight)
-        feats = t.features
+        k = _check_weight(weight, t.feats.shape[1], "conv", depthwise=False)
+        self.check_compute(t.feats, weight)
+        feats = t.feats
         if k == 1 or feats.shape[0] == 0:
             # 1x1: a matmul (spconv does the same). No site: nothing to gather, keep the graph.
             out = F.linear(feats, weight[:, :, k // 2, k // 2])
@@ -206,11 +207,11 @@ class SpconvBackend(RowBackend):
         return self.with_feats(t, add_bias(out, bias))
 
     def downsample(self, t, weight, bias):
-        k = check_downsample_weight(weight, t.features.shape[1], t.spatial_shape)
-        self.check_compute(t.features, weight)
+        k = check_downsample_weight(weight, t.feats.shape[1], t.spatial_shape)
+        self.check_compute(t.feats, weight)
         h, w = t.spatial_shape
         out_shape = (h // k, w // k)  # F.conv2d(stride=k), no padding: a partial last block is dropped
-        feats = t.features
+        feats = t.feats
         if feats.shape[0] == 0 or not self._any_site_in_blocks(t, k):
             # no output site (spconv's strided rulebook may refuse an empty result, on CUDA)
             out = F.linear(feats[:0], weight[:, :, 0, 0])
@@ -233,10 +234,10 @@ class SpconvBackend(RowBackend):
         return bool(((y < h - h % k) & (x < w - w % k)).any())
 
     def dwconv(self, t, weight, bias):
-        c = t.features.shape[1]
+        c = t.feats.shape[1]
         k = _check_weight(weight, c, "dwconv", depthwise=True)
-        self.check_compute(t.features, weight)
-        feats = t.features
+        self.check_compute(t.feats, weight)
+        feats = t.feats
         if k == 1 or feats.shape[0] == 0:
             out = feats * weight[:, 0, k // 2, k // 2]
         elif self.dwconv_impl == "dense":
@@ -247,7 +248,7 @@ class SpconvBackend(RowBackend):
 
     def _dwconv_rulebook(self, t: SpconvTensor, weight: torch.Tensor, k: int) -> torch.Tensor:
         """Per kernel offset: gather the input rows, scale by that tap, scatter-add to the outputs."""
-        feats = t.features
+        feats = t.feats
         taps = weight.reshape(weight.shape[0], k * k).t()  # [k*k, C]
         center = (k * k) // 2
         out = feats * taps[center]  # submanifold: the centre tap maps every site onto itself
@@ -258,7 +259,7 @@ class SpconvBackend(RowBackend):
                      algo: ConvAlgo) -> tuple[torch.Tensor, torch.Tensor]:
         """spconv's k x k conv (stride ``stride``) without bias -> (features, int32 indices).
         Strided outputs come back in (batch, raster) order."""
-        feats = t.features.contiguous()
+        feats = t.feats.contiguous()
         w_krsc = weight.permute(0, 2, 3, 1).contiguous()  # torch [out, in, kh, kw] -> spconv [out, kh, kw, in]
         rules = self._rules(t, k, stride, subm, algo)
         n_out = rules.out_indices.shape[0]
@@ -318,7 +319,7 @@ class SpconvBackend(RowBackend):
         key = ("mimsparse", "dw_pairs", k)
         if key not in t.cache:
             rules = self._rules(t, k, 1, True, ConvAlgo.Native)
-            pairs = rules.indice_pairs.to(t.features.device).long()
+            pairs = rules.indice_pairs.to(t.feats.device).long()
             counts = rules.indice_pair_num.tolist()
             kv, center = k * k, (k * k) // 2
             table = []
@@ -408,7 +409,7 @@ class SpconvBackend(RowBackend):
         sb_b, sb_y, sb_x = sb.coords.long().unbind(1)
         errs = [
             max_rel_error(out.detach().cpu(), ref_rows),
-            max_rel_error(t.features.grad.cpu(), x_ref.grad.permute(0, 2, 3, 1)[sb_b, sb_y, sb_x]),
+            max_rel_error(t.feats.grad.cpu(), x_ref.grad.permute(0, 2, 3, 1)[sb_b, sb_y, sb_x]),
             max_rel_error(w_dev.grad.cpu(), w_ref.grad),
         ]
         return max(errs)

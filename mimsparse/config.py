@@ -76,6 +76,7 @@ class TrainConfig:
     skip_nonfinite: int = 0     # non-finite steps skipped (no weight update) before training stops
     vis_every: int = 0          # every N steps write vis/step-N.png: original | masked | reconstruction | pasted (0 = off)
     tensorboard: bool = True    # also log to <output_dir>/tensorboard when the tensorboard package is installed
+    wandb: bool = False         # also log to Weights & Biases (offline unless WANDB_MODE says otherwise)
 
 
 @dataclass(frozen=True)

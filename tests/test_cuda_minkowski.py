@@ -70,7 +70,7 @@ def _check(out, ref, grads):
 
 def _check_native(t, stride=1):
     """``t`` lives on the GPU, in ME's GPU coordinate manager, at ``stride`` pixels per site."""
-    assert t.F.is_cuda and "GPU" in type(t.manager._manager).__name__  # CoordinateMapManagerGPU_*
+    assert t.feats.is_cuda and "GPU" in type(t.manager._manager).__name__  # CoordinateMapManagerGPU_*
     assert t.stride == stride
 
 

@@ -102,7 +102,7 @@ def test_round_trip_keeps_all_zero_rows_and_the_explicit_shape():
     x[0, :, 2, 3] = 0.0  # an all-zero visible site stays a site (ME's to_sparse would drop it)
     sb = SparseBatch.from_dense(x, active)
     t = mink.from_sparse(sb)
-    assert t.F.shape == (int(active.sum()), 3) and t.batch_size == 2 and t.spatial_shape == (7, 9)
+    assert t.feats.shape == (int(active.sum()), 3) and t.batch_size == 2 and t.spatial_shape == (7, 9)
     back = mink.to_sparse(t)
     assert torch.equal(back.coords, sb.coords) and torch.equal(back.feats, sb.feats)
     assert (back.batch_size, back.spatial_shape, back.stride) == (2, (7, 9), 1)
@@ -152,7 +152,7 @@ def test_float64_runs_and_matches_conv2d_to_rounding():
     w, wd = torch.randn(3, 4, 3, 5, dtype=torch.float64), torch.randn(6, 3, 2, 2, dtype=torch.float64)
     t = mink.downsample(mink.conv(mink.from_dense(x, active), w, None), wd, None)
     ref = F.conv2d(_masked(F.conv2d(_masked(x, active), w, padding=(1, 2)), active), wd, stride=2)
-    assert t.F.dtype == torch.float64
+    assert t.feats.dtype == torch.float64
     assert rel_err(mink.to_dense(t), _masked(ref, F.max_pool2d(active[:, None].double(), 2)[:, 0] > 0)) < 1e-12
 
 

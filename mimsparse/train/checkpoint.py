@@ -145,7 +145,7 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
     :func:`write_text_atomic` left behind (``.<name>.<random>.tmp``); finished files are never touched."""
     folder = Path(folder)
     stale = sorted([*folder.glob(".checkpoint-*.pth.*.tmp"), *folder.glob(".run.json.*.tmp"),
-                    *folder.glob(".log.jsonl.*.tmp")])
+                    *folder.glob(".log.jsonl.*.tmp"), *folder.glob(".config.yaml.*.tmp")])
     for p in stale:
         p.unlink(missing_ok=True)
     return stale

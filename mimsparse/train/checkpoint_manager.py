@@ -14,6 +14,7 @@ A run folder holds ``run.json`` (the owning run's id and the SHA-256 of every ch
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
@@ -136,12 +137,26 @@ class CheckpointManager:
         save_checkpoint(state, path, kept=kept)
         self.record["checkpoints"][path.name] = file_sha256(path)
         if is_best:
-            best = save_checkpoint(state, self.folder / BEST_NAME, kept=f"{path.name} was written; the previous "
-                                                                        f"{BEST_NAME} is kept")
-            self.record["checkpoints"][BEST_NAME] = file_sha256(best)
+            self.record["checkpoints"][BEST_NAME] = self._link_best(path, state)
         self.last_good = path
         self.rotate()
         return path
+
+    def _link_best(self, path: Path, state: dict) -> str:
+        """checkpoint-best.pth as a hard link to the step checkpoint ``path`` (no second copy on disk; it
+        outlives the step file's rotation), swapped in atomically; a full copy where the file system has
+        no hard links. Returns its SHA-256."""
+        best = self.folder / BEST_NAME
+        tmp = self.folder / f".{BEST_NAME}.link.tmp"  # removed by remove_stale_temp_files after a crash
+        try:
+            tmp.unlink(missing_ok=True)
+            os.link(path, tmp)
+            os.replace(tmp, best)
+            return self.record["checkpoints"][path.name]
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            save_checkpoint(state, best, kept=f"{path.name} was written; the previous {BEST_NAME} is kept")
+            return file_sha256(best)
 
     def rotate(self) -> list[Path]:
         """Delete this run's step checkpoints beyond the newest ``keep_last``; returns what was deleted."""

@@ -8,6 +8,8 @@ checkpoint files in :mod:`~mimsparse.train.checkpoint_manager`, reporting in :mo
 from __future__ import annotations
 
 import contextlib
+import shlex
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,8 @@ from mimsparse.errors import CheckpointError, DataError, OutputError, TrainingEr
 from mimsparse.train import distributed
 from mimsparse.train.build import build_dataset, build_model, build_optimization, check_train_config
 from mimsparse.train.checkpoint import (check_model_matches, check_writable_dir, remove_stale_temp_files,
-                                        require_training_checkpoint, rng_state, set_rng_state, versions)
+                                        require_training_checkpoint, rng_state, set_rng_state, versions,
+                                        write_text_atomic)
 from mimsparse.train.checkpoint_manager import CheckpointManager, checkpoint_size_estimate
 from mimsparse.train.compile import check_compile_mode
 from mimsparse.train.data import EpochSampler, collate_skip_bad, seed_worker
@@ -107,7 +110,7 @@ class Pretrainer:
         if self.dist.is_main:
             self.checkpoints.check_free_space(checkpoint_size_estimate(self.model, self.optimizer))
         self.logger = RunLogger(self.out_dir, self.dist.is_main, show_progress, cfg.train.log_every,
-                                cfg.train.tensorboard)
+                                cfg.train.tensorboard, cfg.to_dict() if cfg.train.wandb else None)
         self.last_checkpoint = None
         self.resumed_from = None
         if resume:
@@ -251,6 +254,7 @@ class Pretrainer:
         if self.dist.is_main:
             self.claim_output_dir()
             remove_stale_temp_files(self.out_dir)
+            self.write_config()
         self.logger.start(st.step)  # one record per step: drop what a killed run logged after its checkpoint
         history = []
         self.train_model.train()
@@ -273,6 +277,16 @@ class Pretrainer:
         if self.dist.enabled:
             torch.distributed.barrier()  # rank 0 has finished writing before any process leaves
         return {"history": history, "checkpoint": self.last_checkpoint, "state": st}
+
+    def write_config(self) -> Path:
+        """``config.yaml`` in the run folder: the resolved config (``--config`` of a later run reads it
+        back) under a comment with the command line that started this part of the run."""
+        import yaml
+
+        command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "(library call)"
+        start = f"resumed at step {self.state.step}" if self.resumed_from else "started"
+        header = f"# mimsparse run {start}: {command}\n"
+        return write_text_atomic(self.out_dir / "config.yaml", header + yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
 
     def visualize(self, images: torch.Tensor, visible: torch.Tensor, path: Path) -> Path:
         """Reconstruction grid of (up to 4 of) the given images with their training masks."""

@@ -1,8 +1,9 @@
 """Where a run reports: ``log.jsonl`` (every step, one record per step across resumes), TensorBoard
-scalars (every step) and reconstruction grids, and the progress bar or, without one, a plain line
+scalars (every step) and reconstruction grids, optionally Weights & Biases (``train.wandb``), and the progress bar or, without one, a plain line
 every ``train.log_every`` steps. Only the main process reports; the others get a logger that does nothing."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from tqdm import tqdm
@@ -21,13 +22,30 @@ def tensorboard_writer(folder: Path):
     return SummaryWriter(str(folder))
 
 
+def wandb_run(out_dir: Path, config: dict):
+    """A Weights & Biases run in ``out_dir`` (offline unless WANDB_MODE says otherwise, so it works
+    without network; ``wandb sync`` uploads it later), or None with a one-line note when wandb is
+    not installed."""
+    try:
+        import wandb
+    except ImportError:
+        print("train.wandb=true but the wandb package is not installed (pip install wandb); logging to "
+              "log.jsonl and TensorBoard only")
+        return None
+    return wandb.init(project="mimsparse", name=out_dir.name, dir=str(out_dir), config=config,
+                      mode=os.environ.get("WANDB_MODE", "offline"))
+
+
 class RunLogger:
-    def __init__(self, out_dir: Path, main: bool, show_progress: bool, log_every: int, tensorboard: bool):
+    def __init__(self, out_dir: Path, main: bool, show_progress: bool, log_every: int, tensorboard: bool,
+                 wandb_config: dict | None = None):
         self.main, self.show_progress, self.log_every = main, show_progress and main, max(1, log_every)
         self.log = RunLog(out_dir / "log.jsonl")
         self.tensorboard = tensorboard and main
         self.out_dir = out_dir
+        self.wandb_config = wandb_config if main else None  # train.wandb=true: the run's config
         self.writer = None
+        self.wandb = None
         self.bar = None
 
     def start(self, step: int) -> None:
@@ -36,6 +54,8 @@ class RunLogger:
             self.log.start(step)
             if self.tensorboard:
                 self.writer = tensorboard_writer(self.out_dir / "tensorboard")
+            if self.wandb_config is not None:
+                self.wandb = wandb_run(self.out_dir, self.wandb_config)
 
     def epoch(self, epoch: int, total: int, initial: int) -> None:
         self.bar = tqdm(total=total, initial=initial, disable=not self.show_progress, desc=f"epoch {epoch}",
@@ -50,10 +70,12 @@ class RunLogger:
         self.log.write(record)
         loss = f"{record['loss']:.4f}" if record["loss"] is not None else "skipped"
         every = record["step"] % self.log_every == 0
+        scalars = {f"train/{key}": record[key] for key in SCALARS if record.get(key) is not None}
         if self.writer is not None:
-            for key in SCALARS:
-                if record.get(key) is not None:
-                    self.writer.add_scalar(f"train/{key}", record[key], record["step"])
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["step"])
         if self.show_progress:
             self.bar.set_postfix(loss=loss, lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_s']:.1f}")
         elif every:
@@ -65,6 +87,10 @@ class RunLogger:
             import numpy as np
 
             self.writer.add_image("reconstruction", np.asarray(grid), step, dataformats="HWC")
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({"reconstruction": wandb.Image(grid)}, step=step)
 
     def epoch_done(self) -> None:
         self.bar.close()
@@ -72,3 +98,5 @@ class RunLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
