@@ -252,8 +252,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 def test_sigkill_during_save_keeps_the_previous_checkpoint(photo_dir, tmp_path):
     run_dir = tmp_path / "killed"
     overrides = tiny_overrides(run_dir, **{"data.path": str(photo_dir)})
-    # epoch 0 ends at step 3: saves 1 (checkpoint-0000003) and 2 (best); epoch 1 ends at step 6: save 3
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PAUSE_AT="3")
+    # epoch 0 ends at step 3: save 1 (checkpoint-0000003; best is a hard link to it); epoch 1 ends at step 6: save 2
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PAUSE_AT="2")
     proc = subprocess.Popen([sys.executable, "-c", _PAUSING_DRIVER, str(ROOT / "tools" / "pretrain.py"),
                              "--no-progress", *overrides], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, cwd=ROOT)
