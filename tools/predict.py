@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     if args.top_k < 1:
         p.error(f"--top-k must be at least 1, got {args.top_k}")
 
-    from mimsparse.convert.export import atomic_write
+    from mimsparse.train.checkpoint import write_file_atomic
     from mimsparse.evaluate.predict import image_paths, load_classifier, predict
 
     classifier = load_classifier(args.checkpoint, args.model, args.img_size)
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
         else:
             print(f"{r['image']}: " + ", ".join(f"{t['class']} {t['prob']:.1%}" for t in r["top"]))
     if args.output:
-        atomic_write(args.output, lambda tmp: Path(tmp).write_text(json.dumps(records, indent=1) + "\n"))
+        write_file_atomic(args.output, lambda tmp: Path(tmp).write_text(json.dumps(records, indent=1) + "\n"))
         print(f"wrote {args.output}")
     if args.csv:
         def write(tmp):
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
                 for r in records:
                     for rank, t in enumerate(r.get("top", []), 1):
                         w.writerow([r["image"], rank, t["class"], t["index"], f"{t['prob']:.6f}"])
-        atomic_write(args.csv, write)
+        write_file_atomic(args.csv, write)
         print(f"wrote {args.csv}")
     return 0
 

@@ -36,13 +36,6 @@ def export_format(path: str | Path, fmt: str | None = None) -> str:
     return SUFFIXES.get(Path(path).suffix, "safetensors")
 
 
-def atomic_write(path: str | Path, write) -> Path:
-    """``write(tmp_path)`` fills a temporary file beside ``path``, which is then fsynced, given the
-    usual file mode and renamed over ``path`` (one mechanism with the checkpoints: any OS error is one
-    OutputError naming the path and what was kept)."""
-    return write_file_atomic(path, write)
-
-
 def header_metadata(metadata: dict | None) -> dict[str, str]:
     """safetensors headers hold str -> str: numbers and lists become their JSON text."""
     out = {"format": "pt"}  # what transformers / timm expect of a torch safetensors file
@@ -60,8 +53,8 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path, metadata
 
     sd = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     if export_format(path, fmt) == "safetensors":
-        return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=header_metadata(metadata)))
-    return atomic_write(path, lambda tmp: torch.save(sd, tmp))
+        return write_file_atomic(path, lambda tmp: save_file(sd, tmp, metadata=header_metadata(metadata)))
+    return write_file_atomic(path, lambda tmp: torch.save(sd, tmp))
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -110,7 +103,7 @@ def save_timm_folder(state_dict: dict[str, torch.Tensor], folder: str | Path, mo
         config["label_names"] = list(label_names)
     data = {"input_size": (model.pretrained_cfg.get("input_size") or (3, 224, 224)),
             "crop_pct": model.pretrained_cfg.get("crop_pct", 0.875)}
-    atomic_write(folder / "config.json",
+    write_file_atomic(folder / "config.json",
                  lambda tmp: save_config_for_hf(model, tmp, model_config=config, data_config=data))
     save_weights(state_dict, folder / WEIGHTS_NAME, metadata)
     return folder

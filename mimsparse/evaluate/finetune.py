@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mimsparse.convert.export import atomic_write, conversion_head, load_lines, load_weights_file, save_weights
-from mimsparse.train.checkpoint import CheckpointError, check_writable_dir
+from mimsparse.convert.export import conversion_head, load_lines, load_weights_file, save_weights
+from mimsparse.train.checkpoint import CheckpointError, check_writable_dir, write_file_atomic
 from mimsparse.evaluate.loaders import (check_fraction, check_img_size, eval_loader, limit_subset, stratified_subset,
                                      top1_correct, train_loader)
 from mimsparse.convert import ConversionError, convert_checkpoint
@@ -364,7 +364,7 @@ def save_resume_state(path: Path, weights: dict, optimizer, epoch: int, step: in
     had not stopped (data order and augmentation derive from (seed, epoch); the RNGs are restored)."""
     state = {"model": weights, "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
              "history": history, "best": best, "model_name": name, "classes": list(classes), "rng": rng_state()}
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    write_file_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_resume_state(path: Path, name: str, classes) -> dict:

@@ -58,6 +58,22 @@ def write_file_atomic(path: str | Path, write, kept: str | None = None) -> Path:
     An OS error (full disk, permissions, a folder in the way) becomes an :class:`OutputError` naming
     ``path`` and what was kept (``kept``, default: the previous file at ``path`` if any)."""
     path = Path(path)
+    try:
+        return _replace_atomically(path, write)
+    except BaseException as e:
+        if isinstance(e, OSError) or _is_write_failure(e):
+            if kept is None:
+                kept = (f"the previous {path.name} is kept unchanged" if path.is_file()
+                        else "nothing was written")
+            reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+            raise OutputError(f"cannot write {str(path)!r} ({reason}); {kept}. Free disk space or choose "
+                              f"another output path") from e
+        raise
+
+
+def _replace_atomically(path: Path, write) -> Path:
+    """``write(tmp_path)`` into a temporary file beside ``path``, usual file mode, fsync, rename over
+    ``path``, fsync the folder; the temporary file is removed on any failure."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,17 +88,9 @@ def write_file_atomic(path: str | Path, write, kept: str | None = None) -> Path:
         os.replace(tmp, path)
         tmp = None
         _fsync_dir(path.parent)
-    except BaseException as e:
+    finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(e, OSError) or _is_write_failure(e):
-            if kept is None:
-                kept = (f"the previous {path.name} is kept unchanged" if path.is_file()
-                        else "nothing was written")
-            reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
-            raise OutputError(f"cannot write {str(path)!r} ({reason}); {kept}. Free disk space or choose "
-                              f"another output path") from e
-        raise
     return path
 
 
@@ -108,21 +116,9 @@ def default_file_mode() -> int:
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Small text files (run.json, config.yaml, a rewritten log): same temp-then-rename guarantee."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, default_file_mode())
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Small text files (run.json, config.yaml, a rewritten log): the same temp-then-rename guarantee;
+    an OS error stays an OSError for the caller to word (it knows what was kept)."""
+    return _replace_atomically(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
 def check_writable_dir(folder: str | Path) -> Path:
