@@ -344,15 +344,20 @@ def test_encoder_matches_dense(ratio):
         assert_close(PACKED.to_dense(sp), DENSE.to_dense(sd), what=f"stage {i}")
 
 
-def test_fcmae_loss_and_grads_match_dense():
-    cfg = PretrainConfig()
+def _fcmae_pair(cfg, batch):
+    """A randomised FCMAE on the dense backend, its copy on packed, a non-square batch and its mask."""
     torch.manual_seed(0)
     dense = build_fcmae(cfg, "dense")
     _randomize(dense, seed=4)
     packed = copy.deepcopy(dense)
     packed.encoder.backend = "packed"
-    img = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(5))
-    vis = dense.make_mask(img, torch.Generator().manual_seed(6))
+    img = torch.randn(batch, 3, 64, 96, generator=torch.Generator().manual_seed(5))
+    return dense, packed, img, dense.make_mask(img, torch.Generator().manual_seed(6))
+
+
+def test_fcmae_loss_and_grads_match_dense():
+    cfg = PretrainConfig()
+    dense, packed, img, vis = _fcmae_pair(cfg, batch=2)
     loss_d, pred_d, _ = dense(img, vis)
     loss_p, pred_p, _ = packed(img, vis)
     assert_close(loss_p, loss_d, what="loss")
@@ -368,13 +373,7 @@ def test_static_mode_matches_dense(decoder):
     """num_visible given (static, sync-free indices; plain-torch ops): the dense backend's loss,
     predictions and gradients, on a non-square image; the spark decoder reads every stage."""
     cfg = PretrainConfig(model=ModelConfig(decoder=decoder, decoder_dim=64))
-    torch.manual_seed(0)
-    dense = build_fcmae(cfg, "dense")
-    _randomize(dense, seed=4)
-    packed = copy.deepcopy(dense)
-    packed.encoder.backend = "packed"
-    img = torch.randn(3, 3, 64, 96, generator=torch.Generator().manual_seed(5))
-    vis = dense.make_mask(img, torch.Generator().manual_seed(6))
+    dense, packed, img, vis = _fcmae_pair(cfg, batch=3)
     n = packed.visible_count(vis.shape[1:])
     loss_d, pred_d, _ = dense(img, vis)
     loss_p, pred_p, _ = packed(img, vis, num_visible=n)
