@@ -35,8 +35,8 @@ class Backend(ABC):
     - ``downsample``: k x k convolution with stride k; an output site is active when any of its
       k x k input block is.
     - ``map_feats``: a function applied to each active site's feature vector (LayerNorm, Linear, GELU).
-    - ``grn``: Global Response Normalisation with statistics per sample over that sample's active
-      sites (not over the whole batch).
+    - ``sample_l2_norm``/``scale_samples``: per-sample reductions and broadcasts over each sample's
+      own active sites (never over the whole batch); model code builds GRN and DropPath from them.
     - ``map_rows``: a function of all active sites' rows at once, with each row's sample index (the
       model's own BatchNorm over active sites, per-sample scaling, anything whose statistics span sites).
     - ``strided_conv``/``max_pool``: k x k windows centred on stride * (output site) (zero padding
@@ -110,13 +110,6 @@ class Backend(ABC):
         """Apply ``fn`` to the channel (last) dimension of every active site's features."""
 
     @abstractmethod
-    def grn(self, t: Native, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6) -> Native:
-        """ConvNeXt V2's GRN, statistics per sample over its active sites. An op rather than model
-        code over ``map_rows`` because the dense backend computes it on the map without gathering
-        rows and the packed backend has a fused kernel (and a sync-free one for its static mode);
-        measured against the row formulation in BENCHMARKS.md, "GRN"."""
-
-    @abstractmethod
     def map_rows(self, t: Native, fn: RowsFn) -> Native:
         """``fn(feats_nc, batch_n)`` on exactly the active sites: their feature rows [N, C] (in the
         backend's row order) and int64 [N] sample indices; it returns new rows [N, C'] for the same sites."""
@@ -130,8 +123,18 @@ class Backend(ABC):
         """Sum of two tensors with the same active sites (residual connections)."""
 
     @abstractmethod
-    def scale_samples(self, t: Native, scale_b: torch.Tensor) -> Native:
-        """Multiply every site of sample b by ``scale_b[b]`` (stochastic depth)."""
+    def sample_l2_norm(self, t: Native) -> torch.Tensor:
+        """float32 [B, C]: the L2 norm of each channel over each sample's active sites, computed in
+        float32 whatever the features' dtype (bf16 sums over thousands of sites lose small channels).
+        A sample without sites, or an all-zero channel, gets 0 with zero gradient (like
+        ``torch.linalg.vector_norm``). GRN's statistic; an op because a backend reduces it where its
+        rows already are (the dense map, ``[B, n, C]`` views of uniform packed rows)."""
+
+    @abstractmethod
+    def scale_samples(self, t: Native, scale: torch.Tensor, shift: torch.Tensor | None = None) -> Native:
+        """``feats * scale[b] + shift`` at every active site of sample b: ``scale`` is [B] (DropPath)
+        or [B, C] (GRN), ``shift`` [C] or None. Computed in the wider of the features' and ``scale``'s
+        dtypes and returned in the features' dtype, so a float32 scale is not rounded to bf16."""
 
     # ---- capabilities -----------------------------------------------------------------------------
     def supported_dtypes(self, device: torch.device) -> tuple[torch.dtype, ...]:

@@ -15,6 +15,7 @@ from mimsparse.sparse import SparseBatch
 
 from .base import Backend
 from .checks import check_conv_weight, check_downsample_weight, check_window_op
+from .rows import scale_rows
 
 
 @dataclass
@@ -91,17 +92,15 @@ class MaskedDenseBackend(Backend):
     def map_feats(self, t, fn):
         return t.masked(fn(t.x_bchw.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
 
-    def grn(self, t, weight, bias, eps=1e-6):
+    def sample_l2_norm(self, t):
         # Inactive sites are zero, so the norm over the whole map is the norm over the active sites.
-        # Statistics in float32 whatever x's dtype (bf16 sums over a whole map lose small channels).
-        x = t.x_bchw
-        gx = torch.linalg.vector_norm(x.float(), ord=2, dim=(2, 3), keepdim=True)
-        nx = (gx / (gx.mean(dim=1, keepdim=True) + eps)).to(x.dtype)
-        w, b = weight.view(1, -1, 1, 1).to(x.dtype), bias.view(1, -1, 1, 1).to(x.dtype)
-        return t.masked(x + torch.addcmul(b, w, x * nx))
+        return torch.linalg.vector_norm(t.x_bchw.float(), ord=2, dim=(2, 3))
 
     def add(self, a, b):
         return MaskedDense(a.x_bchw + b.x_bchw, a.active_bhw, a.stride)
 
-    def scale_samples(self, t, scale_b):
-        return MaskedDense(t.x_bchw * scale_b.to(t.x_bchw.dtype).view(-1, 1, 1, 1), t.active_bhw, t.stride)
+    def scale_samples(self, t, scale, shift=None):
+        b, c = t.x_bchw.shape[:2]
+        shift = None if shift is None else shift.view(1, c, 1, 1)
+        out = MaskedDense(scale_rows(t.x_bchw, scale.view(b, -1, 1, 1), shift), t.active_bhw, t.stride)
+        return out if shift is None else out.masked(out.x_bchw)  # the shift only at active sites

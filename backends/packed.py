@@ -18,8 +18,9 @@ only the visible sites:
 - ``strided_conv``/``max_pool`` (ResNet): RowBackend's gather of the k*k window rows of each
   given output site (a zero / -inf row for missing taps), then one matmul / a max; these window
   indices are built per call, not cached on the geometry (a few ops per network).
-- ``grn``: one fused autograd function; per-sample statistics are views of ``[B, n, C]`` when all
-  samples have the same number of visible sites (as ``random_patch_mask`` makes them).
+- ``sample_l2_norm``/``scale_samples`` (GRN, DropPath): per-sample reductions and broadcasts are views
+  of ``[B, n, C]`` when all samples have the same number of visible sites (as mimsparse's maskers make
+  them), a gather by sample index otherwise.
 
 All index tensors of a stage (row <-> dense position, tile plans, children for downsampling, rows
 per sample) are computed once per batch and stage and cached on :class:`PackedGeometry`, which every
@@ -45,7 +46,7 @@ from torch.autograd.function import once_differentiable
 from mimsparse.sparse import SparseBatch
 
 from .checks import check_conv_weight, check_downsample_weight
-from .rows import RowBackend
+from .rows import RowBackend, scale_rows, sqrt_or_zero
 
 # Depthwise tiles are processed in chunks of about this many input floats (a cache-sized working set
 # for the weight-gradient convs); PackedBackend(tile_chunk_floats=...) overrides it.
@@ -498,18 +499,6 @@ def _conv_static(feats, weight, bias, geom: PackedGeometry, groups: int) -> torc
                                 padding=pad, groups=groups))
 
 
-def _grn_static(feats, weight, bias, eps: float, geom: PackedGeometry) -> torch.Tensor:
-    """GRN with per-sample statistics as views of [B, n, C], computed in float32 whatever the rows'
-    dtype (bf16 squares summed over thousands of sites lose the small channels)."""
-    x = feats.view(geom.batch_size, geom.counts[0], feats.shape[1])
-    sumsq = x.float().square().sum(1, keepdim=True)
-    positive = sumsq > 0  # an all-zero channel: gx = 0 with zero gradient, like vector_norm
-    gx = torch.where(positive, sumsq, torch.ones_like(sumsq)).sqrt() * positive
-    nx = gx / (gx.mean(-1, keepdim=True) + eps)
-    scale = torch.addcmul(torch.ones_like(nx), weight.float(), nx).to(feats.dtype)
-    return torch.addcmul(bias.to(feats.dtype), x, scale).view_as(feats)
-
-
 def _pad_row(rows: torch.Tensor) -> torch.Tensor:
     """rows with a zero row appended (index N reads zero)."""
     return torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
@@ -550,72 +539,6 @@ class _TileDWConv(torch.autograd.Function):
         if need_b and ctx.has_bias:
             grad_b = grad_out.sum(0)
         return grad_feats, grad_w, grad_b, None, None
-
-
-class _GRN(torch.autograd.Function):
-    """Global Response Normalisation, statistics per sample over its rows, fused forward/backward:
-    ``out = f * (1 + w * nx[b]) + bias`` with ``nx = gx / (mean_c gx + eps)``, ``gx = ||f||_2`` per
-    (sample, channel); a sample without rows (or a channel that is all zero) gets gx = 0 and no
-    gradient through the norm, like ``torch.linalg.vector_norm``. When every sample has the same
-    number of rows, per-sample reductions and broadcasts are views of [B, n, C] (no gathers)."""
-
-    @staticmethod
-    def forward(ctx, feats, weight, bias, eps: float, geom: PackedGeometry):
-        seg = _Segments(geom, feats)
-        f32 = feats if feats.dtype == torch.float32 else feats.float()
-        gx = seg.sum(f32.square()).sqrt_()                                  # [B, C] float32
-        m = gx.mean(1, keepdim=True) + eps
-        nx = gx / m
-        scale = torch.addcmul(torch.ones_like(nx), weight.float(), nx).to(feats.dtype)
-        out = seg.rows_of(torch.addcmul(bias.to(feats.dtype), seg.split(feats), seg.expand(scale)))
-        ctx.save_for_backward(feats, weight, gx, m, nx, scale)
-        ctx.geom = geom
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        feats, weight, gx, m, nx, scale = ctx.saved_tensors
-        seg = _Segments(ctx.geom, feats)
-        g = grad_out.to(feats.dtype).contiguous()
-        g3, f3 = seg.split(g), seg.split(feats)
-        grad_b = g.sum(0).to(weight.dtype)
-        tmp = g3 * f3
-        ds = seg.sum(tmp.float())                                           # d loss / d scale [B, C]
-        grad_w = (ds * nx).sum(0).to(weight.dtype)
-        dnx = ds * weight.float()
-        dgx = dnx / m - (dnx * gx).sum(1, keepdim=True) / (m * m * gx.shape[1])
-        positive = gx > 0
-        coef = torch.where(positive, dgx / torch.where(positive, gx, torch.ones_like(gx)), torch.zeros_like(gx))
-        # grad_f = g * scale + f * coef, written into tmp (no further allocation)
-        grad_f = torch.mul(g3, seg.expand(scale), out=tmp).addcmul_(f3, seg.expand(coef.to(feats.dtype)))
-        return seg.rows_of(grad_f), grad_w, grad_b, None, None
-
-
-class _Segments:
-    """Per-sample reductions/broadcasts over rows sorted by sample."""
-
-    def __init__(self, geom: PackedGeometry, feats: torch.Tensor):
-        self.geom = geom
-        self.n = geom.uniform if geom.num_rows else None
-        self.c = feats.shape[1]
-
-    def split(self, x):  # rows -> the layout expand() broadcasts against
-        return x.view(self.geom.batch_size, self.n, self.c) if self.n is not None else x
-
-    def rows_of(self, x):
-        return x.reshape(-1, self.c)
-
-    def sum(self, x):  # [B, C]
-        if self.n is not None:
-            return x.view(self.geom.batch_size, self.n, self.c).sum(1)
-        out = x.new_zeros(self.geom.batch_size, self.c)
-        return out.index_add_(0, self.geom.batch_index(), x.view(-1, self.c))
-
-    def expand(self, v):  # [B, C] -> broadcastable to split(x)
-        if self.n is not None:
-            return v.unsqueeze(1)
-        return v.index_select(0, self.geom.batch_index())
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -777,20 +700,24 @@ class PackedBackend(RowBackend):
     def map_feats(self, t, fn):
         return t.replace(fn(t.feats))
 
-    def grn(self, t, weight, bias, eps=1e-6):
-        if t.geom.static:
-            return t.replace(_grn_static(t.feats, weight, bias, eps, t.geom))
-        return t.replace(_GRN.apply(t.feats, weight, bias, eps, t.geom))
+    def sample_l2_norm(self, t):
+        n = t.geom.uniform
+        if n is None:
+            return super().sample_l2_norm(t)
+        # every sample has n rows (always in static mode): a view of [B, n, C], no index_add
+        f = t.feats
+        return sqrt_or_zero(f.view(t.geom.batch_size, n, f.shape[1]).float().square().sum(1))
 
     def add(self, a, b):
         if a.feats.shape != b.feats.shape:
             raise ValueError(f"add needs the same active sites, got {tuple(a.feats.shape)} and {tuple(b.feats.shape)}")
         return a.replace(a.feats + b.feats)
 
-    def scale_samples(self, t, scale_b):
-        f = t.feats
+    def scale_samples(self, t, scale, shift=None):
         n = t.geom.uniform
-        scale = scale_b.to(f.dtype)
-        if n is not None:
-            return t.replace((f.view(t.geom.batch_size, n, f.shape[1]) * scale.view(-1, 1, 1)).view_as(f))
-        return t.replace(f * scale[t.geom.batch_index()].unsqueeze(1))
+        if n is None:
+            return super().scale_samples(t, scale, shift)
+        f = t.feats
+        bsz = t.geom.batch_size
+        out = scale_rows(f.view(bsz, n, f.shape[1]), scale.view(bsz, 1, -1), shift)  # broadcast, no gather
+        return t.replace(out.view_as(f))

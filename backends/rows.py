@@ -45,13 +45,8 @@ class RowBackend(Backend):
     def map_feats(self, t, fn):
         return self.with_feats(t, fn(self.feats(t)))
 
-    def grn(self, t, weight, bias, eps=1e-6):
-        f = self.feats(t)
-        gx = per_sample_l2_norm(f, self.batch_index(t), self.batch_size(t))
-        nx = gx / (gx.mean(dim=1, keepdim=True) + eps)
-        # index_select: much faster backward on CPU than advanced indexing nx[batch]
-        out = f + torch.addcmul(bias, weight, f * nx.index_select(0, self.batch_index(t)))
-        return self.with_feats(t, out)
+    def sample_l2_norm(self, t):
+        return per_sample_l2_norm(self.feats(t), self.batch_index(t), self.batch_size(t))
 
     def map_rows(self, t, fn):
         return self.with_feats(t, fn(self.feats(t), self.batch_index(t)))
@@ -82,19 +77,31 @@ class RowBackend(Backend):
     def add(self, a, b):
         return self.with_feats(a, self.feats(a) + self.feats(b))
 
-    def scale_samples(self, t, scale_b):
+    def scale_samples(self, t, scale, shift=None):
         f = self.feats(t)
-        return self.with_feats(t, f * scale_b.to(f.dtype).index_select(0, self.batch_index(t)).unsqueeze(1))
+        # index_select: much faster backward on CPU than advanced indexing scale[batch]
+        per_row = scale.reshape(scale.shape[0], -1).index_select(0, self.batch_index(t))
+        return self.with_feats(t, scale_rows(f, per_row, shift))
+
+
+def scale_rows(feats_nc: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+    """``feats * scale + shift`` (shapes broadcast against ``feats``) in the wider of the two dtypes, returned
+    in the features' dtype: one rounding of the result, not of a float32 scale to bf16 first."""
+    out = feats_nc * scale if shift is None else torch.addcmul(shift.to(scale.dtype), feats_nc, scale)
+    return out.to(feats_nc.dtype)
 
 
 def per_sample_l2_norm(feats_nc: torch.Tensor, batch_n: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """[B, C]: L2 norm over each sample's rows. A sample without rows gets 0, with zero gradient
-    (a plain sqrt would give 0 * inf = NaN in backward, unlike torch.linalg.vector_norm)."""
+    """float32 [B, C]: L2 norm over each sample's rows, summed in float32."""
     sumsq = feats_nc.new_zeros(batch_size, feats_nc.shape[1], dtype=torch.float32)
-    sumsq = sumsq.index_add(0, batch_n, feats_nc.float().square())
+    return sqrt_or_zero(sumsq.index_add(0, batch_n, feats_nc.float().square()))
+
+
+def sqrt_or_zero(sumsq: torch.Tensor) -> torch.Tensor:
+    """sqrt, with 0 and a zero gradient where ``sumsq`` is 0 (a sample without rows, an all-zero
+    channel): a plain sqrt would give 0 * inf = NaN in backward, unlike torch.linalg.vector_norm."""
     positive = sumsq > 0
-    norm = torch.where(positive, sumsq, torch.ones_like(sumsq)).sqrt() * positive
-    return norm.to(feats_nc.dtype)
+    return torch.where(positive, sumsq, torch.ones_like(sumsq)).sqrt() * positive
 
 
 def window_rows(sb: SparseBatch, out_coords: torch.Tensor, k: int, stride: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mimsparse.backends import backend_names, get_backend
-from mimsparse.models.convnextv2 import SparseConvNeXtV2
+from mimsparse.models.convnextv2 import GRN, SparseConvNeXtV2
 from mimsparse.models.fcmae import FCMAE
 from mimsparse.sparse import SparseBatch
 from tests.helpers import backend_or_skip, backend_param, random_active, randomize_, rel_err
@@ -147,18 +147,55 @@ def test_downsample_of_sites_only_in_a_partial_block_is_empty(lib, capfd):
 
 
 @pytest.mark.parametrize("lib", ALL)
-def test_grn_is_per_sample(lib):
+def test_per_sample_ops_against_plain_torch(lib):
+    """sample_l2_norm (float32) and scale_samples ([B] and [B, C] scales, a shift only at active sites),
+    forward and backward, against torch on the masked map; a sample without sites included."""
     backend = _backend(lib)
     torch.manual_seed(0)
     x = torch.randn(3, 16, 6, 5)
     active = random_active(3, 6, 5, 0.5, seed=2, empty_sample=1)
-    weight, bias = torch.randn(16), torch.randn(16)
-    out = backend.to_dense(backend.grn(backend.from_dense(x, active), weight, bias))
-    ref = dense.to_dense(dense.grn(dense.from_dense(x, active), weight, bias))
+    g = torch.randn(3, 16, 6, 5)
+    for scale, shift in ((torch.randn(3), None), (torch.randn(3, 16), torch.randn(16))):
+        leaves = [x.clone().requires_grad_(), scale.clone().requires_grad_()]
+        ref_leaves = [v.detach().clone().requires_grad_() for v in leaves]
+        t = backend.from_dense(leaves[0], active)
+        norm = backend.sample_l2_norm(t)
+        out = backend.to_dense(backend.scale_samples(t, leaves[1], shift))
+        xm = _masked(ref_leaves[0], active)
+        ref_norm = torch.linalg.vector_norm(xm, dim=(2, 3))
+        per_sample = ref_leaves[1].view(3, -1, 1, 1)
+        ref = _masked(xm * per_sample + (0 if shift is None else shift.view(1, -1, 1, 1)), active)
+        assert norm.dtype == torch.float32 and rel_err(norm, ref_norm) < TOL
+        assert rel_err(out, ref) < TOL
+        ((out * g).sum() + norm.sum()).backward()
+        ((ref * g).sum() + ref_norm.sum()).backward()
+        for leaf, ref_leaf in zip(leaves, ref_leaves):
+            assert torch.isfinite(leaf.grad).all() and rel_err(leaf.grad, ref_leaf.grad) < TOL
+
+
+@pytest.mark.parametrize("lib", ALL)
+def test_grn_is_per_sample_and_equals_timm(lib):
+    """The model's GRN over each backend equals timm's GlobalResponseNorm run on each sample alone
+    (forward and the input gradient), so no statistic crosses samples."""
+    from timm.layers.grn import GlobalResponseNorm
+
+    backend = _backend(lib)
+    torch.manual_seed(0)
+    x = torch.randn(3, 16, 6, 5)
+    active = random_active(3, 6, 5, 0.5, seed=2, empty_sample=1)
+    grn, ref_grn = GRN(16), GlobalResponseNorm(16, channels_last=False)
+    with torch.no_grad():
+        grn.weight.normal_(), grn.bias.normal_()
+        ref_grn.weight.copy_(grn.weight), ref_grn.bias.copy_(grn.bias)
+    x_in, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = backend.to_dense(grn(backend.from_dense(x_in, active), backend))
+    ref = torch.cat([_masked(ref_grn(_masked(x_ref[i:i + 1], active[i:i + 1])), active[i:i + 1]) for i in range(3)])
     assert rel_err(out, ref) < TOL
-    # sample 0 alone gives the same answer: no statistic crosses samples
-    alone = backend.to_dense(backend.grn(backend.from_dense(x[:1], active[:1]), weight, bias))
-    assert rel_err(out[:1], alone) < TOL
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7))
+    (out * g).sum().backward()
+    (ref * g).sum().backward()
+    assert rel_err(x_in.grad, x_ref.grad) < TOL
+    assert rel_err(grn.weight.grad, ref_grn.weight.grad) < TOL and rel_err(grn.bias.grad, ref_grn.bias.grad) < TOL
 
 
 # ---- entering and leaving, empty batches ---------------------------------------------------------------
@@ -189,7 +226,7 @@ def test_all_masked_batch_has_no_rows_and_backpropagates(lib):
         t = backend.from_dense(x, active)
         assert backend.to_sparse(t).feats.shape == (0, 4)
         y = backend.conv(backend.dwconv(t, w_dw, None), w_c, torch.zeros(4))
-        y = backend.grn(backend.map_feats(y, torch.nn.functional.gelu), torch.ones(4), torch.zeros(4))
+        y = GRN(4)(backend.map_feats(y, torch.nn.functional.gelu), backend)
         y = backend.downsample(y, w_d, torch.zeros(8))
         assert backend.to_sparse(y).feats.shape == (0, 8) and backend.to_sparse(y).spatial_shape == (3, 3)
         _check_native(lib, y, 2)

@@ -6,6 +6,7 @@ from timm.layers.grn import GlobalResponseNorm
 
 from mimsparse.backends import BackendUnavailable, get_backend
 from mimsparse.backends.rows import per_sample_l2_norm
+from mimsparse.models.convnextv2 import GRN
 from tests.helpers import random_active, rel_err
 
 dense = get_backend("dense")
@@ -59,7 +60,9 @@ def test_grn_is_per_sample_and_differs_from_batch_wide():
     active = random_active(3, 6, 6, 0.5, seed=2)
     grn = GlobalResponseNorm(16, channels_last=False)
     grn.weight.data.normal_(), grn.bias.data.normal_()
-    out = dense.to_dense(dense.grn(dense.from_dense(x, active), grn.weight, grn.bias))
+    ours = GRN(16)
+    ours.load_state_dict(grn.state_dict())
+    out = dense.to_dense(ours(dense.from_dense(x, active), dense))
     # reference: timm's dense GRN applied to each sample on its own
     ref = torch.cat([_masked(grn(_masked(x[i:i + 1], active[i:i + 1])), active[i:i + 1]) for i in range(3)])
     assert rel_err(out, ref) < 1e-6

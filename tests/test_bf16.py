@@ -15,7 +15,7 @@ from mimsparse.backends import get_backend
 from mimsparse.models.build import build_fcmae
 from mimsparse.config import ModelConfig, PretrainConfig, load_config
 from mimsparse.train.engine import Pretrainer
-from mimsparse.models.convnextv2 import LayerNorm
+from mimsparse.models.convnextv2 import GRN, LayerNorm
 from mimsparse.masking import random_patch_mask
 from tests.conftest import tiny_overrides
 from tests.helpers import randomize_
@@ -82,10 +82,12 @@ def test_grn_and_layernorm_statistics_in_fp32(backend):
     b, h, w, c = 2, 16, 16, 8
     x = torch.randn(b, c, h, w, generator=g) * torch.logspace(-2, 2, c).view(1, c, 1, 1)
     active = torch.rand(b, h, w, generator=g) < 0.5
-    weight, bias = torch.randn(c, generator=g), torch.randn(c, generator=g)
+    grn = GRN(c)
+    with torch.no_grad():
+        grn.weight.copy_(torch.randn(c, generator=g)), grn.bias.copy_(torch.randn(c, generator=g))
     be = get_backend(backend)
-    out32 = be.to_dense(be.grn(be.from_dense(x, active), weight, bias))
-    out16 = be.to_dense(be.grn(be.from_dense(x.bfloat16(), active), weight, bias))
+    out32 = be.to_dense(grn(be.from_dense(x, active), be))
+    out16 = be.to_dense(grn(be.from_dense(x.bfloat16(), active), be))
     assert out16.dtype == torch.bfloat16
     vnorm = lambda t: torch.linalg.vector_norm(t, dim=(0, 2, 3))
     err = (vnorm(out16.float() - out32) / vnorm(out32)).max().item()

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mimsparse.backends import get_backend
-from mimsparse.models.convnextv2 import SparseConvNeXtV2
+from mimsparse.models.convnextv2 import GRN, SparseConvNeXtV2
 from mimsparse.models.fcmae import FCMAE
 from tests.helpers import backend_or_skip, random_active, randomize_, rel_err
 
@@ -176,15 +176,24 @@ def test_patch_embed(mink):
 
 
 # ---- per-site and per-sample ops -------------------------------------------------------------------------
-def test_grn_map_feats_add_scale_samples(mink):
+def test_per_sample_ops_grn_map_feats_add(mink):
     x = torch.randn(3, 16, 6, 5)
     active = random_active(3, 6, 5, 0.5, seed=2, empty_sample=1)
-    weight, bias, scale = torch.randn(16), torch.randn(16), torch.tensor([0.5, 0.0, 2.0])
-    for op, params, kwargs in (("grn", (weight, bias), {}), ("scale_samples", (scale,), {}),
+    shift, scale, scale_bc = torch.randn(16), torch.tensor([0.5, 0.0, 2.0]), torch.randn(3, 16)
+    for op, params, kwargs in (("scale_samples", (scale,), {}), ("scale_samples", (scale_bc, shift), {}),
                                ("map_feats", (), {"fn": F.gelu})):
         t, out, ref, grads = _run_both(mink, op, x, active, *params, **kwargs)
         _check_native(t)
         _check(out, ref, grads)
+    # the model's GRN (sample_l2_norm + scale_samples) on CUDA, against the dense backend on CUDA
+    grn = GRN(16).to(CUDA)
+    with torch.no_grad():
+        grn.weight.normal_(), grn.bias.normal_()
+    xs, act = _on_gpu(x, active)
+    norm = mink.sample_l2_norm(mink.from_dense(xs, act))
+    assert norm.device.type == CUDA.type and rel_err(norm, dense.sample_l2_norm(dense.from_dense(xs, act))) < TOL
+    out = mink.to_dense(grn(mink.from_dense(xs, act), mink))
+    assert rel_err(out, dense.to_dense(grn(dense.from_dense(xs, act), dense))) < TOL
     xs, active = _on_gpu(x, active)
     a, b = mink.from_dense(xs, active), mink.from_dense(xs * 2, active)
     assert rel_err(mink.to_dense(mink.add(a, b)), 3 * xs * active.unsqueeze(1)) < TOL

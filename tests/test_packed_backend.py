@@ -17,7 +17,7 @@ from mimsparse.backends.dense import MaskedDenseBackend
 from mimsparse.backends.packed import TILE_CHUNK_FLOATS, PackedBackend, PackedGeometry, PackedTensor
 from mimsparse.models.build import build_fcmae
 from mimsparse.config import ModelConfig, PretrainConfig
-from mimsparse.models.convnextv2 import SparseConvNeXtV2
+from mimsparse.models.convnextv2 import GRN, SparseConvNeXtV2
 from mimsparse.masking import random_patch_mask, upsample_mask
 from mimsparse.sparse import SparseBatch
 
@@ -262,21 +262,28 @@ def test_grn(uniform):
         mask = random_mask(3, 6, 8, 0.5, seed=0, empty_sample=1)
     x = torch.randn(3, 16, 6, 8, generator=torch.Generator().manual_seed(1)) * mask.unsqueeze(1)
     x[0, 3] = 0.0                                   # an all-zero channel: norm 0, no NaN
-    g = torch.Generator().manual_seed(2)
-    weight = torch.randn(16, generator=g).requires_grad_(True)
-    bias = torch.randn(16, generator=g).requires_grad_(True)
+    grn = _grn(16)
     t = PACKED.from_dense(x, mask)
     assert (t.geom.uniform is not None) == uniform
-    check_fwd_bwd(x, mask, lambda be, t: be.grn(t, weight, bias), (weight, bias))
+    check_fwd_bwd(x, mask, lambda be, t: grn(t, be), (grn.weight, grn.bias))
+
+
+def _grn(c, seed=2):
+    """The model's GRN with random parameters (zero-initialised ones would hide the normalisation)."""
+    grn = GRN(c)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        grn.weight.copy_(torch.randn(c, generator=g)), grn.bias.copy_(torch.randn(c, generator=g))
+    return grn
 
 
 def test_grn_statistics_are_per_sample():
     x, mask = make_input(b=3, c=8, empty_sample=None)
-    w, b = torch.randn(8), torch.randn(8)
-    out = PACKED.to_dense(PACKED.grn(PACKED.from_dense(x, mask), w, b))
+    grn = _grn(8)
+    out = PACKED.to_dense(grn(PACKED.from_dense(x, mask), PACKED))
     x2 = x.clone()
     x2[2] *= 5.0                                    # another sample changes...
-    out2 = PACKED.to_dense(PACKED.grn(PACKED.from_dense(x2, mask), w, b))
+    out2 = PACKED.to_dense(grn(PACKED.from_dense(x2, mask), PACKED))
     assert torch.allclose(out[:2], out2[:2])        # ...this one does not
     assert not torch.allclose(out[2], out2[2])
 
@@ -286,15 +293,17 @@ def test_map_feats_add_scale_samples():
     lin = torch.nn.Linear(6, 6)
     ln = torch.nn.LayerNorm(6)
     scale = torch.tensor([0.0, 2.0, 0.5])
+    scale_bc, shift = torch.randn(3, 6, requires_grad=True), torch.randn(6, requires_grad=True)
 
     def op(be, t):
         u = be.map_feats(t, lambda f: F.gelu(lin(ln(f))))
-        return be.add(t, be.scale_samples(u, scale))
+        return be.add(t, be.scale_samples(be.scale_samples(u, scale), scale_bc, shift))
 
-    check_fwd_bwd(x, mask, op, (lin.weight, lin.bias, ln.weight))
+    params = (lin.weight, lin.bias, ln.weight, scale_bc, shift)
+    check_fwd_bwd(x, mask, op, params)
     vis = upsample_mask(random_patch_mask(3, (3, 4), 0.5, torch.Generator().manual_seed(0)), 2)
     x2 = torch.randn(3, 6, 6, 8) * vis.unsqueeze(1)
-    check_fwd_bwd(x2, vis, op, (lin.weight, lin.bias, ln.weight))     # uniform counts path
+    check_fwd_bwd(x2, vis, op, params)     # uniform counts path
 
 
 def test_geometry_down_indices():
@@ -430,9 +439,9 @@ def test_batch_without_any_site():
     g = torch.Generator().manual_seed(0)
     dw = torch.randn(4, 1, 7, 7, generator=g).requires_grad_(True)
     down = torch.randn(5, 4, 2, 2, generator=g).requires_grad_(True)
-    gw, gb = torch.randn(4, generator=g).requires_grad_(True), torch.randn(4, generator=g).requires_grad_(True)
+    grn = _grn(4)
 
     def op(be, t):
-        return be.downsample(be.grn(be.dwconv(t, dw, None), gw, gb), down, None)
+        return be.downsample(grn(be.dwconv(t, dw, None), be), down, None)
 
-    check_fwd_bwd(x, mask, op, (dw, gw, gb, down))
+    check_fwd_bwd(x, mask, op, (dw, grn.weight, grn.bias, down))

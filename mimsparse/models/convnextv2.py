@@ -58,7 +58,8 @@ class LayerNorm(nn.LayerNorm):
 
 
 class GRN(nn.Module):
-    """Global Response Normalisation parameters (timm layout: weight/bias [C], zero-initialised).
+    """Global Response Normalisation (timm layout: weight/bias [C], zero-initialised), built from the
+    backend's per-sample ops ``sample_l2_norm`` and ``scale_samples``.
 
     Statistics are per sample over that sample's visible sites. The official sparse FCMAE code
     (MinkowskiGRN) normalises over the whole batch instead, mixing samples — a known bug
@@ -73,7 +74,11 @@ class GRN(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x, backend: Backend):
-        return backend.grn(x, self.weight, self.bias, self.eps)
+        # timm: x + weight * (x * Nx) + bias with Nx = Gx / mean_c(Gx), Gx the L2 norm over sites;
+        # folded into one scale per (sample, channel), in float32 (see Backend.scale_samples)
+        gx = backend.sample_l2_norm(x)
+        nx = gx / (gx.mean(dim=1, keepdim=True) + self.eps)
+        return backend.scale_samples(x, torch.addcmul(torch.ones_like(nx), self.weight.float(), nx), self.bias)
 
 
 class GrnMlp(nn.Module):
