@@ -32,16 +32,16 @@ class Backend(ABC):
     Semantics every backend must reproduce (tests compare each backend with ``dense``):
     - ``conv``/``dwconv``: stride-1 k x k convolution, zero padding, evaluated at active sites only,
       reading only active sites (inactive ones count as zero). The active set is unchanged.
-    - ``downsample``: k x k convolution with stride k; an output site is active when any of its
-      k x k input block is.
+    - ``strided_conv``: F.conv2d's strided geometry (stride, zero padding) reading active input sites
+      only, evaluated at the output sites the caller gives, or else at every output site whose
+      window holds an active input (the libraries' generative strided conv).
     - ``map_feats``: a function applied to each active site's feature vector (LayerNorm, Linear, GELU).
     - ``sample_l2_norm``/``scale_samples``: per-sample reductions and broadcasts over each sample's
       own active sites (never over the whole batch); model code builds GRN and DropPath from them.
     - ``map_rows``: a function of all active sites' rows at once, with each row's sample index (the
       model's own BatchNorm over active sites, per-sample scaling, anything whose statistics span sites).
-    - ``strided_conv``/``max_pool``: k x k windows centred on stride * (output site) (zero padding
-      k // 2, torchvision's ResNet geometry), reading active input sites only, evaluated exactly at
-      the output sites the caller gives.
+    - ``max_pool``: k x k windows centred on stride * (output site) (padding k // 2, torchvision's
+      ResNet geometry), over active input sites only, evaluated at the output sites the caller gives.
     """
 
     name: str = "base"
@@ -83,24 +83,19 @@ class Backend(ABC):
         """Submanifold depthwise k x k conv; weight [C, 1, k, k]."""
 
     @abstractmethod
-    def downsample(self, t: Native, weight: torch.Tensor, bias: torch.Tensor | None) -> Native:
-        """k x k conv with stride k (non-overlapping blocks, no padding; ConvNeXt's patchify stages);
-        weight [C_out, C_in, k, k]. Unlike ``strided_conv`` the output sites follow from the input:
-        every block holding an active site, which is what the libraries' own strided convs produce
-        for non-overlapping windows, so they run it natively."""
-
-    @abstractmethod
-    def strided_conv(self, t: Native, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
-                     active_out_bhw: torch.Tensor) -> Native:
-        """k x k conv (weight [C_out, C_in, k, k], k odd or 1), stride ``stride``, zero padding k // 2
-        (torchvision ResNet geometry: output site (i, j) reads input (stride*i + dy - k//2,
-        stride*j + dx - k//2)), reading only active input sites (inactive = 0), evaluated at exactly
-        the output sites ``active_out_bhw`` (bool [B, ceil(H/stride), ceil(W/stride)]); the result's
-        stride is ``t``'s stride * ``stride``."""
+    def strided_conv(self, t: Native, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, *,
+                     padding: int, active_out_bhw: torch.Tensor | None = None) -> Native:
+        """k x k conv (weight [C_out, C_in, k, k]) with stride ``stride`` and zero padding ``padding``
+        (F.conv2d's geometry: output site (i, j) reads input (stride*i + dy - padding, stride*j + dx -
+        padding)), reading only active input sites (inactive = 0). Output sites: ``active_out_bhw``
+        (bool [B, Ho, Wo] on F.conv2d's output grid) when given (a ResNet's next-stage mask), else every
+        output site whose window holds an active input site (ConvNeXt's k x k / stride k downsampling,
+        where the libraries' own strided convs produce exactly these). The result's stride is ``t``'s
+        stride * ``stride``."""
 
     @abstractmethod
     def max_pool(self, t: Native, kernel: int, stride: int, active_out_bhw: torch.Tensor) -> Native:
-        """k x k max pool with stride ``stride`` and padding k // 2 (geometry as ``strided_conv``),
+        """k x k max pool (k odd) with stride ``stride`` and padding k // 2 (F.conv2d's geometry),
         the max over the ACTIVE input sites of each window only, evaluated at the output sites
         ``active_out_bhw``; an output site whose window holds no active input gets 0."""
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from mimsparse.sparse import SparseBatch
 
 from .base import Backend
-from .checks import check_conv_weight, check_downsample_weight, check_window_op
+from .checks import check_conv_weight, check_strided_conv, check_window_op, sites_reached
 from .rows import scale_rows
 
 
@@ -57,17 +57,12 @@ class MaskedDenseBackend(Backend):
         check_conv_weight(weight, t.x_bchw.shape[1], "dwconv", depthwise=True)
         return t.masked(F.conv2d(t.x_bchw, weight, bias, padding=weight.shape[-1] // 2, groups=t.x_bchw.shape[1]))
 
-    def downsample(self, t, weight, bias):
-        k = check_downsample_weight(weight, t.x_bchw.shape[1], t.x_bchw.shape[2:])
-        active = F.max_pool2d(t.active_bhw.unsqueeze(1).float(), k).squeeze(1) > 0
-        out = MaskedDense(F.conv2d(t.x_bchw, weight, bias, stride=k), active, t.stride * k)
-        return out.masked(out.x_bchw)
-
-    def strided_conv(self, t, weight, bias, stride, active_out_bhw):
-        k = weight.shape[-1]
-        check_conv_weight(weight, t.x_bchw.shape[1], "strided_conv")
-        check_window_op("strided_conv", k, stride, t.x_bchw.shape[0], t.x_bchw.shape[2:], active_out_bhw)
-        out = F.conv2d(t.x_bchw, weight, bias, stride=stride, padding=k // 2)
+    def strided_conv(self, t, weight, bias, stride, *, padding, active_out_bhw=None):
+        k, _ = check_strided_conv(weight, t.x_bchw.shape[1], stride, padding, t.x_bchw.shape[0], t.x_bchw.shape[2:],
+                                  active_out_bhw)
+        if active_out_bhw is None:
+            active_out_bhw = sites_reached(t.active_bhw, k, stride, padding)
+        out = F.conv2d(t.x_bchw, weight, bias, stride=stride, padding=padding)
         return MaskedDense(out, active_out_bhw, t.stride * stride).masked(out)
 
     def max_pool(self, t, kernel, stride, active_out_bhw):

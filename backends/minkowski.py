@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from mimsparse.errors import ConfigError
 from mimsparse.sparse import SparseBatch
 
-from .checks import add_bias, check_conv_weight, check_downsample_weight, check_window_op
+from .checks import add_bias, check_conv_weight, check_strided_conv, check_window_op, is_block_conv, sites_reached
 from .minkowski_layout import channelwise_kernel, me_kernel
 from .rows import RowBackend, dwconv_by_offsets, dwconv_via_dense, window_max, window_rows
 
@@ -255,11 +255,18 @@ class MinkowskiBackend(RowBackend):
             out = self._me_conv(t.feats, weight, kh, kw, 1, t.key, t.key, t.manager)
         return t.replace(add_bias(out, bias))
 
-    def downsample(self, t, weight, bias):
-        k = check_downsample_weight(weight, t.feats.shape[1], t.spatial_shape)
+    def strided_conv(self, t, weight, bias, stride, *, padding, active_out_bhw=None):
+        k, out_shape = check_strided_conv(weight, t.feats.shape[1], stride, padding, t.batch_size, t.spatial_shape,
+                                          active_out_bhw)
         self.check_compute(t.feats, weight)
+        if not is_block_conv(k, stride, padding, active_out_bhw):
+            if k % 2 and padding == k // 2:  # a centred window: ME's conv at the given (or reached) sites
+                if active_out_bhw is None:
+                    active_out_bhw = sites_reached(self.to_sparse(t).active_mask(), k, stride, padding)
+                return self._centred_strided_conv(t, weight, bias, stride, active_out_bhw)
+            return super().strided_conv(t, weight, bias, stride, padding=padding, active_out_bhw=active_out_bhw)
+        # k x k / stride k blocks: ME's own strided conv (a partial last block is dropped, as F.conv2d)
         h, w = t.spatial_shape
-        out_shape = (h // k, w // k)  # F.conv2d(stride=k), no padding: a partial last block is dropped
         if k == 1:
             return MinkowskiTensor(t.st, t.batch_size, out_shape, t.stride, t.cache).replace(
                 add_bias(F.linear(t.feats, weight[:, :, 0, 0]), bias))
@@ -283,10 +290,8 @@ class MinkowskiBackend(RowBackend):
         st = ME.SparseTensor(add_bias(out, bias), coordinate_map_key=out_key, coordinate_manager=t.manager)
         return MinkowskiTensor(st, t.batch_size, out_shape, t.stride * k)
 
-    def strided_conv(self, t, weight, bias, stride, active_out_bhw):
-        kh, kw = check_conv_weight(weight, t.feats.shape[1], "strided_conv")
-        check_window_op("strided_conv", kw, stride, t.batch_size, t.spatial_shape, active_out_bhw)
-        self.check_compute(t.feats, weight)
+    def _centred_strided_conv(self, t, weight, bias, stride, active_out_bhw):
+        kh, kw = weight.shape[-2:]
         out_key, _ = self._out_sites(t, stride, active_out_bhw)
         # ME centres an odd kernel on the output coordinate and steps by the input's tensor stride:
         # output (i, j) reads input (stride*i + dy - k//2, stride*j + dx - k//2), as torchvision's convs
@@ -300,7 +305,7 @@ class MinkowskiBackend(RowBackend):
         check_window_op("max_pool", kernel, stride, t.batch_size, t.spatial_shape, active_out_bhw)
         out_key, out_coords = self._out_sites(t, stride, active_out_bhw)
         sb = SparseBatch(torch.stack(t.grid_coords(), 1).to(torch.int32), t.feats, t.batch_size, t.spatial_shape)
-        out = window_max(t.feats, window_rows(sb, out_coords, kernel, stride))
+        out = window_max(t.feats, window_rows(sb, out_coords, kernel, stride, kernel // 2))
         st = ME.SparseTensor(out, coordinate_map_key=out_key, coordinate_manager=t.manager)
         return MinkowskiTensor(st, t.batch_size, tuple(active_out_bhw.shape[1:]), t.stride * stride)
 

@@ -4,9 +4,9 @@ Every per-site op (LayerNorm, the MLP, GELU, GRN, residual adds) and the strided
 only the visible sites:
 
 - ``patch_embed``: gathers the k x k pixel patch of every active output site, one matmul.
-- ``downsample``: gathers the k*k children rows of every active output site (a shared zero row
-  stands in for missing children, so any sparsity pattern is exact) and does one matmul with the
-  weight reshaped to ``[C_out, k*k*C_in]``.
+- ``strided_conv`` with k x k / stride k blocks (ConvNeXt's downsampling): gathers the k*k children
+  rows of every active output site (a shared zero row stands in for missing children, so any
+  sparsity pattern is exact) and does one matmul with the weight reshaped to ``[C_out, k*k*C_in]``.
 - ``dwconv`` (stride 1, submanifold): the active sites are covered with halo tiles (the s x s blocks
   that hold an active site, plus k//2 of context), all tiles go through one depthwise ``conv2d``,
   and the weight gradient is a conv of the tiles with the output-gradient tiles as kernels (much
@@ -15,7 +15,7 @@ only the visible sites:
 - ``conv`` (full channels, stride 1, submanifold): rows are written into a cached dense
   channels-last buffer whose inactive sites stay zero, a dense ``conv2d`` runs on it and the active
   rows are read back; backward is ``aten.convolution_backward`` on the same buffers.
-- ``strided_conv``/``max_pool`` (ResNet): RowBackend's gather of the k*k window rows of each
+- other ``strided_conv``s and ``max_pool`` (ResNet): RowBackend's gather of the k*k window rows of each
   given output site (a zero / -inf row for missing taps), then one matmul / a max; these window
   indices are built per call, not cached on the geometry (a few ops per network).
 - ``sample_l2_norm``/``scale_samples`` (GRN, DropPath): per-sample reductions and broadcasts are views
@@ -45,7 +45,7 @@ from torch.autograd.function import once_differentiable
 
 from mimsparse.sparse import SparseBatch
 
-from .checks import check_conv_weight, check_downsample_weight
+from .checks import check_conv_weight, check_strided_conv, is_block_conv
 from .rows import RowBackend, scale_rows, sqrt_or_zero
 
 # Depthwise tiles are processed in chunks of about this many input floats (a cache-sized working set
@@ -672,8 +672,12 @@ class PackedBackend(RowBackend):
             geom._cache[key] = best
         return geom._cache[key]
 
-    def downsample(self, t, weight, bias):
-        k = check_downsample_weight(weight, t.feats.shape[1], t.geom.spatial_shape)
+    def strided_conv(self, t, weight, bias, stride, *, padding, active_out_bhw=None):
+        k, _ = check_strided_conv(weight, t.feats.shape[1], stride, padding, t.batch_size, t.spatial_shape,
+                                  active_out_bhw)
+        if not is_block_conv(k, stride, padding, active_out_bhw):
+            return super().strided_conv(t, weight, bias, stride, padding=padding, active_out_bhw=active_out_bhw)
+        # non-overlapping blocks: gather each output's k*k children rows (cached per geometry), one matmul
         child, child_idx, parent_idx, complete, covered = t.geom.down(k)
         if t.geom.static:  # every child exists: a plain gather, whose backward autograd derives
             gathered = t.feats.index_select(0, child_idx)

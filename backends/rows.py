@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from mimsparse.sparse import SparseBatch
 
 from .base import Backend, Native
-from .checks import autocast_dtype, check_conv_weight, check_window_op, dtype_name
+from .checks import autocast_dtype, check_strided_conv, check_window_op, dtype_name, sites_reached
 
 
 class RowBackend(Backend):
@@ -51,25 +51,26 @@ class RowBackend(Backend):
     def map_rows(self, t, fn):
         return self.with_feats(t, fn(self.feats(t), self.batch_index(t)))
 
-    def strided_conv(self, t, weight, bias, stride, active_out_bhw):
+    def strided_conv(self, t, weight, bias, stride, *, padding, active_out_bhw=None):
         """Gather the k x k window rows of every output site (a zero row for missing taps), one matmul."""
         sb = self.to_sparse(t)
-        check_conv_weight(weight, sb.num_channels, "strided_conv")
-        check_window_op("strided_conv", weight.shape[-1], stride, sb.batch_size, sb.spatial_shape, active_out_bhw)
+        k, out_shape = check_strided_conv(weight, sb.num_channels, stride, padding, sb.batch_size, sb.spatial_shape,
+                                          active_out_bhw)
+        if active_out_bhw is None:
+            active_out_bhw = sites_reached(sb.active_mask(), k, stride, padding)
         out_coords = active_out_bhw.nonzero().to(torch.int32)
-        idx = window_rows(sb, out_coords, weight.shape[-1], stride)
+        idx = window_rows(sb, out_coords, k, stride, padding)
         cols = _pad_rows(sb.feats, 0.0).index_select(0, idx.flatten()).view(idx.shape[0], -1)
         # cols are laid out (dy, dx, C_in): the weight's (kh, kw, C_in) flattened
         out = F.linear(cols, weight.permute(0, 2, 3, 1).flatten(1).to(cols.dtype), bias)
-        return self.from_sparse(SparseBatch(out_coords, out, sb.batch_size, active_out_bhw.shape[1:],
-                                            sb.stride * stride))
+        return self.from_sparse(SparseBatch(out_coords, out, sb.batch_size, out_shape, sb.stride * stride))
 
     def max_pool(self, t, kernel, stride, active_out_bhw):
         """Gather the k x k window rows of every output site (-inf for missing taps), max over them."""
         sb = self.to_sparse(t)
         check_window_op("max_pool", kernel, stride, sb.batch_size, sb.spatial_shape, active_out_bhw)
         out_coords = active_out_bhw.nonzero().to(torch.int32)
-        idx = window_rows(sb, out_coords, kernel, stride)
+        idx = window_rows(sb, out_coords, kernel, stride, kernel // 2)
         out = window_max(sb.feats, idx)
         return self.from_sparse(SparseBatch(out_coords, out, sb.batch_size, active_out_bhw.shape[1:],
                                             sb.stride * stride))
@@ -104,10 +105,10 @@ def sqrt_or_zero(sumsq: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, sumsq, torch.ones_like(sumsq)).sqrt() * positive
 
 
-def window_rows(sb: SparseBatch, out_coords: torch.Tensor, k: int, stride: int) -> torch.Tensor:
+def window_rows(sb: SparseBatch, out_coords: torch.Tensor, k: int, stride: int, padding: int) -> torch.Tensor:
     """int64 [M, k*k]: the row of ``sb`` at tap (dy, dx) (index dy * k + dx) of the k x k window of
-    each output site (b, i, j) in ``out_coords`` [M, 3], i.e. input site (stride*i + dy - k//2,
-    stride*j + dx - k//2); N = number of rows where that site is outside the map or inactive."""
+    each output site (b, i, j) in ``out_coords`` [M, 3], i.e. input site (stride*i + dy - padding,
+    stride*j + dx - padding); N = number of rows where that site is outside the map or inactive."""
     h, w = sb.spatial_shape
     n = sb.feats.shape[0]
     dev = sb.coords.device
@@ -115,7 +116,7 @@ def window_rows(sb: SparseBatch, out_coords: torch.Tensor, k: int, stride: int) 
     dense_to_row = torch.full((sb.batch_size * h * w,), n, dtype=torch.int64, device=dev)
     dense_to_row[(b * h + y) * w + x] = torch.arange(n, device=dev)
     ob, oy, ox = out_coords.long().unbind(1)
-    taps = torch.arange(k, device=dev) - k // 2
+    taps = torch.arange(k, device=dev) - padding
     iy, ix = oy[:, None] * stride + taps, ox[:, None] * stride + taps           # [M, k] each
     inside = ((iy >= 0) & (iy < h))[:, :, None] & ((ix >= 0) & (ix < w))[:, None, :]
     pos = (ob[:, None, None] * h + iy.clamp(0, h - 1)[:, :, None]) * w + ix.clamp(0, w - 1)[:, None, :]

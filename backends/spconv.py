@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from mimsparse.errors import ConfigError
 from mimsparse.sparse import SparseBatch
 
-from .checks import add_bias, autocast_dtype, check_conv_weight, check_downsample_weight, dtype_name, max_rel_error
+from .checks import (add_bias, autocast_dtype, check_conv_weight, check_strided_conv, dtype_name, is_block_conv,
+                     max_rel_error)
 from .rows import RowBackend, dwconv_by_offsets, dwconv_via_dense
 
 with warnings.catch_warnings():
@@ -206,11 +207,13 @@ class SpconvBackend(RowBackend):
             out = self._spconv_conv(t, weight, k, 1, subm=True, algo=algo)[0]
         return self.with_feats(t, add_bias(out, bias))
 
-    def downsample(self, t, weight, bias):
-        k = check_downsample_weight(weight, t.feats.shape[1], t.spatial_shape)
+    def strided_conv(self, t, weight, bias, stride, *, padding, active_out_bhw=None):
+        k, out_shape = check_strided_conv(weight, t.feats.shape[1], stride, padding, t.sp.batch_size,
+                                          t.spatial_shape, active_out_bhw)
         self.check_compute(t.feats, weight)
-        h, w = t.spatial_shape
-        out_shape = (h // k, w // k)  # F.conv2d(stride=k), no padding: a partial last block is dropped
+        if not is_block_conv(k, stride, padding, active_out_bhw):  # sites given: RowBackend's window gather
+            return super().strided_conv(t, weight, bias, stride, padding=padding, active_out_bhw=active_out_bhw)
+        # k x k / stride k blocks: spconv's own strided conv (a partial last block is dropped, as F.conv2d)
         feats = t.feats
         if feats.shape[0] == 0 or not self._any_site_in_blocks(t, k):
             # no output site (spconv's strided rulebook may refuse an empty result, on CUDA)

@@ -71,3 +71,9 @@ def backend_or_skip(name: str):
         return get_backend(name)
     except BackendUnavailable as e:  # spconv / MinkowskiEngine not installed
         pytest.skip(str(e))
+
+
+def downsample(backend, t, weight, bias):
+    """ConvNeXt's k x k / stride k downsampling through the backend interface: a strided conv whose
+    output sites follow from the input (every block holding an active site)."""
+    return backend.strided_conv(t, weight, bias, weight.shape[-1], padding=0)

@@ -13,7 +13,7 @@ from mimsparse.backends import backend_names, get_backend
 from mimsparse.models.convnextv2 import GRN, SparseConvNeXtV2
 from mimsparse.models.fcmae import FCMAE
 from mimsparse.sparse import SparseBatch
-from tests.helpers import backend_or_skip, backend_param, random_active, randomize_, rel_err
+from tests.helpers import backend_or_skip, backend_param, downsample, random_active, randomize_, rel_err
 
 TOL = 1e-4
 dense = get_backend("dense")
@@ -69,8 +69,11 @@ def _run_both(op, backend, x, active, weight, bias):
     same random output gradient through both: (tensor, out, ref, [(grad, ref grad) for x, weight, bias])."""
     leaves = [x.clone().requires_grad_(), weight.clone().requires_grad_(), bias.clone().requires_grad_()]
     ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
-    t = getattr(backend, op)(backend.from_dense(leaves[0], active), leaves[1], leaves[2])
-    t_ref = getattr(dense, op)(dense.from_dense(ref_leaves[0], active), ref_leaves[1], ref_leaves[2])
+    def call(be, *args):  # an op's name, or a function of (backend, tensor, weight, bias)
+        return getattr(be, op)(*args) if isinstance(op, str) else op(be, *args)
+
+    t = call(backend, backend.from_dense(leaves[0], active), leaves[1], leaves[2])
+    t_ref = call(dense, dense.from_dense(ref_leaves[0], active), ref_leaves[1], ref_leaves[2])
     out, ref = backend.to_dense(t), dense.to_dense(t_ref)
     g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7))
     (out * g).sum().backward()
@@ -116,8 +119,8 @@ def test_downsample_equals_dense(lib, k, shape):
     x = torch.randn(3, 4, h, w)
     active = random_active(3, h, w, 0.3, seed=5, empty_sample=0)
     weight, b = torch.randn(7, 4, k, k), torch.randn(7)
-    t, out, ref, grads = _run_both("downsample", backend, x, active, weight, b)
-    ref_t = dense.downsample(dense.from_dense(x, active), weight, b)
+    t, out, ref, grads = _run_both(downsample, backend, x, active, weight, b)
+    ref_t = downsample(dense, dense.from_dense(x, active), weight, b)
     _check_native(lib, t, k)
     sb = backend.to_sparse(t)
     assert sb.stride == k and sb.spatial_shape == (h // k, w // k)
@@ -134,12 +137,35 @@ def test_downsample_equals_dense(lib, k, shape):
         assert rel_err(grad, ref_grad) < TOL
 
 
+@pytest.mark.parametrize("k,stride,padding", [(3, 2, 1), (3, 2, 0), (2, 1, 0), (1, 2, 0)])
+@pytest.mark.parametrize("lib", ALL)
+def test_strided_conv_at_the_sites_it_reaches_equals_conv2d(lib, k, stride, padding):
+    """Without output sites given, a strided conv produces every output site whose window holds an
+    active input (the libraries' generative strided conv), also for overlapping windows."""
+    backend = _backend(lib)
+    x = torch.randn(3, 4, 9, 12)
+    active = random_active(3, 9, 12, 0.3, seed=k + stride, empty_sample=1)
+    weight, b = torch.randn(6, 4, k, k), torch.randn(6)
+
+    def op(be, t, w, bias):
+        return be.strided_conv(t, w, bias, stride, padding=padding)
+
+    t, out, ref, grads = _run_both(op, backend, x, active, weight, b)
+    reached = F.max_pool2d(active[:, None].float(), k, stride, padding)[:, 0] > 0
+    sb = backend.to_sparse(t)
+    assert sb.stride == stride and torch.equal(sb.active_mask(), reached)
+    assert rel_err(out, _masked(F.conv2d(_masked(x, active), weight, b, stride=stride, padding=padding), reached)) < TOL
+    assert rel_err(out, ref) < TOL
+    for grad, ref_grad in grads:
+        assert rel_err(grad, ref_grad) < TOL
+
+
 @pytest.mark.parametrize("lib", ALL)
 def test_downsample_of_sites_only_in_a_partial_block_is_empty(lib, capfd):
     backend = _backend(lib)
     sb = SparseBatch(torch.tensor([[0, 2, 1], [1, 0, 2]], dtype=torch.int32), torch.randn(2, 4), 2, (3, 3))
     weight = torch.randn(5, 4, 2, 2, requires_grad=True)
-    t = backend.downsample(backend.from_sparse(sb), weight, torch.randn(5))
+    t = downsample(backend, backend.from_sparse(sb), weight, torch.randn(5))
     assert backend.to_sparse(t).feats.shape == (0, 5) and backend.to_sparse(t).spatial_shape == (1, 1)
     _check_native(lib, t, 2)
     backend.to_dense(t).sum().backward()
@@ -227,7 +253,7 @@ def test_all_masked_batch_has_no_rows_and_backpropagates(lib):
         assert backend.to_sparse(t).feats.shape == (0, 4)
         y = backend.conv(backend.dwconv(t, w_dw, None), w_c, torch.zeros(4))
         y = GRN(4)(backend.map_feats(y, torch.nn.functional.gelu), backend)
-        y = backend.downsample(y, w_d, torch.zeros(8))
+        y = downsample(backend, y, w_d, torch.zeros(8))
         assert backend.to_sparse(y).feats.shape == (0, 8) and backend.to_sparse(y).spatial_shape == (3, 3)
         _check_native(lib, y, 2)
         assert backend.to_sparse(y).coords.shape == (0, 3)
@@ -259,9 +285,11 @@ def test_bad_weights_and_options_are_refused(lib):
     with pytest.raises(ValueError, match="odd kernel"):
         backend.dwconv(t, torch.randn(4, 1, 4, 4), None)
     with pytest.raises(ValueError, match="square kernel"):
-        backend.downsample(t, torch.randn(4, 4, 2, 3), None)
-    with pytest.raises(ValueError, match="cannot downsample"):
-        backend.downsample(t, torch.randn(4, 4, 8, 8), None)
+        downsample(backend, t, torch.randn(4, 4, 2, 3), None)
+    with pytest.raises(ValueError, match="5x5 map is smaller than the 8x8 window"):
+        downsample(backend, t, torch.randn(4, 4, 8, 8), None)
+    with pytest.raises(ValueError, match="0 <= padding < k"):
+        backend.strided_conv(t, torch.randn(4, 4, 3, 3), None, 2, padding=3)
     if lib in ALT_DWCONV:
         with pytest.raises(ValueError, match="unknown depthwise"):
             type(backend)(dwconv="grouped")

@@ -17,7 +17,7 @@ from mimsparse.backends.minkowski import MinkowskiBackend  # noqa: E402
 from mimsparse.backends.minkowski_layout import channelwise_kernel, dense_weight, me_kernel  # noqa: E402
 from mimsparse.sparse import SparseBatch  # noqa: E402
 from tests.conftest import run_tool, tiny_overrides  # noqa: E402
-from tests.helpers import random_active, rel_err  # noqa: E402
+from tests.helpers import downsample, random_active, rel_err  # noqa: E402
 
 pytestmark = pytest.mark.minkowski
 
@@ -85,11 +85,11 @@ def test_convs_after_downsample_use_the_coarse_grid():
     active = random_active(2, 12, 10, 0.35, seed=11)
     wd, wc, wdw = torch.randn(6, 4, 2, 2), torch.randn(5, 6, 3, 3), torch.randn(6, 1, 5, 5)
     for backend in (mink, kernel_map):
-        t = backend.downsample(backend.from_dense(x, active), wd, None)
-        r = dense.downsample(dense.from_dense(x, active), wd, None)
+        t = downsample(backend, backend.from_dense(x, active), wd, None)
+        r = downsample(dense, dense.from_dense(x, active), wd, None)
         assert rel_err(backend.to_dense(backend.dwconv(t, wdw, None)), dense.to_dense(dense.dwconv(r, wdw, None))) < TOL
         assert rel_err(backend.to_dense(backend.conv(t, wc, None)), dense.to_dense(dense.conv(r, wc, None))) < TOL
-        t2 = backend.downsample(t, torch.randn(3, 6, 2, 2), None)
+        t2 = downsample(backend, t, torch.randn(3, 6, 2, 2), None)
         assert t2.tensor_stride == 4 and t2.stride == 4 and t2.spatial_shape == (3, 2)
 
 
@@ -150,7 +150,7 @@ def test_float64_runs_and_matches_conv2d_to_rounding():
     x = torch.randn(2, 4, 8, 10, dtype=torch.float64)
     active = random_active(2, 8, 10, 0.5, seed=4)
     w, wd = torch.randn(3, 4, 3, 5, dtype=torch.float64), torch.randn(6, 3, 2, 2, dtype=torch.float64)
-    t = mink.downsample(mink.conv(mink.from_dense(x, active), w, None), wd, None)
+    t = downsample(mink, mink.conv(mink.from_dense(x, active), w, None), wd, None)
     ref = F.conv2d(_masked(F.conv2d(_masked(x, active), w, padding=(1, 2)), active), wd, stride=2)
     assert t.feats.dtype == torch.float64
     assert rel_err(mink.to_dense(t), _masked(ref, F.max_pool2d(active[:, None].double(), 2)[:, 0] > 0)) < 1e-12

@@ -20,6 +20,7 @@ from mimsparse.config import ModelConfig, PretrainConfig
 from mimsparse.models.convnextv2 import GRN, SparseConvNeXtV2
 from mimsparse.masking import random_patch_mask, upsample_mask
 from mimsparse.sparse import SparseBatch
+from tests.helpers import downsample
 
 TOL = 1e-4
 DENSE = MaskedDenseBackend()
@@ -220,10 +221,10 @@ def test_downsample(shape, aligned):
     g = torch.Generator().manual_seed(1)
     weight = (torch.randn(9, 6, 2, 2, generator=g) * 0.2).requires_grad_(True)
     bias = torch.randn(9, generator=g).requires_grad_(True)
-    out_d, out_p = check_fwd_bwd(x, mask, lambda be, t: be.downsample(t, weight, bias), (weight, bias), stride=4)
+    out_d, out_p = check_fwd_bwd(x, mask, lambda be, t: downsample(be, t, weight, bias), (weight, bias), stride=4)
     active = F.max_pool2d(mask[:, : h // 2 * 2, : w // 2 * 2].unsqueeze(1).float(), 2) > 0
     assert_close(out_p, F.conv2d(x, weight, bias, stride=2) * active, what="vs F.conv2d")
-    t = PACKED.downsample(PACKED.from_dense(x, mask, 4), weight, bias)
+    t = downsample(PACKED, PACKED.from_dense(x, mask, 4), weight, bias)
     assert t.stride == 8 and t.spatial_shape == (h // 2, w // 2)
     assert torch.equal(t.geom.active_mask(), active.squeeze(1))
 
@@ -442,6 +443,6 @@ def test_batch_without_any_site():
     grn = _grn(4)
 
     def op(be, t):
-        return be.downsample(grn(be.dwconv(t, dw, None), be), down, None)
+        return downsample(be, grn(be.dwconv(t, dw, None), be), down, None)
 
     check_fwd_bwd(x, mask, op, (dw, grn.weight, grn.bias, down))

@@ -93,7 +93,7 @@ def test_every_stage_is_active_exactly_at_the_upsampled_visible_patches():
     conv = enc.layer2[0].conv1  # 3x3, stride 2
     dilated = F.max_pool2d(stages[0].active_bhw.float().unsqueeze(1), 3, 2, padding=1).squeeze(1) > 0
     extra = dilated & ~upsample_mask(visible, 4)
-    leaked = enc.backend.to_dense(enc.backend.strided_conv(stages[0], conv.weight, None, 2, dilated))
+    leaked = enc.backend.to_dense(enc.backend.strided_conv(stages[0], conv.weight, None, 2, padding=1, active_out_bhw=dilated))
     assert extra.any() and leaked.permute(0, 2, 3, 1)[extra].abs().sum() > 0
 
 

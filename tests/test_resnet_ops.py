@@ -97,7 +97,8 @@ def test_strided_conv_equals_conv2d_at_output_sites(backend, k, stride, hw):
     g = torch.Generator().manual_seed(1)
     w, b = torch.randn(4, 5, k, k, generator=g), torch.randn(4, generator=g)
     ours, ref = _leaves(x, w, b), _leaves(x, w, b)
-    t = backend.strided_conv(backend.from_dense(ours[0], active), ours[1], ours[2], stride, active_out)
+    t = backend.strided_conv(backend.from_dense(ours[0], active), ours[1], ours[2], stride, padding=k // 2,
+                             active_out_bhw=active_out)
     out = backend.to_dense(t)
     expected = F.conv2d(ref[0] * active.unsqueeze(1), ref[1], ref[2], stride=stride, padding=k // 2)
     expected = expected * active_out.unsqueeze(1)
@@ -129,6 +130,6 @@ def test_window_ops_refuse_a_mask_of_the_wrong_grid(backend):
     x, active, _ = _case(2, 8, 8, 2, seed=0)
     t = backend.from_dense(x, active)
     with pytest.raises(ValueError, match=r"output mask \(2, 8, 8\) does not match the output grid \(2, 4, 4\)"):
-        backend.strided_conv(t, torch.randn(4, 5, 3, 3), None, 2, active)
+        backend.strided_conv(t, torch.randn(4, 5, 3, 3), None, 2, padding=1, active_out_bhw=active)
     with pytest.raises(ValueError, match="odd kernel"):
         backend.max_pool(t, 2, 2, active[:, ::2, ::2])

@@ -139,7 +139,8 @@ class SparseDownsample(nn.Module):
 
     def forward(self, x, backend: Backend):
         x = backend.map_feats(x, self.norm)
-        return backend.downsample(x, self.conv.weight, self.conv.bias)
+        # output sites follow from the input: every k x k block holding a visible site
+        return backend.strided_conv(x, self.conv.weight, self.conv.bias, self.conv.stride[0], padding=0)
 
 
 class SparseConvNeXtV2(SparseEncoder):

@@ -45,7 +45,8 @@ def _conv(backend: Backend, x, conv: nn.Conv2d, active_out_bhw: torch.Tensor):
     stride = conv.stride[0]
     if stride == 1:
         return backend.conv(x, conv.weight, conv.bias)
-    return backend.strided_conv(x, conv.weight, conv.bias, stride, active_out_bhw)
+    return backend.strided_conv(x, conv.weight, conv.bias, stride, padding=conv.padding[0],
+                                active_out_bhw=active_out_bhw)
 
 
 def sparse_batch_norm(backend: Backend, x, bn: nn.BatchNorm2d):
