@@ -39,7 +39,8 @@ class Backend(ABC):
     - ``sample_l2_norm``/``scale_samples``: per-sample reductions and broadcasts over each sample's
       own active sites (never over the whole batch); model code builds GRN and DropPath from them.
     - ``map_rows``: a function of all active sites' rows at once, with each row's sample index (the
-      model's own BatchNorm over active sites, per-sample scaling, anything whose statistics span sites).
+      model's own BatchNorm over active sites, anything whose statistics span sites). GRN and DropPath
+      use the two per-sample ops instead, which no backend has to gather rows for.
     - ``max_pool``: k x k windows centred on stride * (output site) (padding k // 2, torchvision's
       ResNet geometry), over active input sites only, evaluated at the output sites the caller gives.
     """
