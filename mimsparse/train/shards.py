@@ -211,6 +211,8 @@ def write_shards(folder: str | Path, out_dir: str | Path, shard_size: int, prefi
     if shard_size < 1:
         raise DataError(f"--shard-size must be >= 1, got {shard_size}")
     folder, out_dir = Path(folder), Path(out_dir)
+    if not folder.is_dir():
+        raise DataError(f"{str(folder)!r} is not a folder; pass an ImageFolder or a flat folder of images")
     paths = list_images(folder)
     if seed is not None:
         random.Random(seed).shuffle(paths)
