@@ -18,8 +18,6 @@ from mimsparse.train.engine import Pretrainer
 from mimsparse.train.shards import ShardImages, decode_sample, write_shards
 from tests.conftest import run_tool, tiny_overrides
 
-pytest.importorskip("webdataset")
-
 
 @pytest.fixture(scope="module")
 def photo_folder(tmp_path_factory):
