@@ -53,7 +53,11 @@ def main(argv=None) -> int:
     result["date"] = now.isoformat(timespec="minutes")
     result["load_average"] = list(os.getloadavg())
     result["cpu_count"] = os.cpu_count()
-    header = (f"`{result['command']}` — {result['date']}, {result['cpu_count']} CPUs, load average "
+    import torch
+
+    result["torch_threads"] = torch.get_num_threads()  # the main process's (workers use 1 each)
+    header = (f"`{result['command']}` — {result['date']}, {result['cpu_count']} CPUs, {result['torch_threads']} "
+              f"torch thread(s) in the main process, load average "
               f"{' '.join(f'{v:.2f}' for v in result['load_average'])}, {result['images']} images, "
               f"crops {args.img_size}\n\n")
     table = markdown_table(result)
