@@ -109,3 +109,21 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
     proc = run_tool("pretrain.py", "--data", str(tmp_path / "missing"), check=False)
     assert proc.returncode == 2 and proc.stderr.startswith("error: data folder") and "Traceback" not in proc.stderr
+
+
+def test_a_resume_checkpoint_holds_the_weights_once(photo_dir, tmp_path):
+    """What resuming needs and nothing twice: the keys are exactly these, and the file is the weights
+    plus AdamW's two moments (3 x 4 bytes per parameter, fp32) with under 0.25 MiB for the rest (run
+    position, schedule, RNG, config, zip headers). With decoder_dim 512 as in configs/fcmae_atto.yaml."""
+    import os
+
+    run = Pretrainer(_cfg(tmp_path, photo_dir, **{"model.decoder_dim": 512, "train.max_steps": 1}), "dense",
+                     show_progress=False)
+    path = run.run()["checkpoint"]
+    ckpt = load_checkpoint(path)
+    assert set(ckpt) == {"model", "optimizer", "scheduler", "scaler", "run", "config", "backend", "versions", "rng"}
+    params = sum(p.numel() for p in run.model.parameters())
+    assert sum(t.numel() for t in ckpt["model"].values()) == params  # no buffer or alias stored besides them
+    tensors = 3 * 4 * params
+    assert tensors <= os.path.getsize(path) <= tensors + 0.25 * 2**20, (os.path.getsize(path), tensors)
+    assert params == 7_257_992  # convnextv2_atto encoder + 512-wide FCMAE decoder: 83.1 MiB of tensors
