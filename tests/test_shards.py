@@ -21,7 +21,7 @@ from tests.conftest import run_tool, tiny_overrides
 
 @pytest.fixture(scope="module")
 def photo_folder(tmp_path_factory):
-    """scikit-image's photos, as they ship (PNG and JPEG, 300 to 1000 px), in two class folders."""
+    """scikit-image's photos, as they ship (PNG and JPEG, 300 to 1411 px), in two class folders."""
     root = tmp_path_factory.mktemp("folder")
     for i, path in enumerate(bundled_photo_paths()):
         (root / f"class{i % 2}").mkdir(exist_ok=True)
