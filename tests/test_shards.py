@@ -170,3 +170,23 @@ def test_make_shards_then_pretrain_non_square_from_the_cli(photo_dir, tmp_path):
                    "--output-dir", str(tmp_path / "bad"), "--batch-size", "2", check=False)
     assert bad.returncode == 2 and bad.stderr.startswith("error: 2 shard(s) for 1 process(es) x 3 loader worker(s)")
     assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_with_two_workers_each_train_from_shards(photo_dir, tmp_path):
+    """torchrun, 2 processes x data.num_workers=2 on 6 shards: both ranks get the same
+    number of batches (no process waits in a collective), the replicas stay equal (checked by the
+    trainer after each epoch), rank 0 writes the checkpoint."""
+    import json
+
+    from tests.test_distributed import _torchrun
+
+    _, pattern = write_shards(photo_dir, tmp_path / "shards", shard_size=1)  # 6 shards for 4 workers
+    out = tmp_path / "run"
+    _torchrun(2, "--no-progress", "--data", pattern, *tiny_overrides(out, **{"train.batch_size": 2,
+                                                                            "data.num_workers": 2,
+                                                                            "train.epochs": 2}))
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    # 6 photos x repeat 2 / (2 processes x batch 2) = 3 steps per epoch, 2 epochs
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6] and all(np.isfinite(r["loss"]) for r in log)
+    assert (out / "checkpoint-0000006.pth").is_file()
