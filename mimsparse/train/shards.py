@@ -10,7 +10,7 @@ Each epoch (seed = run seed + epoch):
   Unlike a folder, which batches a sample lands in depends on R and W.
 - each worker streams its shards through a seeded shuffle buffer (``data.shuffle_buffer``) and
   yields exactly its share of the rank's batches: if its shards hold fewer samples it starts
-  another (reshuffled) pass over them, if more the rest waits for the next epoch's split.
+  another (reshuffled) pass over them; if more, the rest is not read this epoch.
 - a sample's augmentation and mask seed is a hash of (seed, epoch, pass, shard, key): the same
   sample gets the same crop whichever worker reads it.
 
