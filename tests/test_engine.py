@@ -127,3 +127,22 @@ def test_a_resume_checkpoint_holds_the_weights_once(photo_dir, tmp_path):
     tensors = 3 * 4 * params
     assert tensors <= os.path.getsize(path) <= tensors + 0.25 * 2**20, (os.path.getsize(path), tensors)
     assert params == 7_257_992  # convnextv2_atto encoder + 512-wide FCMAE decoder: 83.1 MiB of tensors
+
+
+def test_non_square_crops_follow_the_target_aspect():
+    """data.img_size HxW: the crop boxes' aspect ratios are drawn around W/H, so a whole 2:1 photo can
+    become a 32x64 crop (min_scale 1: the full image); torchvision's default ratios (3/4 to 4/3) would cut
+    its sides off. Marked left and right edges must both survive."""
+    from PIL import Image
+
+    from mimsparse.train.data import pretrain_transform
+
+    img = Image.new("RGB", (256, 128), (128, 128, 128))
+    img.paste((255, 0, 0), (0, 0, 16, 128))      # red left edge
+    img.paste((0, 0, 255), (240, 0, 256, 128))   # blue right edge
+    for seed in range(5):
+        torch.manual_seed(seed)
+        out = pretrain_transform((32, 64), 1.0)(img)
+        assert out.shape == (3, 32, 64)
+        edges = out[:, 16, [0, 63]]  # normalised: red has channel 0 high, blue channel 2 high
+        assert sorted(int(edges[:, i].argmax()) for i in range(2)) == [0, 2]
