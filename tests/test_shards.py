@@ -4,6 +4,7 @@ is exact, and pretraining runs from them."""
 import io
 import shutil
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,6 +50,7 @@ def test_shards_hold_every_file_unchanged(photo_folder, shards):
     paths, pattern = shards
     files = list_images(photo_folder)
     assert len(paths) == (len(files) + 1) // 2 and pattern.endswith(f"train-{{000000..{len(paths) - 1:06d}}}.tar")
+    assert sorted(p.name for p in Path(paths[0]).parent.iterdir()) == sorted(Path(p).name for p in paths)  # no .tmp
     stored = _tar_images(paths)
     assert sorted(stored) == sorted(str(f.relative_to(photo_folder).with_suffix("")) for f in files)
     for f in files:

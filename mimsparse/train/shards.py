@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import random
 import tarfile
 import warnings
@@ -222,9 +223,14 @@ def write_shards(folder: str | Path, out_dir: str | Path, shard_size: int, prefi
         raise DataError(f"{str(out_dir)!r} already holds {len(existing)} {prefix}-*.tar shard(s); choose an empty folder "
                         f"or another --prefix")
     written = []
+
+    def finished(tmp: str) -> None:  # a shard gets its name only when complete: a killed run leaves no torn .tar
+        os.replace(tmp, tmp.removesuffix(".tmp"))
+        written.append(tmp.removesuffix(".tmp"))
+
     # mtime fixed: the same folder gives byte-identical shards
-    with wds.ShardWriter(str(out_dir / f"{prefix}-%06d{SHARD_SUFFIX}"), maxcount=shard_size, verbose=0,
-                         post=written.append, encoder=False, mtime=0.0) as sink:
+    with wds.ShardWriter(str(out_dir / f"{prefix}-%06d{SHARD_SUFFIX}.tmp"), maxcount=shard_size, verbose=0,
+                         post=finished, encoder=False, mtime=0.0) as sink:
         for path in paths:
             rel = path.relative_to(folder)
             key = str(rel.with_suffix("").as_posix()).replace(".", "_")
