@@ -42,11 +42,25 @@ class MaskConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    path: str = ""              # ImageFolder / flat folder, a built-in dataset name (mimsparse.evaluate.datasets); "" = bundled photos
-    img_size: int = 224
+    path: str = ""              # ImageFolder / flat folder, a built-in dataset name (mimsparse.evaluate.datasets),
+                                # tar shards ('shards/train-{000000..000009}.tar', mimsparse.train.shards); "" = bundled photos
+    img_size: int | str = 224   # training crop: N (square) or "HxW" (e.g. 192x320), multiples of the patch size
     min_scale: float = 0.2      # RandomResizedCrop scale range (min_scale, 1)
     repeat: int = 1             # passes over a small dataset per epoch
     num_workers: int = 0
+    shuffle_buffer: int = 1000  # tar shards: samples each loader worker holds to shuffle within its shards (1 = off)
+
+    @property
+    def size_hw(self) -> tuple[int, int]:
+        """The crop as (height, width), from ``img_size`` N or "HxW"."""
+        try:
+            parts = [int(v) for v in str(self.img_size).lower().split("x")]
+        except ValueError:
+            parts = []
+        if isinstance(self.img_size, bool) or len(parts) not in (1, 2) or min(parts) <= 0:
+            raise ConfigError(f"config key 'data.img_size' must be N or HxW with positive integers (e.g. 224 or "
+                              f"192x320), got {self.img_size!r}")
+        return parts[0], parts[-1]
 
 
 @dataclass(frozen=True)
@@ -114,7 +128,8 @@ def _coerce(value, typ, key: str):
     if typ is str and value is None:
         return ""
     if not isinstance(value, typ):
-        raise ConfigError(f"config key {key!r} must be {typ.__name__}, got {type(value).__name__} {value!r}")
+        expected = getattr(typ, "__name__", None) or " or ".join(t.__name__ for t in typing.get_args(typ))
+        raise ConfigError(f"config key {key!r} must be {expected}, got {type(value).__name__} {value!r}")
     return value
 
 

@@ -80,3 +80,29 @@ def test_cli_writes_a_run_folder_and_never_over_existing_results(tmp_path):
     assert out.returncode == 0, out.stderr
     (folder,) = (tmp_path / "runs" / "benchmark").iterdir()
     assert folder.name.endswith("-t") and (folder / "t.md").is_file()
+
+
+def test_data_benchmark_counts_the_images_it_times(photo_dir, monkeypatch):
+    """Folder and shard rows for each worker count; the rate is images after the first batch over the
+    time measured, per worker divided by the workers (no timing asserted)."""
+    from mimsparse import data_benchmark
+
+    timed = []
+    original = data_benchmark.time_loader
+
+    def spy(loader, batches):
+        seconds, images = original(loader, batches)
+        timed.append((seconds, images))
+        return seconds, images
+
+    monkeypatch.setattr(data_benchmark, "time_loader", spy)
+    result = data_benchmark.run_data_benchmark(photo_dir, (32, 48), workers=(0, 1), batch_size=2, batches=4,
+                                               repeats=2, shard_size=2)
+    assert [(r["source"], r["workers"]) for r in result["rows"]] == [("folder", 0), ("folder", 1), ("shards", 0),
+                                                                    ("shards", 1)]
+    assert all(images == 3 * 2 for _, images in timed) and len(timed) == 8  # 3 timed batches of 2
+    for row, pair in zip(result["rows"], zip(timed[::2], timed[1::2])):
+        rates = [images / seconds for seconds, images in pair]
+        assert row["img_per_s"] == pytest.approx(statistics.median(rates))
+        assert row["img_per_s_per_worker"] == pytest.approx(row["img_per_s"] / max(1, row["workers"]))
+    assert data_benchmark.markdown_table(result).count("\n") == 5

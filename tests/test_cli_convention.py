@@ -47,6 +47,10 @@ CASES = [  # tool, new spelling, old spelling
     ("convert_to_dense", ["--checkpoint", "c.pth", "-o", "x.safetensors"], ["c.pth", "--output", "x.safetensors"]),
     ("benchmark", ["--batch-size", "2", "--img-size", "64x96", "--output-dir", "o"],
      ["--batch", "2", "--img", "64x96", "--out-dir", "o"]),
+    ("pretrain", ["--data", "d", "--img-size", "64x96", "--batch-size", "2", "--output-dir", "o", "train.epochs=1"],
+     ["--data-path", "d", "--img", "64x96", "--batch", "2", "--out-dir", "o", "train.epochs=1"]),
+    ("benchmark_data", ["--batch-size", "2", "--img-size", "64", "--output-dir", "o"],
+     ["--batch", "2", "--img", "64", "--out-dir", "o"]),
 ]
 
 
@@ -68,13 +72,32 @@ def test_checkpoint_forms(monkeypatch):
 
 
 @pytest.mark.parametrize("tool", ["finetune", "linear_probe", "feature_collapse", "visualize", "show_masks",
-                                  "convert_to_dense", "benchmark", "predict"])
+                                  "convert_to_dense", "benchmark", "predict", "pretrain", "benchmark_data"])
 def test_help_shows_the_new_names_only(tool, capsys):
     main = runpy.run_path(str(ROOT / "tools" / f"{tool}.py"))["main"]
     with pytest.raises(SystemExit):
         main(["--help"])
     text = capsys.readouterr().out
-    for old in ("--ckpt ", "--img ", "--batch ", "--out-dir"):
+    for old in ("--ckpt ", "--img ", "--batch ", "--out-dir", "--data-path"):
         assert old not in text.replace("--ckpt still", ""), (tool, old)
     if tool not in ("show_masks", "convert_to_dense"):
         assert "--img-size" in text or "--batch-size" in text
+
+
+@pytest.mark.parametrize("argv", [["--img-size", "64x96", "--batch-size", "3", "--data-path", "d", "--output-dir", "o"],
+                                  ["--img", "64x96", "--batch", "3", "--data", "d", "--out-dir", "o"]])
+def test_pretrain_options_set_the_config(argv, monkeypatch):
+    """Both spellings reach the run's config: data.img_size HxW (non-square crops), train.batch_size,
+    data.path, train.output_dir."""
+    import mimsparse.train.build
+
+    def capture(cfg, *args, **kwargs):
+        raise Parsed(None, cfg)
+
+    monkeypatch.setattr(mimsparse.train.build, "build_run", capture)
+    main = runpy.run_path(str(ROOT / "tools" / "pretrain.py"))["main"]
+    with pytest.raises(Parsed) as e:
+        main([*argv, "--device", "cpu"])
+    cfg = e.value.namespace
+    assert cfg.data.size_hw == (64, 96) and cfg.train.batch_size == 3
+    assert cfg.data.path == "d" and cfg.train.output_dir == "o"

@@ -108,3 +108,56 @@ def test_a_torchrun_job_refuses_another_runs_folder_on_every_rank(photo_dir, tmp
     refused = [line for line in proc.stderr.splitlines() if "holds the checkpoints of another run" in line]
     assert len(refused) == 2 and all(line.startswith("error: output folder") for line in refused), proc.stderr
     assert {p.name: p.read_bytes() for p in out.glob("checkpoint-*.pth")} == before
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rendezvous", ["c10d", "static"])
+def test_two_nodes_match_one_process_with_the_global_batch(photo_dir, tmp_path, rendezvous):
+    """Two "nodes" on this machine: two torchrun launchers (--nnodes 2 --nproc-per-node 1), meeting
+    through a c10d rendezvous (ranks in order of arrival) or the static one (--node-rank 0/1,
+    --master-addr); after 2 steps the weights equal one process's with the global batch."""
+    common = {"data.path": str(photo_dir), "train.max_steps": 2}
+    one = Pretrainer(load_config(None, tiny_overrides(tmp_path / "one", **common, **{"train.batch_size": 4})),
+                     "dense", show_progress=False)
+    one.run()
+
+    out, port = tmp_path / "nodes", _free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    launchers = []
+    for node in (0, 1):
+        if rendezvous == "c10d":
+            meet = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes",
+                    "--local-addr", "127.0.0.1"]
+        else:
+            meet = ["--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", *meet,
+               str(ROOT / "tools" / "pretrain.py"), "--no-progress", *tiny_overrides(out, **common,
+                                                                                    **{"train.batch_size": 2})]
+        launchers.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                          cwd=ROOT))
+    outputs = []
+    try:
+        for proc in launchers:
+            outputs.append(proc.communicate(timeout=300))
+    finally:
+        for proc in launchers:
+            proc.kill()
+    for proc, (stdout, stderr) in zip(launchers, outputs):
+        assert proc.returncode == 0, f"a node failed ({proc.returncode}):\n{stdout}\n{stderr}"
+    printed = "".join(stdout for stdout, _ in outputs)
+    assert "batch 2 x 2 processes" in printed and printed.count("checkpoint: ") == 1  # global rank 0 alone
+
+    nodes = load_checkpoint(out / "checkpoint-0000002.pth")["model"]
+    single = one.model.state_dict()
+    initial = Pretrainer(one.cfg, "dense", show_progress=False).model.state_dict()
+    moved = max((single[k] - v).abs().max().item() for k, v in initial.items())
+    diff = max((single[k] - v).abs().max().item() for k, v in nodes.items())
+    assert nodes.keys() == single.keys() and diff < 1e-6 < moved, (diff, moved)

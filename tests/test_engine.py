@@ -109,3 +109,40 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
     proc = run_tool("pretrain.py", "--data", str(tmp_path / "missing"), check=False)
     assert proc.returncode == 2 and proc.stderr.startswith("error: data folder") and "Traceback" not in proc.stderr
+
+
+def test_a_resume_checkpoint_holds_the_weights_once(photo_dir, tmp_path):
+    """What resuming needs and nothing twice: the keys are exactly these, and the file is the weights
+    plus AdamW's two moments (3 x 4 bytes per parameter, fp32) with under 0.25 MiB for the rest (run
+    position, schedule, RNG, config, zip headers). With decoder_dim 512 as in configs/fcmae_atto.yaml."""
+    import os
+
+    run = Pretrainer(_cfg(tmp_path, photo_dir, **{"model.decoder_dim": 512, "train.max_steps": 1}), "dense",
+                     show_progress=False)
+    path = run.run()["checkpoint"]
+    ckpt = load_checkpoint(path)
+    assert set(ckpt) == {"model", "optimizer", "scheduler", "scaler", "run", "config", "backend", "versions", "rng"}
+    params = sum(p.numel() for p in run.model.parameters())
+    assert sum(t.numel() for t in ckpt["model"].values()) == params  # no buffer or alias stored besides them
+    tensors = 3 * 4 * params
+    assert tensors <= os.path.getsize(path) <= tensors + 0.25 * 2**20, (os.path.getsize(path), tensors)
+    assert params == 7_257_992  # convnextv2_atto encoder + 512-wide FCMAE decoder: 83.1 MiB of tensors
+
+
+def test_non_square_crops_follow_the_target_aspect():
+    """data.img_size HxW: the crop boxes' aspect ratios are drawn around W/H, so a whole 2:1 photo can
+    become a 32x64 crop (min_scale 1: the full image); torchvision's default ratios (3/4 to 4/3) would cut
+    its sides off. Marked left and right edges must both survive."""
+    from PIL import Image
+
+    from mimsparse.train.data import pretrain_transform
+
+    img = Image.new("RGB", (256, 128), (128, 128, 128))
+    img.paste((255, 0, 0), (0, 0, 16, 128))      # red left edge
+    img.paste((0, 0, 255), (240, 0, 256, 128))   # blue right edge
+    for seed in range(5):
+        torch.manual_seed(seed)
+        out = pretrain_transform((32, 64), 1.0)(img)
+        assert out.shape == (3, 32, 64)
+        edges = out[:, 16, [0, 63]]  # normalised: red has channel 0 high, blue channel 2 high
+        assert sorted(int(edges[:, i].argmax()) for i in range(2)) == [0, 2]

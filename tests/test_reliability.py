@@ -450,7 +450,7 @@ def test_overrides_anywhere_among_the_options():
     parser = _tool("pretrain").get_args_parser()
     args = parse_with_overrides(parser, ["train.epochs=3", "--backend", "dense", "model.name=convnextv2_femto",
                                          "--img", "64", "optim.base_lr=1e-3", "--no-progress", "train.epochs=4"])
-    assert args.backend == "dense" and args.img == 64 and args.no_progress
+    assert args.backend == "dense" and args.img_size == "64" and args.no_progress
     assert args.overrides == ["train.epochs=3", "model.name=convnextv2_femto", "optim.base_lr=1e-3", "train.epochs=4"]
     cfg = load_config(None, args.overrides)
     assert cfg.train.epochs == 4 and cfg.model.name == "convnextv2_femto" and cfg.optim.base_lr == 1e-3

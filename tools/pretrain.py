@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Masked image modeling pretraining of a sparse encoder (ConvNeXt V2 or ResNet; FCMAE, SimMIM or SparK objective).
 
-  tools/pretrain.py --config configs/fcmae_atto.yaml --backend dense [--data DIR|fashion-mnist] [key=value ...]
+  tools/pretrain.py --config configs/fcmae_atto.yaml --backend dense [--data DIR|SHARDS|fashion-mnist]
+                    [--img-size N|HxW] [--batch-size B] [--output-dir DIR] [key=value ...]
   torchrun --standalone --nproc_per_node N tools/pretrain.py ...   (DDP: gloo on CPU, nccl on CUDA)
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     from mimsparse.backends import backend_names
+    from mimsparse.cli_args import HIDDEN, add_batch_size, add_img_size, add_output_dir
 
     p = argparse.ArgumentParser("FCMAE pretraining", add_help=add_help,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -24,10 +26,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                        "(train.batch_size is per process; rank 0 logs and writes checkpoints).")
     p.add_argument("--config", default=None, help="YAML file from configs/ (defaults are in mimsparse/config.py)")
     p.add_argument("--backend", default="dense", choices=backend_names(), help="sparse backend (default: dense)")
-    p.add_argument("--data", default=None, help="ImageFolder or flat folder of images, or a built-in dataset "
-                   "(fashion-mnist, lfw-subset, foolbox-imagenet: its training images) (default: bundled photos)")
-    p.add_argument("--img", type=int, default=None, help="training crop size, a multiple of 32 (= data.img_size)")
-    p.add_argument("--output-dir", default=None, help="where checkpoints and logs go (= train.output_dir)")
+    p.add_argument("--data", default=None, help="ImageFolder or flat folder of images, tar shards ('shards/train-"
+                   "{000000..000009}.tar', see tools/make_shards.py), or a built-in dataset (fashion-mnist, lfw-subset, "
+                   "foolbox-imagenet: its training images) (default: bundled photos)")
+    p.add_argument("--data-path", dest="data", default=HIDDEN, help=HIDDEN)  # MAE's spelling
+    add_img_size(p, None, "training crop, N or HxW (e.g. 192x320), multiples of 32 (= data.img_size)")
+    add_batch_size(p, None, "images per process and step (= train.batch_size)")
+    add_output_dir(p, None, "where checkpoints and logs go (= train.output_dir)")
     p.add_argument("--resume", default=None,
                    help="checkpoint to resume from, or 'auto' for the newest one in the output dir that verifies")
     p.add_argument("--overwrite", action="store_true",
@@ -58,8 +63,10 @@ def main(argv=None) -> int:
     overrides = list(args.overrides)
     if args.data:
         overrides.append(f"data.path={args.data}")
-    if args.img is not None:
-        overrides.append(f"data.img_size={args.img}")
+    if args.img_size is not None:
+        overrides.append(f"data.img_size={args.img_size}")
+    if args.batch_size is not None:
+        overrides.append(f"train.batch_size={args.batch_size}")
     if args.output_dir:
         overrides.append(f"train.output_dir={args.output_dir}")
     cfg = load_config(args.config, overrides)

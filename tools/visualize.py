@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     model.load_state_dict(ckpt["model"], strict=True)
     model.to(args.device).eval()
 
-    size = parse_size(args.img_size) if args.img_size else (cfg.data.img_size, cfg.data.img_size)
+    size = parse_size(args.img_size) if args.img_size else cfg.data.size_hw
     images = torch.cat([load_image(path, size, model.patch_size) for path in args.image]).to(args.device)
     # progress=1: a strategy whose ratio changes during training (progressive) shows its final ratio
     visible = model.make_mask(images, torch.Generator().manual_seed(args.seed), progress=1.0)

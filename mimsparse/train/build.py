@@ -17,6 +17,7 @@ from mimsparse.models.build import build_fcmae
 from mimsparse.train.compile import compile_model
 from mimsparse.train.data import FileSource, SeededImages, bundled_photo_paths, list_images, pretrain_transform
 from mimsparse.train.optim import param_groups, warmup_cosine
+from mimsparse.train.shards import ShardImages, is_shard_spec
 
 
 def check_train_config(cfg: PretrainConfig) -> None:
@@ -30,12 +31,14 @@ def check_train_config(cfg: PretrainConfig) -> None:
                "data.repeat": (cfg.data.repeat, 1), "data.num_workers": (cfg.data.num_workers, 0),
                "train.keep_last": (cfg.train.keep_last, 0), "train.max_steps": (cfg.train.max_steps, 0),
                "train.skip_nonfinite": (cfg.train.skip_nonfinite, 0), "train.vis_every": (cfg.train.vis_every, 0),
-               "train.clip_grad": (cfg.train.clip_grad, 0.0), "train.log_every": (cfg.train.log_every, 1)}
+               "train.clip_grad": (cfg.train.clip_grad, 0.0), "train.log_every": (cfg.train.log_every, 1),
+               "data.shuffle_buffer": (cfg.data.shuffle_buffer, 1)}
     for key, (value, low) in minimum.items():
         if value < low:
             raise ConfigError(f"config key {key!r} must be >= {low}, got {value}")
     if not 0.0 < cfg.data.min_scale <= 1.0:
         raise ConfigError(f"config key 'data.min_scale' must be in (0, 1], got {cfg.data.min_scale}")
+    cfg.data.size_hw  # noqa: B018 (N or HxW, refused by key otherwise)
 
 
 def pretrain_source(cfg: PretrainConfig):
@@ -47,9 +50,14 @@ def pretrain_source(cfg: PretrainConfig):
     return FileSource(list_images(cfg.data.path))
 
 
-def build_dataset(cfg: PretrainConfig, world_size: int) -> tuple[SeededImages, int]:
+def build_dataset(cfg: PretrainConfig, world_size: int) -> tuple[SeededImages | ShardImages, int]:
     """(dataset, optimizer steps per epoch); an epoch is cut to whole optimizer steps of every process."""
-    dataset = SeededImages(pretrain_source(cfg), pretrain_transform(cfg.data.img_size, cfg.data.min_scale))
+    transform = pretrain_transform(cfg.data.size_hw, cfg.data.min_scale)
+    if is_shard_spec(cfg.data.path):
+        dataset = ShardImages(cfg.data.path, transform, cfg.data.shuffle_buffer)
+        dataset.check_split(world_size, cfg.data.num_workers)
+    else:
+        dataset = SeededImages(pretrain_source(cfg), transform)
     per_step = cfg.train.batch_size * cfg.train.accum_steps * world_size
     steps_per_epoch = len(dataset) * cfg.data.repeat // per_step
     if steps_per_epoch == 0:
@@ -65,7 +73,7 @@ def build_model(cfg: PretrainConfig, backend: Backend, device: torch.device, dis
     torch.manual_seed(cfg.train.seed)  # the run's seed: the initial weights
     model = build_fcmae(cfg, backend).to(device)
     try:
-        check_image_size(cfg.data.img_size, cfg.data.img_size, model.patch_size)
+        check_image_size(*cfg.data.size_hw, model.patch_size)
     except ValueError as e:
         raise ConfigError(f"data.img_size={cfg.data.img_size}: {e}") from None
     train_model = model

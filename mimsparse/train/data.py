@@ -86,9 +86,14 @@ def read_image_file(path: str | Path) -> Image.Image:
         raise UnreadableImage(f"{path}: {type(e).__name__}: {e}") from e
 
 
-def pretrain_transform(img_size: int, min_scale: float) -> transforms.Compose:
+def pretrain_transform(img_size: int | tuple[int, int], min_scale: float) -> transforms.Compose:
+    """RandomResizedCrop to ``img_size`` (N, or (H, W) for non-square crops), flip, normalise. The
+    crop's aspect ratios (3/4 to 4/3) are taken around the target's W/H, so an HxW crop is not squeezed."""
+    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+    ratio = (3 / 4 * w / h, 4 / 3 * w / h)
     return transforms.Compose([
-        transforms.RandomResizedCrop(img_size, scale=(min_scale, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomResizedCrop((h, w), scale=(min_scale, 1.0), ratio=ratio,
+                                     interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),

@@ -30,6 +30,7 @@ from mimsparse.train.compile import check_compile_mode
 from mimsparse.train.data import EpochSampler, collate_skip_bad, seed_worker
 from mimsparse.train.logger import RunLogger
 from mimsparse.train.optim import GradientStep
+from mimsparse.train.shards import ShardImages
 from mimsparse.train.precision import check_amp
 
 VIS_SAMPLES = 4  # rows of the periodic reconstruction PNG
@@ -181,6 +182,12 @@ class Pretrainer:
     # ---- one batch -----------------------------------------------------------------------------
     def loader(self, epoch: int, start_batch: int) -> DataLoader:
         cfg = self.cfg
+        if isinstance(self.dataset, ShardImages):  # an IterableDataset: each worker streams its shards
+            stream = self.dataset.epoch(cfg.train.seed, epoch, self.dist.rank, self.dist.world_size,
+                                        cfg.train.batch_size, self.batches_per_epoch, start_batch)
+            return DataLoader(stream, batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers,
+                              collate_fn=collate_skip_bad, worker_init_fn=seed_worker, persistent_workers=False,
+                              pin_memory=self.device.type == "cuda")
         sampler = EpochSampler(len(self.dataset), cfg.train.seed, epoch, cfg.data.repeat,
                                start=start_batch * cfg.train.batch_size, rank=self.dist.rank,
                                world_size=self.dist.world_size, batch_size=cfg.train.batch_size * cfg.train.accum_steps)
@@ -242,6 +249,8 @@ class Pretrainer:
         return f"the last good checkpoint {str(last)!r} is kept" if last else "no checkpoint was written yet"
 
     def _data_name(self) -> str:
+        if isinstance(self.dataset, ShardImages):
+            return f"the shards {self.cfg.data.path!r}"
         return f"data folder {self.cfg.data.path!r}" if self.cfg.data.path else "the bundled photos"
 
     # ---- the run -------------------------------------------------------------------------------
