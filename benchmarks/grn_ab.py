@@ -1,62 +1,89 @@
-"""GRN as model code (sample_l2_norm + scale_samples, HEAD) vs the former backend op (``backend.grn``,
-commit 3499aa4): run this file in a checkout of each and compare (BENCHMARKS.md, "GRN").
+"""GRN as model code (``GRN`` over ``sample_l2_norm`` + ``scale_samples``) vs the backend op it replaced
+(``backend.grn`` of commit 3499aa4: the dense map op and the packed fused autograd function), paired in
+one process so that load on the machine hits both alike (BENCHMARKS.md, "GRN").
 
-  OMP_NUM_THREADS=2 .venv/bin/python benchmarks/grn_ab.py LABEL [REPEATS]
+  OMP_NUM_THREADS=2 .venv/bin/python benchmarks/grn_ab.py [REPEATS]
 
-Prints one JSON line: GRN alone on atto's stage-1 MLP expansion (B 8, 160 channels, 56x56, fwd+bwd),
-and the atto encoder fwd+bwd (B 8, 224), for dense and packed, at mask ratios 0.6 and 0.
+GRN fwd+bwd on atto's stage-1 MLP expansion (B 8, 160 channels, 56x56) at mask ratios 0.6 and 0,
+each repeat timing old and new back to back; prints the medians and the median of the per-repeat ratios.
 """
-import json
+import importlib.util
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from mimsparse.backends import get_backend
-from mimsparse.benchmark import run_benchmark
 from mimsparse.masking import random_patch_mask, upsample_mask
+from mimsparse.models.convnextv2 import GRN
 
-torch.set_num_threads(2)
-label, repeats = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 20
-B, C, H, W = 8, 160, 56, 56
-g = torch.Generator().manual_seed(0)
-x = torch.randn(B, C, H, W, generator=g)
-weight, bias = torch.randn(C, requires_grad=True), torch.randn(C, requires_grad=True)
+OLD_COMMIT = "3499aa4"
 
 
-def grn_fn(backend):
-    if hasattr(backend, "grn"):  # the former op
-        return lambda t: backend.grn(t, weight, bias)
-    from mimsparse.models.convnextv2 import GRN
-
-    module = GRN(C)
-    module.weight, module.bias = torch.nn.Parameter(weight.detach()), torch.nn.Parameter(bias.detach())
-    return lambda t: module(t, backend)
-
-
-def median_ms(fn, n):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+def load_old_backends(tmp: Path):
+    """The backends package as of OLD_COMMIT, imported under another name."""
+    root = Path(__file__).resolve().parents[1]
+    archive = subprocess.run(["git", "-C", str(root), "archive", OLD_COMMIT, "backends"], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+    spec = importlib.util.spec_from_file_location("old_backends", tmp / "backends" / "__init__.py",
+                                                  submodule_search_locations=[str(tmp / "backends")])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["old_backends"] = module
+    spec.loader.exec_module(module)
+    return {name: importlib.import_module(f"old_backends.{name}") for name in ("dense", "packed")}
 
 
-out = {"label": label}
-for ratio in (0.6, 0.0):
-    visible = upsample_mask(random_patch_mask(B, (H // 8, W // 8), ratio, generator=torch.Generator().manual_seed(0)), 8)
-    for name in ("dense", "packed"):
-        backend = get_backend(name)
-        grn = grn_fn(backend)
-        t = backend.from_dense(x, visible)
-        out[f"grn {name} r={ratio}"] = median_ms(lambda: backend.to_dense(grn(t)).sum().backward(), repeats)
-res = run_benchmark("convnextv2_atto", backends=("dense", "packed"), mask_ratios=(0.0, 0.6), batch=8, img=224,
-                    device="cpu", repeats=max(3, repeats // 4), warmup=2, measures=("enc_fwd_bwd",),
-                    log=lambda *a, **k: None)
-for row in res["rows"]:
-    out[f"encoder fwd+bwd {row['backend']} r={row['mask_ratio']}"] = row["enc_fwd_bwd"]["median_ms"]
-print(json.dumps(out))
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main(repeats: int) -> None:
+    torch.set_num_threads(2)
+    B, C, H, W = 8, 160, 56, 56
+    x = torch.randn(B, C, H, W, generator=torch.Generator().manual_seed(0))
+    grn = GRN(C)
+    with torch.no_grad():
+        grn.weight.normal_(), grn.bias.normal_()
+    with tempfile.TemporaryDirectory() as tmp:
+        old = load_old_backends(Path(tmp))
+        old_backends = {"dense": old["dense"].MaskedDenseBackend(), "packed": old["packed"].PackedBackend()}
+        print(f"GRN fwd+bwd, B {B}, {C} channels, {H}x{W}, {repeats} paired repeats, "
+              f"{torch.get_num_threads()} threads; ms as median (min-max)")
+        for ratio in (0.6, 0.0):
+            vis = random_patch_mask(B, (H // 8, W // 8), ratio, generator=torch.Generator().manual_seed(0))
+            active = upsample_mask(vis, 8)
+            for name in ("dense", "packed"):
+                new_be, old_be = get_backend(name), old_backends[name]
+                t_new, t_old = new_be.from_dense(x, active), old_be.from_dense(x, active)
+
+                def run_new():
+                    new_be.to_dense(grn(t_new, new_be)).sum().backward()
+
+                def run_old():
+                    old_be.to_dense(old_be.grn(t_old, grn.weight, grn.bias)).sum().backward()
+
+                # same numbers first: the comparison is of two implementations of one function
+                out_new = new_be.to_dense(grn(t_new, new_be))
+                out_old = old_be.to_dense(old_be.grn(t_old, grn.weight, grn.bias))
+                assert torch.allclose(out_new, out_old, rtol=1e-5, atol=1e-5), (out_new - out_old).abs().max()
+                for fn in (run_new, run_old) * 2:  # warm-up
+                    fn()
+                new, old_t = [], []
+                for _ in range(repeats):
+                    new.append(timed(run_new) * 1e3)
+                    old_t.append(timed(run_old) * 1e3)
+                ratios = [n / o for n, o in zip(new, old_t)]
+                print(f"r={ratio} {name:6s}  model code {statistics.median(new):6.1f} ({min(new):.1f}-{max(new):.1f})"
+                      f"  former op {statistics.median(old_t):6.1f} ({min(old_t):.1f}-{max(old_t):.1f})"
+                      f"  model/op per repeat: median {statistics.median(ratios):.2f}")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 30)
