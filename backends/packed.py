@@ -504,7 +504,7 @@ class _StaticDWConv(torch.autograd.Function):
     channels-last conv -> rows, with its backward written out (dynamo traces it, inductor fuses the
     scatters and gathers around the convs). Left to AOTAutograd, inductor on CPU turned the gather's
     backward into an atomic scatter-add and fed convolution_backward an NCHW gradient and an odd
-    [B, H, C, W] input: the step's depthwise backward took ~5x the eager time (BENCHMARKS.md). Here
+    [B, H, C, W] input: the step's depthwise backward took 4-6x the eager time (BENCHMARKS.md). Here
     the gradient is scattered with index_copy (each row has one site), the input gradient is the
     same channels-last conv with the flipped kernel (input and output sites are equal), and only the
     weight gradient uses convolution_backward, on channels-last views."""
