@@ -31,9 +31,10 @@ too and only ever written at active sites, so they need no per-layer zero fill. 
 Static mode (``patch_embed(..., rows_per_sample=n)``: every sample has exactly n active sites, as
 mimsparse's maskers make them): the indices are built without host syncs or data-dependent shapes
 (a stable sort of each sample's mask instead of ``nonzero``, sizes from ``n``, the count checked on
-the device by ``torch._assert_async``), and every op is plain differentiable torch (the depthwise
-conv as scatter -> dense channels-last conv -> gather), so ``torch.compile(fullgraph=True,
-dynamic=False)`` traces the whole train step and replays it for any mask with that count.
+the device by ``torch._assert_async``), and every op is traceable torch (the depthwise conv as
+scatter -> dense channels-last conv -> gather, with a written-out backward that keeps inductor's CPU
+code fast), so ``torch.compile(fullgraph=True, dynamic=False)`` traces the whole train step and
+replays it for any mask with that count.
 """
 from __future__ import annotations
 
@@ -499,6 +500,57 @@ def _conv_static(feats, weight, bias, geom: PackedGeometry, groups: int) -> torc
                                 padding=pad, groups=groups))
 
 
+class _StaticDWConv(torch.autograd.Function):
+    """Stride-1 submanifold depthwise conv for static mode: rows -> zero [B, H, W, C] map -> dense
+    channels-last conv -> rows, with its backward written out (dynamo traces it, inductor fuses the
+    scatters and gathers around the convs). Left to AOTAutograd, inductor on CPU turned the gather's
+    backward into an atomic scatter-add and fed convolution_backward an NCHW gradient and an odd
+    [B, H, C, W] input: the step's depthwise backward took 4-6x the eager time (BENCHMARKS.md). Here
+    the gradient is scattered with index_copy (each row has one site), the input gradient is the
+    same channels-last conv with the flipped kernel (input and output sites are equal), and only the
+    weight gradient uses convolution_backward, on channels-last views."""
+
+    @staticmethod
+    def forward(ctx, feats, weight, bias, flat, dims: tuple[int, int, int]):
+        c = feats.shape[1]
+        pad = (weight.shape[-2] // 2, weight.shape[-1] // 2)
+        x = _scatter_static(feats, flat, dims)
+        y = F.conv2d(x, weight.to(feats.dtype), None if bias is None else bias.to(feats.dtype), padding=pad, groups=c)
+        ctx.save_for_backward(feats, weight, flat)
+        ctx.dims, ctx.pad, ctx.has_bias = dims, pad, bias is not None
+        return _gather_static(y, flat)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        feats, weight, flat = ctx.saved_tensors
+        need_in, need_w, need_b = ctx.needs_input_grad[:3]
+        c, w = feats.shape[1], weight.to(feats.dtype)
+        grad_out = grad_out.to(feats.dtype)
+        g = _scatter_static(grad_out, flat, ctx.dims)
+        grad_feats = grad_w = grad_b = None
+        if need_in:
+            grad_feats = _gather_static(F.conv2d(g, w.flip(-2, -1), None, padding=ctx.pad, groups=c), flat)
+        if need_w:
+            grad_w = torch.ops.aten.convolution_backward(
+                g, _scatter_static(feats, flat, ctx.dims), w, None, [1, 1], list(ctx.pad), [1, 1], False, [0, 0],
+                c, [False, True, False])[1].to(weight.dtype)
+        if need_b and ctx.has_bias:
+            grad_b = grad_out.float().sum(0).to(weight.dtype)
+        return grad_feats, grad_w, grad_b, None, None
+
+
+def _scatter_static(rows, flat, dims) -> torch.Tensor:
+    """rows [N, C] -> [B, C, H, W] (channels-last memory), zero where no row lands."""
+    b, h, w = dims
+    c = rows.shape[1]
+    return rows.new_zeros(b * h * w, c).index_copy(0, flat, rows).view(b, h, w, c).permute(0, 3, 1, 2)
+
+
+def _gather_static(dense_bchw, flat) -> torch.Tensor:
+    """The rows at ``flat`` of a [B, C, H, W] map (channels-last memory)."""
+    return dense_bchw.permute(0, 2, 3, 1).reshape(-1, dense_bchw.shape[1]).index_select(0, flat)
+
+
 def _pad_row(rows: torch.Tensor) -> torch.Tensor:
     """rows with a zero row appended (index N reads zero)."""
     return torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
@@ -637,7 +689,8 @@ class PackedBackend(RowBackend):
             out = t.feats * weight.reshape(1, -1).to(t.feats.dtype)
             return t.replace(out + bias if bias is not None else out)
         if t.geom.static:
-            return t.replace(_conv_static(t.feats, weight, bias, t.geom, t.feats.shape[1]))
+            dims = (t.geom.batch_size, *t.geom.spatial_shape)
+            return t.replace(_StaticDWConv.apply(t.feats, weight, bias, t.geom.flat, dims))
         tile = self.choose_tile(t.geom, kh, kw)
         if tile is None:
             return t.replace(_SubmConv.apply(t.feats, weight, bias, t.geom, t.feats.shape[1]))

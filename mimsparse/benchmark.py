@@ -306,6 +306,8 @@ def noisy_rows(result: dict, threshold: float = NOISY_SPREAD) -> list[str]:
     for row in result["rows"]:
         for m in MEASURES:
             s = row[m]
+            if s is None:  # not measured (``measures``)
+                continue
             spread = (s["max_ms"] - s["min_ms"]) / s["median_ms"]
             if spread > threshold:
                 lines.append(f"{row['backend']} mask {row['mask_ratio']:.2f} {m}: {s['min_ms']:.1f}-{s['max_ms']:.1f} ms "

@@ -57,6 +57,10 @@ def test_noisy_rows_are_named_from_the_min_max_spread():
     lines = noisy_rows(result)
     assert len(lines) == len(MEASURES) and all(line.startswith("dense mask 0.60") for line in lines)
     assert "40% spread" in lines[0] and noisy_rows(result, threshold=0.5) == []
+    # a measure left out with --measures is None in every row: not a spread, not a crash
+    for r in result["rows"]:
+        r["enc_fwd"] = None
+    assert len(noisy_rows(result)) == len(MEASURES) - 1
 
 
 @pytest.mark.slow
