@@ -1,11 +1,12 @@
 """GRN as model code (``GRN`` over ``sample_l2_norm`` + ``scale_samples``) vs the backend op it replaced
-(``backend.grn`` of commit 3499aa4: the dense map op and the packed fused autograd function), paired in
-one process so that load on the machine hits both alike (BENCHMARKS.md, "GRN").
+(``backend.grn`` of commit 3499aa4: the dense map op, the packed fused autograd function, the row
+backends' shared formula), paired in one process so that load on the machine hits both alike
+(BENCHMARKS.md, "GRN").
 
   OMP_NUM_THREADS=2 .venv/bin/python benchmarks/grn_ab.py [REPEATS]
 
-GRN fwd+bwd on atto's stage-1 MLP expansion (B 8, 160 channels, 56x56) at mask ratios 0.6 and 0,
-each repeat timing old and new back to back; prints the medians and the median of the per-repeat ratios.
+GRN fwd+bwd on atto's stage-1 MLP expansion (B 8, 160 channels, 56x56) at mask ratios 0.6 and 0, on every
+installed backend, each repeat timing old and new back to back; prints the medians and the median of the per-repeat ratios.
 """
 import importlib.util
 import statistics
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from mimsparse.backends import get_backend
+from mimsparse.backends import backend_names, get_backend
+from mimsparse.errors import BackendUnavailable
 from mimsparse.masking import random_patch_mask, upsample_mask
 from mimsparse.models.convnextv2 import GRN
 
@@ -35,7 +37,21 @@ def load_old_backends(tmp: Path):
     module = importlib.util.module_from_spec(spec)
     sys.modules["old_backends"] = module
     spec.loader.exec_module(module)
-    return {name: importlib.import_module(f"old_backends.{name}") for name in ("dense", "packed")}
+    return module
+
+
+def old_backend(old, name: str):
+    """An instance of the former backend class (its registry names the current modules)."""
+    module_path, class_name, _ = old._BACKENDS[name]
+    return getattr(importlib.import_module("old_backends." + module_path.rsplit(".", 1)[1]), class_name)()
+
+
+def _available(name: str) -> bool:
+    try:
+        get_backend(name)
+    except BackendUnavailable:
+        return False
+    return True
 
 
 def timed(fn) -> float:
@@ -53,14 +69,14 @@ def main(repeats: int) -> None:
         grn.weight.normal_(), grn.bias.normal_()
     with tempfile.TemporaryDirectory() as tmp:
         old = load_old_backends(Path(tmp))
-        old_backends = {"dense": old["dense"].MaskedDenseBackend(), "packed": old["packed"].PackedBackend()}
+        names = [n for n in backend_names() if _available(n)]
         print(f"GRN fwd+bwd, B {B}, {C} channels, {H}x{W}, {repeats} paired repeats, "
               f"{torch.get_num_threads()} threads; ms as median (min-max)")
         for ratio in (0.6, 0.0):
             vis = random_patch_mask(B, (H // 8, W // 8), ratio, generator=torch.Generator().manual_seed(0))
             active = upsample_mask(vis, 8)
-            for name in ("dense", "packed"):
-                new_be, old_be = get_backend(name), old_backends[name]
+            for name in names:
+                new_be, old_be = get_backend(name), old_backend(old, name)
                 t_new, t_old = new_be.from_dense(x, active), old_be.from_dense(x, active)
 
                 def run_new():
@@ -80,7 +96,7 @@ def main(repeats: int) -> None:
                     new.append(timed(run_new) * 1e3)
                     old_t.append(timed(run_old) * 1e3)
                 ratios = [n / o for n, o in zip(new, old_t)]
-                print(f"r={ratio} {name:6s}  model code {statistics.median(new):6.1f} ({min(new):.1f}-{max(new):.1f})"
+                print(f"r={ratio} {name:9s}  model code {statistics.median(new):6.1f} ({min(new):.1f}-{max(new):.1f})"
                       f"  former op {statistics.median(old_t):6.1f} ({min(old_t):.1f}-{max(old_t):.1f})"
                       f"  model/op per repeat: median {statistics.median(ratios):.2f}")
 
