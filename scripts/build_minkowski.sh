@@ -5,7 +5,7 @@
 #   MINKOWSKI_FLAVOR=cuda bash scripts/build_minkowski.sh   # the CUDA build (`make minkowski-cuda`)
 #
 # ME has no wheel for modern torch, and its 2021 sdist needs patches (scripts/minkowski-0.5.4.patch)
-# and compiling: ~4 min on 2 cores for CPU, far longer for CUDA. The wheel is tied to the exact torch
+# and compiling: ~4 min on 2 cores for CPU, ~35 min per GPU architecture for CUDA. The wheel is tied to the exact torch
 # build, so it is cached outside the clone, in ${MIMSPARSE_CACHE:-~/.cache/mimsparse}/wheels/<key>/,
 # and reinstalled from there in seconds. Background: shared/notes/minkowski.md.
 #
@@ -162,7 +162,7 @@ if [ -n "$WHEEL" ]; then
 fi
 
 # --- build from source -------------------------------------------------------------------------
-if [ "$FLAVOR" = cuda ]; then ETA="well over an hour on 2 busy cores"; else ETA="about 4 min on 2 cores"; fi
+if [ "$FLAVOR" = cuda ]; then ETA="~35 min on 2 cores per GPU architecture"; else ETA="about 4 min on 2 cores"; fi
 say "no cached wheel; building the $FLAVOR flavour from source ($ETA). Log: $LOG"
 T0=$SECONDS
 : >"$LOG"
