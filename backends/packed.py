@@ -492,9 +492,7 @@ class _SubmConv(torch.autograd.Function):
 # ---- static mode: plain differentiable torch (AOTAutograd derives the backward, inductor fuses) ----
 def _conv_static(feats, weight, bias, geom: PackedGeometry, groups: int) -> torch.Tensor:
     """Stride-1 submanifold conv: rows -> zero [B, H, W, C] map (channels-last) -> dense conv -> rows."""
-    c = feats.shape[1]
-    x = feats.new_zeros(geom.num_sites, c).index_copy(0, geom.flat, feats)
-    x = x.view(geom.batch_size, *geom.spatial_shape, c).permute(0, 3, 1, 2)
+    x = _scatter_static(feats, geom.flat, (geom.batch_size, *geom.spatial_shape))
     pad = (weight.shape[-2] // 2, weight.shape[-1] // 2)
     return geom.gather(F.conv2d(x, weight.to(feats.dtype), None if bias is None else bias.to(feats.dtype),
                                 padding=pad, groups=groups))
