@@ -185,11 +185,7 @@ class PackedGeometry:
 
     def gather(self, dense_bchw: torch.Tensor) -> torch.Tensor:
         """Rows [N, C] of a dense map at the active sites."""
-        c = dense_bchw.shape[1]
-        nhwc = dense_bchw.permute(0, 2, 3, 1)
-        if not nhwc.is_contiguous():
-            nhwc = nhwc.contiguous()
-        return nhwc.reshape(-1, c).index_select(0, self.flat)
+        return _gather_static(dense_bchw, self.flat)
 
     # ---- halo tiles for depthwise convs --------------------------------------------------------
     def tile_plan(self, sh: int, sw: int, kh: int, kw: int, channels: int,
@@ -545,7 +541,8 @@ def _scatter_static(rows, flat, dims) -> torch.Tensor:
 
 
 def _gather_static(dense_bchw, flat) -> torch.Tensor:
-    """The rows at ``flat`` of a [B, C, H, W] map (channels-last memory)."""
+    """The rows at ``flat`` of a [B, C, H, W] map: a view of channels-last memory, one copy otherwise
+    (reshape copies exactly when the NHWC permute is not contiguous)."""
     return dense_bchw.permute(0, 2, 3, 1).reshape(-1, dense_bchw.shape[1]).index_select(0, flat)
 
 

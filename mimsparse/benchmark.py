@@ -144,10 +144,16 @@ def _runners(model_name, backend_name, ratio, images, device, amp_dtype, compile
 def run_benchmark(model: str = "convnextv2_atto", backends=("dense", "packed"), mask_ratios=(0.0, 0.6),
                   batch: int = 8, img: int | tuple[int, int] = 224, device: str = "cpu", repeats: int = 5, warmup: int = 1,
                   amp: str = "none", compile_model: bool = False, seed: int = 0, log=print,
-                  compile_mode: str | None = None, measures=MEASURES, compiled_only=()) -> dict:
+                  compile_mode: str | None = None, measures=MEASURES, compiled_only=(),
+                  deadline: float | None = None) -> dict:
     """``measures``: a subset of MEASURES to time (each compiled row compiles one graph per measure,
     minutes each on a small CPU); the others are reported as not measured. ``compiled_only``: backends
-    whose eager rows are left out when compiling (e.g. masked-dense, whose eager cost is timm's)."""
+    whose eager rows are left out when compiling (e.g. masked-dense, whose eager cost is timm's).
+
+    ``deadline`` (a ``time.monotonic()`` value) bounds the run for a machine lent by the minute: rows are
+    prepared (built, compiled, warmed up) in order, the timm reference first, then every backend at the
+    first ratio, then the next ratio; a row not started by the deadline is listed in ``skipped`` as
+    "time budget", and the repeats stop once the deadline has passed (at least one is always taken)."""
     unknown = set(measures) - set(MEASURES)
     if unknown or not measures:
         raise ValueError(f"measures must be a non-empty subset of {', '.join(MEASURES)}, got {', '.join(measures)}")
@@ -157,7 +163,7 @@ def run_benchmark(model: str = "convnextv2_atto", backends=("dense", "packed"), 
     if height == width:
         img = height  # recorded as one number, as before
     images = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed)).to(dev)
-    skipped, runners, cases = {}, {}, []
+    skipped, runners, cases, usable = {}, {}, [], []
     for name in backends:
         try:
             backend = get_backend(name)
@@ -167,7 +173,9 @@ def run_benchmark(model: str = "convnextv2_atto", backends=("dense", "packed"), 
             skipped[name] = str(e)
             log(f"skipping backend {name}: {e}")
             continue
-        for r in mask_ratios:
+        usable.append(name)
+    for r in mask_ratios:  # ratio-major: under a deadline every backend gets the first ratio
+        for name in usable:
             if not (compile_model and name in COMPILABLE and name in compiled_only):
                 cases.append(Case(name, float(r)))
             if compile_model and name in COMPILABLE:
@@ -178,7 +186,14 @@ def run_benchmark(model: str = "convnextv2_atto", backends=("dense", "packed"), 
         eager = sorted({c.backend for c in cases if c.backend not in COMPILABLE})
         if eager:
             log(f"--compile: {', '.join(eager)} call(s) into their libraries and stay eager")
-    for case in cases:
+    prepared = []
+    for case in _prepare_order(cases, mask_ratios) if deadline is not None else cases:
+        if deadline is not None and prepared and time.monotonic() > deadline:  # the reference always runs
+            name = f"{label(vars(case))} r={case.mask_ratio:.2f}"
+            skipped[name] = "time budget: not started before the deadline"
+            log(f"time budget: {name} not measured")
+            continue
+        prepared.append(case)
         if case.compiled:
             log(f"compiling {case.backend} r={case.mask_ratio} (encoder fwd, fwd+bwd, train step)...")
         fns, act = _runners(model, case.backend, case.mask_ratio, images, dev, amp_dtype, case.compiled, seed,
@@ -191,7 +206,13 @@ def run_benchmark(model: str = "convnextv2_atto", backends=("dense", "packed"), 
         for _ in range(warmup):
             for fn in fns.values():
                 fn()
+    started = {id(c) for c in prepared}
+    cases, repeats_done = [c for c in cases if id(c) in started], 0  # table order
     for rep in range(repeats):
+        if rep > 0 and deadline is not None and time.monotonic() > deadline:
+            log(f"time budget: stopped after {rep} of {repeats} repeats")
+            break
+        repeats_done += 1
         for case in cases:  # interleaved: every repeat visits every case
             for measure, fn in runners[id(case)].items():
                 if dev.type == "cuda" and rep == 0:
@@ -200,10 +221,25 @@ def run_benchmark(model: str = "convnextv2_atto", backends=("dense", "packed"), 
                 if dev.type == "cuda" and rep == 0:
                     case.peak_cuda_mb = max(case.peak_cuda_mb or 0, torch.cuda.max_memory_allocated(dev) / 2**20)
         log(f"repeat {rep + 1}/{repeats} done")
-    return summarize(cases, skipped, dict(model=model, batch=batch, img=img, device=device, repeats=repeats,
+    return summarize(cases, skipped, dict(model=model, batch=batch, img=img, device=device, repeats=repeats_done,
                                           warmup=warmup, amp=amp, compile=compile_model, compile_mode=compile_mode,
                                           mask_ratios=list(mask_ratios),
                                           backends=list(backends)))
+
+
+def _prepare_order(cases: list[Case], mask_ratios) -> list[Case]:
+    """Under a deadline the rows that answer the main question start first: the eager reference, every
+    backend at the first ratio (compiled rows before eager ones), the compiled reference, then the
+    other ratios."""
+    first = float(mask_ratios[0]) if len(mask_ratios) else 0.0
+
+    def key(item):
+        i, c = item
+        if c.backend == TIMM_DENSE:
+            return (2 if c.compiled else 0, 0, i)
+        return (1 if c.mask_ratio == first else 3, 0 if c.compiled else 1, i)
+
+    return [c for _, c in sorted(enumerate(cases), key=key)]
 
 
 def summarize(cases: list[Case], skipped: dict, settings: dict) -> dict:
@@ -213,7 +249,7 @@ def summarize(cases: list[Case], skipped: dict, settings: dict) -> dict:
             for c in cases if c.backend == TIMM_DENSE}
     rows = []
     for c in cases:
-        ref_median = refs.get(c.compiled, refs[False])
+        ref_median = refs.get(c.compiled, {})  # compiled rows against the compiled reference only
         row = {"backend": c.backend, "mask_ratio": c.mask_ratio, "compiled": c.compiled,
                "saved_activation_mb": c.saved_activation_mb, "peak_cuda_mb": c.peak_cuda_mb, "samples_ms": c.samples_ms}
         for m in MEASURES:
@@ -222,11 +258,12 @@ def summarize(cases: list[Case], skipped: dict, settings: dict) -> dict:
                 row[m] = None  # not measured (``measures``)
                 continue
             med = statistics.median(s)
-            ideal = ref_median[m] * (1.0 - c.mask_ratio)
+            ref = ref_median.get(m)  # None: that reference was not measured (time budget)
+            ideal = None if ref is None else ref * (1.0 - c.mask_ratio)
             row[m] = {"median_ms": med, "min_ms": min(s), "max_ms": max(s),
                       "images_per_s": settings["batch"] / (med / 1e3),
-                      "ratio_to_dense": med / ref_median[m],
-                      "ratio_to_ideal": med / ideal if ideal > 0 else None}
+                      "ratio_to_dense": None if ref is None else med / ref,
+                      "ratio_to_ideal": med / ideal if ideal else None}
         rows.append(row)
     return {"settings": settings, "machine": machine_info(), "rows": rows, "skipped": skipped}
 

@@ -3,62 +3,121 @@
 # tools/gpu_check.py (pytest -m cuda, then the GPU benchmark). Results: OUT_DIR/gpu_check.{json,md},
 # cuda_tests.{log,xml}, summary.txt; the last line printed is the one-line summary.
 #
-#   scripts/gpu_check.sh OUT_DIR               # on the GPU machine (about 8-15 minutes on an H100)
-#   scripts/gpu_check.sh OUT_DIR --cpu-smoke   # the same steps on CPU at toy size (what the tests run)
+#   scripts/gpu_check.sh OUT_DIR                  # on the GPU machine (--budget-s 450 by default: ~8 min)
+#   scripts/gpu_check.sh OUT_DIR --cpu-smoke      # the same steps on CPU at toy size (what the tests run)
+#   scripts/gpu_check.sh OUT_DIR --prepare-only   # steps 1-4 alone: the environment, then stop
 #
 # Environment:
-#   MIMSPARSE_WHEELS=DIR        local wheel folder; missing packages (timm, spconv-cu1xx + cumm, pyyaml,
-#                               tqdm, pillow, matplotlib, pytest) are installed from it only (--no-index)
+#   MIMSPARSE_WHEELS=DIR[:DIR...] local wheel folders (scripts/gpu_wheels.sh fills them): every wheel there
+#                               whose distribution is not installed yet is installed (--no-index --no-deps);
+#                               a wheel split into NAME.whl.part-00, -01, ... (across the folders) is joined
 #   MIMSPARSE_BUILD_MINKOWSKI=1 build MinkowskiEngine (scripts/build_minkowski.sh); never done otherwise
 #   PYTHON=python3              interpreter whose torch to use when the project's .venv has none
+#   MIMSPARSE_GPU_SITE=DIR      where that interpreter's missing packages go (default ROOT/.gpu-site)
 set -euo pipefail
 
-OUT=${1:?usage: scripts/gpu_check.sh OUT_DIR [--cpu-smoke] [tools/gpu_check.py options]}
+OUT=${1:?usage: scripts/gpu_check.sh OUT_DIR [--cpu-smoke] [--prepare-only] [tools/gpu_check.py options]}
 shift
+PREPARE_ONLY=0
+args=()
+for a in "$@"; do
+    if [ "$a" = "--prepare-only" ]; then PREPARE_ONLY=1; else args+=("$a"); fi
+done
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$OUT"
 say() { echo "gpu_check.sh: $*"; }
 
-# 1. Python: the project's venv when its (pinned) torch imports; else a venv over the machine's own
-#    Python, with --system-site-packages so that the torch already installed there is the one used.
-if [ -x "$ROOT/.venv/bin/python" ] && "$ROOT/.venv/bin/python" -c "import torch" 2>/dev/null; then
-    PY="$ROOT/.venv/bin/python"
+# 1. Python: the project's venv when its (pinned) torch imports; else the machine's own interpreter, used
+#    as it is. Not a venv over it: on a GPU image that interpreter is often a venv itself, and a venv made
+#    from a venv does not see the first one's packages (its torch). What it lacks goes into
+#    $SITE (pip --target), put first on PYTHONPATH, so nothing of the machine's is changed.
+SITE=${MIMSPARSE_GPU_SITE:-$ROOT/.gpu-site}
+if [ "${MIMSPARSE_NO_VENV:-0}" != "1" ] && [ -x "$ROOT/.venv/bin/python" ] \
+        && "$ROOT/.venv/bin/python" -c "import torch" 2>/dev/null; then
+    PY="$ROOT/.venv/bin/python"; TARGET=()
 else
-    BASE=${PYTHON:-python3}
-    if ! "$BASE" -c "import torch" 2>/dev/null; then
-        say "no torch in $ROOT/.venv nor in $BASE; install torch (or set PYTHON=...) and rerun"; exit 2
+    PY=${PYTHON:-python3}
+    if ! "$PY" -c "import torch" 2>/dev/null; then
+        say "no torch in $ROOT/.venv nor in $PY; install torch (or set PYTHON=...) and rerun"; exit 2
     fi
-    if [ ! -x "$ROOT/.venv-gpu/bin/python" ]; then
-        "$BASE" -m venv --system-site-packages "$ROOT/.venv-gpu"
-    fi
-    PY="$ROOT/.venv-gpu/bin/python"
+    mkdir -p "$SITE/deps" "$SITE/mimsparse"
+    export PYTHONPATH="$SITE/mimsparse:$SITE/deps${PYTHONPATH:+:$PYTHONPATH}"
+    TARGET=(--target "$SITE/deps" --upgrade)
 fi
 say "python $PY, torch $("$PY" -c 'import torch; print(torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())')"
 
-# 2. Missing packages, from the local wheel folder only.
+# 2. Wheels from the local folders only, each one whose distribution is missing, without resolving
+#    dependencies (nothing can be downloaded: the folder holds what is needed, see scripts/gpu_wheels.sh).
+if [ -n "${MIMSPARSE_WHEELS:-}" ]; then
+    joined="$SITE/joined-wheels"
+    wheels=$("$PY" - "$MIMSPARSE_WHEELS" "$joined" <<'PY'
+import importlib.metadata as md, os, re, sys, zipfile
+from pathlib import Path
+folders = [Path(f) for f in sys.argv[1].split(":") if f]
+joined = Path(sys.argv[2])
+found, parts = {}, {}
+for folder in folders:
+    for p in sorted(folder.glob("*")) if folder.is_dir() else []:
+        m = re.fullmatch(r"(.+\.whl)\.part-(\d+)", p.name)
+        if m:
+            parts.setdefault(m.group(1), []).append((int(m.group(2)), p))
+        elif p.name.endswith(".whl"):
+            found[p.name] = p
+for name, pieces in parts.items():  # carried in pieces (a transfer limit): join, then check the zip
+    joined.mkdir(parents=True, exist_ok=True)
+    pieces.sort()
+    if [i for i, _ in pieces] != list(range(len(pieces))):
+        print(f"gpu_check.sh: {name}: parts {[i for i, _ in pieces]} found, not 0..n-1: skipped", file=sys.stderr)
+        continue
+    out = joined / name
+    with open(out, "wb") as f:
+        for _, p in pieces:
+            f.write(p.read_bytes())
+    try:
+        bad = zipfile.ZipFile(out).testzip()
+    except zipfile.BadZipFile as e:
+        bad = str(e)
+    if bad:
+        print(f"gpu_check.sh: {name}: joined parts are not a whole wheel ({bad}): skipped", file=sys.stderr)
+        continue
+    found[name] = out
+for name, path in sorted(found.items()):
+    dist = name.split("-")[0]
+    try:
+        md.version(dist)
+    except md.PackageNotFoundError:
+        print(path)
+PY
+)
+    if [ -n "$wheels" ]; then
+        say "installing from $MIMSPARSE_WHEELS: $(echo $wheels | xargs -n1 basename | tr '\n' ' ')"
+        # shellcheck disable=SC2086
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir ${TARGET[@]+"${TARGET[@]}"} $wheels
+    fi
+fi
 missing=()
 for mod_pkg in timm:timm yaml:pyyaml tqdm:tqdm PIL:pillow matplotlib:matplotlib pytest:pytest; do
     "$PY" -c "import ${mod_pkg%%:*}" 2>/dev/null || missing+=("${mod_pkg##*:}")
 done
-if ! "$PY" -c "import spconv" 2>/dev/null; then
-    spconv_wheel=$(ls "${MIMSPARSE_WHEELS:-/nonexistent}"/spconv_cu*.whl 2>/dev/null | head -n 1 || true)
-    if [ -n "$spconv_wheel" ]; then missing+=("$spconv_wheel"); else say "spconv not installed and no spconv wheel in MIMSPARSE_WHEELS: its tests and rows are skipped"; fi
-fi
-if [ ${#missing[@]} -gt 0 ]; then
-    if [ -n "${MIMSPARSE_WHEELS:-}" ]; then
-        say "installing from $MIMSPARSE_WHEELS: ${missing[*]}"
-        "$PY" -m pip install --no-index --find-links "$MIMSPARSE_WHEELS" "${missing[@]}"
-    else
-        say "missing ${missing[*]} and MIMSPARSE_WHEELS is not set (no internet: give a wheel folder)"
-    fi
+[ ${#missing[@]} -eq 0 ] || say "still missing: ${missing[*]} (put their wheels in MIMSPARSE_WHEELS): the check may fail"
+if ! spconv_msg=$("$PY" -c "import spconv.pytorch" 2>&1); then
+    say "spconv does not import (${spconv_msg##*$'\n'}): its tests and rows are skipped (wheels: scripts/gpu_wheels.sh)"
 fi
 
-# 3. mimsparse itself from this checkout (no dependencies resolved, nothing downloaded).
-where=$(cd /tmp && "$PY" -c "import mimsparse.backends, os; print(os.path.dirname(os.path.dirname(mimsparse.backends.__file__)))" 2>/dev/null || true)
-if [ "$where" != "$ROOT" ]; then
-    say "installing mimsparse from $ROOT (editable, --no-deps --no-index)"
-    "$PY" -m pip install --no-index --no-deps --no-build-isolation -e "$ROOT" >/dev/null
+# 3. mimsparse itself from this checkout (no dependencies resolved, nothing downloaded): editable into the
+#    project's venv; into $SITE as a fresh copy each run otherwise, so that the check runs this checkout.
+if [ ${#TARGET[@]} -gt 0 ]; then
+    say "installing mimsparse from $ROOT into $SITE/mimsparse"
+    "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade \
+        --target "$SITE/mimsparse" "$ROOT" >/dev/null
+else
+    where=$(cd /tmp && "$PY" -c "import mimsparse.backends, os; print(os.path.dirname(os.path.dirname(mimsparse.backends.__file__)))" 2>/dev/null || true)
+    if [ "$where" != "$ROOT" ]; then
+        say "installing mimsparse from $ROOT (editable, --no-deps --no-index)"
+        "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e "$ROOT" >/dev/null
+    fi
 fi
+say "mimsparse from $(cd /tmp && "$PY" -c 'import mimsparse.backends as b; print(b.__file__)')"
 
 # 4. MinkowskiEngine only when asked (a CUDA build takes long).
 if [ "${MIMSPARSE_BUILD_MINKOWSKI:-0}" = "1" ]; then
@@ -66,8 +125,11 @@ if [ "${MIMSPARSE_BUILD_MINKOWSKI:-0}" = "1" ]; then
     # wheel already in its cache (e.g. built elsewhere by `make minkowski-cuda`) installs offline
     bash "$ROOT/scripts/build_minkowski.sh" "$PY"
 fi
+if [ "$PREPARE_ONLY" = "1" ]; then
+    say "prepared (--prepare-only): $PY"; exit 0
+fi
 
 # 5. The check; its last line is the summary.
 cd "$ROOT"
-"$PY" tools/gpu_check.py "$OUT" "$@" 2>&1 | tee "$OUT/gpu_check.log"
+"$PY" tools/gpu_check.py "$OUT" ${args[@]+"${args[@]}"} 2>&1 | tee "$OUT/gpu_check.log"
 exit "${PIPESTATUS[0]}"

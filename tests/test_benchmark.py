@@ -110,3 +110,60 @@ def test_data_benchmark_counts_the_images_it_times(photo_dir, monkeypatch):
         assert row["img_per_s"] == pytest.approx(statistics.median(rates))
         assert row["img_per_s_per_worker"] == pytest.approx(row["img_per_s"] / max(1, row["workers"]))
     assert data_benchmark.markdown_table(result).count("\n") == 5
+
+
+class _Clock:
+    """time.monotonic stand-in that advances one second per call: deadlines become deterministic."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def monotonic(self):
+        self.now += 1.0
+        return self.now
+
+    perf_counter = staticmethod(__import__("time").perf_counter)
+
+
+def test_deadline_skips_rows_not_started_and_stops_repeats(monkeypatch):
+    """A run on a machine lent by the minute: rows not started by the deadline are listed as skipped
+    (never silently dropped), the rows that started keep their samples, the repeats stop."""
+    import mimsparse.benchmark as bench
+
+    monkeypatch.setattr(bench, "time", _Clock())
+    # prepare order: reference (no clock read), dense 0.6 (1), packed 0.6 (2), dense 0.75 (3), packed 0.75 (4)
+    result = run_benchmark("convnextv2_atto", ["dense", "packed"], [0.6, 0.75], batch=1, img=64, repeats=3,
+                           warmup=0, measures=("train_step",), log=lambda *_: None, deadline=2.5)
+    assert [(r["backend"], r["mask_ratio"]) for r in result["rows"]] == [(TIMM_DENSE, 0.0), ("dense", 0.6),
+                                                                        ("packed", 0.6)]
+    assert result["skipped"] == {"dense r=0.75": "time budget: not started before the deadline",
+                                 "packed r=0.75": "time budget: not started before the deadline"}
+    assert result["settings"]["repeats"] == 1  # the repeat loop read the clock (5 > 2.5) and stopped
+    assert all(len(r["samples_ms"]["train_step"]) == 1 for r in result["rows"])
+    assert "| packed r=0.75 | skipped: time budget" in markdown_table(result)
+
+
+def test_prepare_order_puts_the_first_ratio_and_compiled_rows_first():
+    from mimsparse.benchmark import Case, _prepare_order
+
+    cases = [Case(TIMM_DENSE, 0.0), Case(TIMM_DENSE, 0.0, compiled=True)]
+    for r in (0.6, 0.75):
+        cases += [Case("dense", r, compiled=True), Case("packed", r), Case("packed", r, compiled=True),
+                  Case("spconv", r)]
+    order = [(c.backend, c.mask_ratio, c.compiled) for c in _prepare_order(cases, (0.6, 0.75))]
+    assert order == [(TIMM_DENSE, 0.0, False),
+                     ("dense", 0.6, True), ("packed", 0.6, True), ("packed", 0.6, False), ("spconv", 0.6, False),
+                     (TIMM_DENSE, 0.0, True),
+                     ("dense", 0.75, True), ("packed", 0.75, True), ("packed", 0.75, False), ("spconv", 0.75, False)]
+
+
+def test_compiled_rows_without_a_compiled_reference_have_no_ratio():
+    from mimsparse.benchmark import Case, summarize
+
+    ref, row = Case(TIMM_DENSE, 0.0), Case("packed", 0.6, compiled=True)
+    for c, ms in ((ref, 10.0), (row, 4.0)):
+        c.samples_ms = {m: [ms] for m in MEASURES}
+    out = summarize([ref, row], {}, {"batch": 2})["rows"][1]
+    # an eager reference would give 0.4: compiled is never divided by eager
+    assert out["train_step"]["ratio_to_dense"] is None and out["train_step"]["ratio_to_ideal"] is None
+    assert out["train_step"]["images_per_s"] == pytest.approx(500.0)

@@ -2,6 +2,7 @@
 pytest -m cuda, the benchmark, JSON + markdown, summary line last) at toy size, so the script
 cannot rot between GPU runs."""
 import json
+import os
 import subprocess
 
 import pytest
@@ -26,3 +27,63 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert "spconv" in report["benchmarks"][0]["skipped"]  # no bf16 in spconv: listed, not silently dropped
     md = (out / "gpu_check.md").read_text()
     assert "| packed | 0.60 |" in md and md.strip().endswith(last)
+
+
+def _write_wheel(path, module: str, value: int):
+    """A minimal pure-Python wheel (what scripts/gpu_wheels.sh would have downloaded)."""
+    import zipfile
+
+    dist = path.name.split("-")[0]
+    info = f"{dist}-0.1.dist-info"
+    files = {f"{module}/__init__.py": f"VALUE = {value}\n",
+             f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{info}/RECORD"] = "".join(f"{name},,\n" for name in [*files, f"{info}/RECORD"])
+    with zipfile.ZipFile(path, "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+
+
+@pytest.mark.slow
+def test_gpu_check_setup_with_the_machine_python_and_split_wheels(tmp_path):
+    """The GPU machine's path: no project venv, the machine's interpreter used as it is, a wheel carried
+    in two pieces in two folders joined and installed into the site folder, mimsparse installed there
+    from the checkout; a second run installs nothing again."""
+    import sys
+
+    wheel = tmp_path / "mimsparse_probe-0.1-py3-none-any.whl"
+    _write_wheel(wheel, "mimsparse_probe", 42)
+    data = wheel.read_bytes()
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    (tmp_path / "a" / f"{wheel.name}.part-00").write_bytes(data[:len(data) // 2])
+    (tmp_path / "b" / f"{wheel.name}.part-01").write_bytes(data[len(data) // 2:])
+    site = tmp_path / "site"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(MIMSPARSE_NO_VENV="1", PYTHON=sys.executable, MIMSPARSE_GPU_SITE=str(site),
+               MIMSPARSE_WHEELS=f"{tmp_path / 'a'}:{tmp_path / 'b'}")
+    cmd = ["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(tmp_path / "out"), "--prepare-only"]
+    first = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "installing from" in first.stdout and "mimsparse_probe-0.1-py3-none-any.whl" in first.stdout
+    assert f"mimsparse from {site / 'mimsparse' / 'mimsparse' / 'backends'}" in first.stdout
+    assert first.stdout.strip().splitlines()[-1].startswith("gpu_check.sh: prepared")
+    probe = subprocess.run([sys.executable, "-c", "import mimsparse_probe, mimsparse.backends as b; "
+                            "print(mimsparse_probe.VALUE, b.__file__)"], capture_output=True, text=True,
+                           cwd="/", env={**env, "PYTHONPATH": f"{site / 'mimsparse'}:{site / 'deps'}"})
+    value, backends_file = probe.stdout.split()
+    assert value == "42" and backends_file.startswith(str(site / "mimsparse"))
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert again.returncode == 0 and "installing from" not in again.stdout, again.stdout + again.stderr
+
+
+@pytest.mark.slow
+def test_gpu_check_refuses_a_wheel_whose_pieces_do_not_join(tmp_path):
+    wheel = tmp_path / "mimsparse_probe-0.1-py3-none-any.whl"
+    _write_wheel(wheel, "mimsparse_probe", 1)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / f"{wheel.name}.part-00").write_bytes(wheel.read_bytes()[:100])  # part-01 never came
+    env = dict(os.environ, MIMSPARSE_WHEELS=str(tmp_path / "a"), MIMSPARSE_GPU_SITE=str(tmp_path / "site"))
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(tmp_path / "out"), "--prepare-only"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "not a whole wheel" in proc.stderr and "installing from" not in proc.stdout

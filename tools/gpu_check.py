@@ -2,8 +2,13 @@
 """The GPU check: CUDA tests, then the GPU benchmark; JSON + markdown into OUT_DIR, a one-line
 summary last. Normally started by scripts/gpu_check.sh (which prepares the environment offline).
 
-  tools/gpu_check.py OUT_DIR                # on a GPU: pytest -m cuda, then atto/tiny/base, B=64, 224, bf16
+  tools/gpu_check.py OUT_DIR                # on a GPU: pytest -m cuda, then tiny/base/atto, B=64, 224, bf16
   tools/gpu_check.py OUT_DIR --cpu-smoke    # the same code path on CPU at toy size (tests skip, no compile)
+
+The whole check keeps to --budget-s (default 420 s on a GPU, so that it fits a machine lent for ten
+minutes): the tests get at most --test-timeout of it, the models share the rest in order (the targets,
+tiny and base, first), and a row not started in time is listed as skipped ("time budget"), never
+silently dropped.
 
 Benchmark rows per model (train step img/s and peak memory, r = 0.6 and 0.75): timm dense eager and
 compiled, masked-dense compiled, packed eager and compiled (static mode), spconv eager.
@@ -21,10 +26,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # train step only: every compiled row compiles one graph per measure (~0.5-1 min each), 5 per model
-GPU = dict(models=("convnextv2_atto", "convnextv2_tiny", "convnextv2_base"), batch=64, img=224, amp="bf16",
-           compile=True, repeats=3, warmup=2, measures=("train_step",))
+GPU = dict(models=("convnextv2_tiny", "convnextv2_base", "convnextv2_atto"), batch=64, img=224, amp="bf16",
+           compile=True, repeats=3, warmup=2, measures=("train_step",), budget_s=420)
 CPU_SMOKE = dict(models=("convnextv2_atto",), batch=2, img=64, amp="bf16", compile=False, repeats=1, warmup=0,
-                 measures=("enc_fwd_bwd", "train_step"))
+                 measures=("enc_fwd_bwd", "train_step"), budget_s=None)
 RATIOS = (0.6, 0.75)
 BACKENDS = ("dense", "packed", "spconv")
 
@@ -34,7 +39,8 @@ def run_cuda_tests(out: Path, timeout: int) -> dict:
     xml = out / "cuda_tests.xml"
     # only the files that use the marker: collecting the whole suite imports everything (slow)
     files = sorted(str(f) for f in (ROOT / "tests").glob("test_*.py") if "mark.cuda" in f.read_text())
-    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", *files]
+    # -v: a run cut short by the timeout still shows which tests passed
+    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-p", "no:cacheprovider", f"--junitxml={xml}", *files]
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -71,8 +77,11 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-smoke", action="store_true", help="CPU, toy sizes, no compile: checks this tool itself")
     p.add_argument("--models", default=None, help="comma-separated, overrides the default list")
     p.add_argument("--skip-tests", action="store_true")
-    p.add_argument("--test-timeout", type=int, default=300)
+    p.add_argument("--test-timeout", type=int, default=180, help="seconds for pytest -m cuda (default 180)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="seconds for the whole check (default 420 on a GPU, none for --cpu-smoke)")
     args = p.parse_args(argv)
+    start = time.monotonic()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -83,6 +92,8 @@ def main(argv=None) -> int:
     plan = dict(CPU_SMOKE if args.cpu_smoke else GPU)
     if args.models:
         plan["models"] = tuple(m for m in args.models.split(",") if m)
+    if args.budget_s is not None:
+        plan["budget_s"] = args.budget_s
     device = "cpu" if args.cpu_smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         print(f"gpu_check: FAILED: no CUDA device visible to torch {torch.__version__} (use --cpu-smoke on CPU)")
@@ -92,7 +103,10 @@ def main(argv=None) -> int:
               "gpu": torch.cuda.get_device_name() if device == "cuda" else None, "plan": plan, "benchmarks": []}
     if device == "cuda":  # the project's numbers are TF32-free fp32 / bf16 autocast
         torch.backends.cudnn.benchmark = True
-    tests = None if args.skip_tests else run_cuda_tests(out, args.test_timeout)
+    test_timeout = args.test_timeout
+    if plan["budget_s"] is not None:
+        test_timeout = int(min(test_timeout, plan["budget_s"] / 2))
+    tests = None if args.skip_tests else run_cuda_tests(out, test_timeout)
     report["cuda_tests"] = tests
     if tests is not None:
         print(f"cuda tests: {tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped "
@@ -101,11 +115,20 @@ def main(argv=None) -> int:
     md = [f"# GPU check {report['date']}: {report['gpu'] or 'CPU smoke'}, torch {report['torch']}, "
           f"CUDA {report['cuda']}\n"]
     ratios = {}
-    for model in plan["models"]:
+    for i, model in enumerate(plan["models"]):
         t0 = time.time()
+        deadline = None
+        if plan["budget_s"] is not None:  # this model's share of what is left
+            end = start + plan["budget_s"]
+            deadline = time.monotonic() + (end - time.monotonic()) / (len(plan["models"]) - i)
+            if time.monotonic() > end:
+                print(f"time budget: {model} not measured", flush=True)
+                report["not_measured"] = report.get("not_measured", []) + [model]
+                ratios[model] = None
+                continue
         result = run_benchmark(model, BACKENDS, RATIOS, plan["batch"], plan["img"], device, plan["repeats"],
                                plan["warmup"], plan["amp"], plan["compile"], measures=plan["measures"],
-                               compiled_only=("dense",), log=lambda *a: print(*a, flush=True))
+                               compiled_only=("dense",), log=lambda *a: print(*a, flush=True), deadline=deadline)
         result["seconds"] = round(time.time() - t0, 1)
         report["benchmarks"].append(result)
         ratios[model] = packed_vs_masked_dense(result)
@@ -126,7 +149,8 @@ def main(argv=None) -> int:
                           for m, r in ratios.items())
     ok = tests is None or (tests["failed"] == 0 and tests["returncode"] in (0, 5))
     summary = (f"gpu_check: {'OK' if ok else 'FAILED'} | {report['gpu'] or 'CPU smoke'} | {tests_txt} | "
-               f"packed / {kind} masked-dense train img/s at r=0.6: {ratio_txt} | {out}")
+               f"packed / {kind} masked-dense train img/s at r=0.6: {ratio_txt} | "
+               f"{time.monotonic() - start:.0f} s | {out}")
     report["summary"] = summary
     (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
     (out / "gpu_check.md").write_text("\n".join(md + [f"\n{summary}\n"]))
