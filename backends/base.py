@@ -62,11 +62,15 @@ class Backend(ABC):
         return self.to_sparse(t).to_dense()
 
     def patch_embed(self, image: torch.Tensor, active_bhw: torch.Tensor, weight: torch.Tensor,
-                    bias: torch.Tensor | None, stride: int, rows_per_sample: int | None = None) -> Native:
+                    bias: torch.Tensor | None, stride: int, rows_per_sample: int | None = None,
+                    block: int = 1) -> Native:
         """Non-overlapping k x k / stride k conv of a dense image, kept at ``active_bhw`` (output grid).
 
         ``rows_per_sample``: when the caller knows every sample has exactly this many active sites, a
         backend may build its indices from it without host syncs (packed's static mode); others ignore it.
+        ``block``: the caller's promise that ``active_bhw`` is made of whole block x block squares of the
+        block grid (the mask's patches on the output grid); with ``rows_per_sample`` it lets packed size
+        its depthwise tiles without a sync. Others ignore it.
 
         Patches do not overlap and the mask is aligned with them, so no pixel of a masked patch
         reaches an active site: a dense conv of the image is exact and cheap (few input channels).

@@ -421,6 +421,63 @@ def test_static_mode_refuses_a_wrong_count():
         model(img, vis, num_visible=0)
 
 
+@pytest.mark.parametrize("mode", ["auto", None, (4, 4), (8, 8), (4, 8)])
+@pytest.mark.parametrize("chunk", [TILE_CHUNK_FLOATS, 1])
+def test_static_dwconv_matches_conv2d(mode, chunk):
+    """Static mode's depthwise conv, from a patch-aligned mask with a fixed count (the encoder's case):
+    halo tiles sized from the known block (no sync), or the dense map with the per-plane weight
+    gradient, vs F.conv2d on the masked map, forward and all three gradients; non-square map, k=7."""
+    vis = random_patch_mask(3, (3, 4), 0.6, torch.Generator().manual_seed(7))
+    mask = upsample_mask(vis, 8)                                    # 24 x 32 map of whole 8 x 8 blocks
+    geom = PackedGeometry.from_mask_static(mask, 4, int(mask[0].sum()), block=8)
+    backend = PackedBackend(dw_tiles=mode, tile_chunk_floats=chunk)
+    expect_tiles = {"auto": (8, 8), None: None, (4, 4): (4, 4), (8, 8): (8, 8), (4, 8): None}[mode]
+    assert backend.choose_tile_static(geom, 7, 7) == expect_tiles
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 6, 24, 32, generator=g) * mask.unsqueeze(1)
+    weight = (torch.randn(6, 1, 7, 7, generator=g) * 0.2).requires_grad_(True)
+    bias = torch.randn(6, generator=g).requires_grad_(True)
+    b, yy, xx = geom.bxy()
+    rows = x.permute(0, 2, 3, 1)[b, yy, xx].clone().requires_grad_(True)
+    out = backend.to_dense(backend.dwconv(PackedTensor(rows, geom), weight, bias))
+    xd = x.clone().requires_grad_(True)
+    ref = F.conv2d(xd, weight, bias, padding=3, groups=6) * mask.unsqueeze(1)
+    assert_close(out, ref, what="forward")
+    up = torch.randn(ref.shape, generator=g)
+    grads = torch.autograd.grad((out * up).sum(), [rows, weight, bias])
+    grads_ref = torch.autograd.grad((ref * up).sum(), [xd, weight, bias])
+    assert_close(grads[0], grads_ref[0].permute(0, 2, 3, 1)[b, yy, xx], what="grad input")
+    assert_close(grads[1], grads_ref[1], what="grad weight")
+    assert_close(grads[2], grads_ref[2], what="grad bias")
+
+
+def test_static_tiles_follow_the_block_through_downsampling():
+    """The encoder promises whole patches (block 8 at stride 4); each 2x2 downsample halves it, and
+    tiles are only ever sized from what is promised (never from a count that merely divides)."""
+    vis = random_patch_mask(2, (7, 7), 0.6, torch.Generator().manual_seed(2))
+    geom = PackedGeometry.from_mask_static(upsample_mask(vis, 8), 4, int(vis[0].sum()) * 64, block=8)
+    blocks, tiles = [], []
+    for _ in range(4):
+        blocks.append(geom.block)
+        tiles.append(PackedBackend(dw_tiles=(4, 4)).choose_tile_static(geom, 7, 7))
+        geom = geom.down(2)[0] if geom.spatial_shape[0] > 7 else geom
+    assert blocks == [8, 4, 2, 1] and tiles == [(4, 4), (4, 4), None, None]
+    unknown = PackedGeometry.from_mask_static(upsample_mask(vis, 8), 4, int(vis[0].sum()) * 64)  # block 1
+    assert PackedBackend(dw_tiles=(8, 8)).choose_tile_static(unknown, 7, 7) is None
+
+
+def test_static_tiles_refuse_a_mask_that_breaks_the_promised_blocks():
+    """A fixed count that is not made of whole blocks fails the device-side tile count check."""
+    mask = torch.zeros(2, 16, 16, dtype=torch.bool)
+    mask[:, :8, :8] = True
+    mask[1, 0, 0], mask[1, 8, 8] = False, True                      # same count, block 8 broken
+    geom = PackedGeometry.from_mask_static(mask, 4, 64, block=8)
+    rows = torch.randn(geom.num_rows, 4)
+    weight = torch.randn(4, 1, 7, 7)
+    with pytest.raises(RuntimeError, match="not whole 8x8 tiles"):
+        PackedBackend(dw_tiles=(8, 8)).dwconv(PackedTensor(rows, geom), weight, None).feats.sum().item()
+
+
 def test_encoder_bfloat16_runs():
     model = SparseConvNeXtV2.from_name("convnextv2_atto", backend="packed")
     _randomize(model)

@@ -199,7 +199,7 @@ class SparseConvNeXtV2(SparseEncoder):
         scale = self.patch_size // self.stem_stride
         rows = None if num_visible is None else num_visible * scale * scale  # stem sites per sample
         x = backend.patch_embed(image_bchw, upsample_mask(visible_bhw, scale),
-                                self.stem_conv.weight, self.stem_conv.bias, self.stem_stride, rows)
+                                self.stem_conv.weight, self.stem_conv.bias, self.stem_stride, rows, block=scale)
         x = backend.map_feats(x, self.stem_norm)
         outs = []
         for stage in self.stages:
