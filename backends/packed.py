@@ -28,13 +28,17 @@ tensor of that stage shares; nothing is cached in module globals. Scratch buffer
 too and only ever written at active sites, so they need no per-layer zero fill. Rows are in
 ``SparseBatch`` order (batch, then raster), so ``to_sparse`` is free.
 
-Static mode (``patch_embed(..., rows_per_sample=n)``: every sample has exactly n active sites, as
-mimsparse's maskers make them): the indices are built without host syncs or data-dependent shapes
-(a stable sort of each sample's mask instead of ``nonzero``, sizes from ``n``, the count checked on
-the device by ``torch._assert_async``), and every op is traceable torch (the depthwise conv as
-scatter -> dense channels-last conv -> gather, with a written-out backward that keeps inductor's CPU
-code fast), so ``torch.compile(fullgraph=True, dynamic=False)`` traces the whole train step and
-replays it for any mask with that count.
+Static mode (``patch_embed(..., rows_per_sample=n, block=s)``: every sample has exactly n active
+sites, made of whole s x s patches, as mimsparse's maskers make them): the indices are built without
+host syncs or data-dependent shapes (a stable sort of each sample's mask instead of ``nonzero``, sizes
+from ``n`` and ``s``, counts checked on the device by ``torch._assert_async``), and every op is
+traceable torch, so ``torch.compile(fullgraph=True, dynamic=False)`` traces the whole train step and
+replays it for any mask with that count. The depthwise conv, on CPU, uses halo tiles where whole
+patches make tiles of a known number (8 x 8 at stride 4: n / 64 per sample) and the cost estimate
+prefers them, else scatter -> dense channels-last conv -> gather (the only choice on a GPU, where
+cuDNN's depthwise conv has not been measured against tiles yet); both with written-out backwards that
+keep inductor's CPU code fast (on CPU the dense-map weight gradient is one conv over (channel, sample)
+planes).
 """
 from __future__ import annotations
 
@@ -549,8 +553,12 @@ class _StaticDWConv(torch.autograd.Function):
         grad_feats = grad_w = grad_b = None
         if need_in:
             grad_feats = _gather_static(F.conv2d(g, w.flip(-2, -1), None, padding=ctx.pad, groups=c), flat)
-        if need_w:
+        if need_w and feats.device.type == "cpu":
             grad_w = _planes_weight_grad(feats, grad_out, flat, ctx.dims, weight.shape[-2:]).to(weight.dtype)
+        elif need_w:  # cuDNN has a real depthwise weight gradient; a 56x56 "kernel" per plane is untested there
+            grad_w = torch.ops.aten.convolution_backward(
+                g, _scatter_static(feats, flat, ctx.dims), w, None, [1, 1], list(ctx.pad), [1, 1], False, [0, 0],
+                c, [False, True, False])[1].to(weight.dtype)
         if need_b and ctx.has_bias:
             grad_b = grad_out.float().sum(0).to(weight.dtype)
         return grad_feats, grad_w, grad_b, None, None
@@ -817,6 +825,8 @@ class PackedBackend(RowBackend):
         if self.dw_tiles != "auto":  # forced: that size when its tiles are whole, else the dense map
             sh, sw = self.dw_tiles
             return (sh, sw) if sh == sw and whole(sh) else None
+        if geom.device.type != "cpu":  # the cost model and the win are measured on CPU only; on a GPU
+            return None                # the dense map (cuDNN's depthwise conv) until the GPU check says
         best, best_cost = None, self._tile_cost(h, w, kh, kw, geom.batch_size)
         for s in (4, 8):
             if whole(s):

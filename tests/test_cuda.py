@@ -38,6 +38,9 @@ def no_tf32():
 
 
 def _backend(name: str):
+    if name == "packed-tiles":  # static halo tiles forced (auto keeps the dense map on a GPU)
+        from mimsparse.backends.packed import PackedBackend
+        return PackedBackend(dw_tiles=(8, 8))
     try:
         return get_backend(name)
     except BackendUnavailable as e:
@@ -73,7 +76,7 @@ def reference():
 
 
 @pytest.mark.parametrize("backend,static", [("dense", False), ("packed", False), ("packed", True),
-                                            ("spconv", False)])
+                                            ("packed-tiles", True), ("spconv", False)])
 def test_backend_on_cuda_matches_cpu_dense(reference, backend, static):
     ref, images, visible, (loss_ref, grads_ref) = reference
     model = copy.deepcopy(ref).cuda()
