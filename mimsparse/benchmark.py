@@ -116,18 +116,23 @@ def _runners(model_name, backend_name, ratio, images, device, amp_dtype, compile
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    # CUDA graphs (reduce-overhead) reuse their output memory: each call starts a new step
+    new_step = torch.compiler.cudagraph_mark_step_begin if compile_mode == "reduce-overhead" else lambda: None
 
     def enc_fwd():
+        new_step()
         with torch.no_grad(), autocast():
             encode()
 
     def enc_fwd_bwd():
+        new_step()
         with autocast():
             out = encode()
         out.float().square().mean().backward()
         model.zero_grad(set_to_none=True)
 
     def train_step():
+        new_step()
         with autocast():
             loss = step_loss()
         loss.backward()

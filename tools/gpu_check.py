@@ -78,6 +78,8 @@ def main(argv=None) -> int:
     p.add_argument("--models", default=None, help="comma-separated, overrides the default list")
     p.add_argument("--skip-tests", action="store_true")
     p.add_argument("--test-timeout", type=int, default=180, help="seconds for pytest -m cuda (default 180)")
+    p.add_argument("--compile-mode", default=None, choices=("default", "reduce-overhead", "max-autotune"),
+                   help="torch.compile mode of the compiled rows (default: inductor's default)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="seconds for the whole check (default 420 on a GPU, none for --cpu-smoke)")
     args = p.parse_args(argv)
@@ -94,6 +96,7 @@ def main(argv=None) -> int:
         plan["models"] = tuple(m for m in args.models.split(",") if m)
     if args.budget_s is not None:
         plan["budget_s"] = args.budget_s
+    plan["compile_mode"] = None if args.compile_mode in (None, "default") else args.compile_mode
     device = "cpu" if args.cpu_smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         print(f"gpu_check: FAILED: no CUDA device visible to torch {torch.__version__} (use --cpu-smoke on CPU)")
@@ -128,7 +131,8 @@ def main(argv=None) -> int:
                 continue
         result = run_benchmark(model, BACKENDS, RATIOS, plan["batch"], plan["img"], device, plan["repeats"],
                                plan["warmup"], plan["amp"], plan["compile"], measures=plan["measures"],
-                               compiled_only=("dense",), log=lambda *a: print(*a, flush=True), deadline=deadline)
+                               compiled_only=("dense",), log=lambda *a: print(*a, flush=True), deadline=deadline,
+                               compile_mode=plan["compile_mode"])
         result["seconds"] = round(time.time() - t0, 1)
         report["benchmarks"].append(result)
         ratios[model] = packed_vs_masked_dense(result)
