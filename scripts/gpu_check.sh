@@ -81,18 +81,32 @@ for name, pieces in parts.items():  # carried in pieces (a transfer limit): join
         print(f"gpu_check.sh: {name}: joined parts are not a whole wheel ({bad}): skipped", file=sys.stderr)
         continue
     found[name] = out
+try:  # wheels built for another Python or platform would stop pip: leave them out, say which
+    from packaging.tags import sys_tags
+    from packaging.utils import parse_wheel_filename
+    supported = set(sys_tags())
+    fits = lambda name: bool(parse_wheel_filename(name)[3] & supported)  # noqa: E731
+except ImportError:
+    fits = lambda name: True  # noqa: E731
 for name, path in sorted(found.items()):
     dist = name.split("-")[0]
     try:
         md.version(dist)
+        continue
     except md.PackageNotFoundError:
+        pass
+    if fits(name):
         print(path)
+    else:
+        print(f"gpu_check.sh: {name} is not for this Python/platform: skipped", file=sys.stderr)
 PY
 )
     if [ -n "$wheels" ]; then
         say "installing from $MIMSPARSE_WHEELS: $(echo $wheels | xargs -n1 basename | tr '\n' ' ')"
         # shellcheck disable=SC2086
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir ${TARGET[@]+"${TARGET[@]}"} $wheels
+        if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir ${TARGET[@]+"${TARGET[@]}"} $wheels; then
+            say "pip could not install those wheels (see above): going on without them"
+        fi
     fi
 fi
 missing=()
