@@ -109,14 +109,26 @@ PY
         fi
     fi
 fi
-missing=()
-for mod_pkg in timm:timm yaml:pyyaml tqdm:tqdm PIL:pillow matplotlib:matplotlib pytest:pytest; do
-    "$PY" -c "import ${mod_pkg%%:*}" 2>/dev/null || missing+=("${mod_pkg##*:}")
-done
-[ ${#missing[@]} -eq 0 ] || say "still missing: ${missing[*]} (put their wheels in MIMSPARSE_WHEELS): the check may fail"
-if ! spconv_msg=$("$PY" -c "import spconv.pytorch" 2>&1); then
-    say "spconv does not import (${spconv_msg##*$'\n'}): its tests and rows are skipped (wheels: scripts/gpu_wheels.sh)"
-fi
+# one interpreter start for all the checks (each import of torch costs seconds)
+"$PY" - <<'PY'
+import importlib
+import warnings
+warnings.simplefilter("ignore")  # libraries' deprecation chatter is not what this step reports
+missing = []
+for module, package in (("timm", "timm"), ("yaml", "pyyaml"), ("tqdm", "tqdm"), ("PIL", "pillow"),
+                        ("matplotlib", "matplotlib"), ("pytest", "pytest")):
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        missing.append(package)
+if missing:
+    print(f"gpu_check.sh: still missing: {' '.join(missing)} (put their wheels in MIMSPARSE_WHEELS): the check may fail")
+try:
+    importlib.import_module("spconv.pytorch")
+except Exception as e:  # ImportError, or a CUDA library the wheel wants
+    print(f"gpu_check.sh: spconv does not import ({type(e).__name__}: {e}): its tests and rows are skipped "
+          "(wheels: scripts/gpu_wheels.sh)")
+PY
 
 # 3. mimsparse itself from this checkout (no dependencies resolved, nothing downloaded): editable into the
 #    project's venv; into $SITE as a fresh copy each run otherwise, so that the check runs this checkout.

@@ -87,3 +87,17 @@ def test_gpu_check_refuses_a_wheel_whose_pieces_do_not_join(tmp_path):
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "not a whole wheel" in proc.stderr and "installing from" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_gpu_check_leaves_out_wheels_for_another_python(tmp_path):
+    """A folder prepared for the GPU machine's Python (e.g. cp312) on a machine with another one: those
+    wheels are named and left out, and the set-up goes on rather than stopping at pip's refusal."""
+    (tmp_path / "w").mkdir()
+    _write_wheel(tmp_path / "w" / "mimsparse_alien-0.1-cp27-cp27mu-linux_armv7l.whl", "mimsparse_alien", 3)
+    env = dict(os.environ, MIMSPARSE_WHEELS=str(tmp_path / "w"), MIMSPARSE_GPU_SITE=str(tmp_path / "site"))
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(tmp_path / "out"), "--prepare-only"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "mimsparse_alien-0.1-cp27-cp27mu-linux_armv7l.whl is not for this Python/platform: skipped" in proc.stderr
+    assert "installing from" not in proc.stdout and "prepared" in proc.stdout
