@@ -201,23 +201,33 @@ class PackedGeometry:
                   chunk_floats: int = TILE_CHUNK_FLOATS) -> "TilePlan":
         key = ("plan", sh, sw, kh, kw, channels, chunk_floats)
         if key not in self._cache:
-            build = TilePlan.build_static if self.static else TilePlan.build
-            self._cache[key] = build(self, sh, sw, kh, kw, channels, chunk_floats)
+            self._cache[key] = TilePlan.build(self, sh, sw, kh, kw, channels, chunk_floats)
         return self._cache[key]
 
     def tiles(self, sh: int, sw: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """The sh x sw blocks holding at least one active site: (block id of each row, rank of
-        each block among the occupied ones (P where empty), P)."""
+        each block among the occupied ones (P where empty), P).
+
+        A static geometry whose promised blocks (``block``) are whole sh x sw tiles knows P = rows /
+        (sh*sw) on the host: no sync, the count checked on the device instead."""
         key = ("tiles", sh, sw)
         if key not in self._cache:
             h, w = self.spatial_shape
+            if self.static and (self.block % sh or self.block % sw or h % sh or w % sw):
+                raise ValueError(f"static halo tiles {sh}x{sw} need whole tiles: a {h}x{w} map of whole "
+                                 f"{self.block}x{self.block} blocks has none")
             nty, ntx = -(-h // sh), -(-w // sw)
             b, y, x = self.bxy()
             tid = (b * nty + torch.div(y, sh, rounding_mode="floor")) * ntx + torch.div(x, sw, rounding_mode="floor")
             occupied = torch.zeros(self.batch_size * nty * ntx, dtype=torch.int64, device=self.device)
-            occupied[tid] = 1
+            occupied = occupied.index_fill(0, tid, 1)
             csum = occupied.cumsum(0)
-            p = int(csum[-1]) if csum.numel() else 0
+            if self.static:
+                p = self.num_rows // (sh * sw)
+                torch._assert_async(csum[-1] == p, f"static packed geometry: the active sites are not whole {sh}x{sw} "
+                                                   f"tiles; use masks aligned with the patches or num_visible=None")
+            else:
+                p = int(csum[-1]) if csum.numel() else 0
             rank = torch.where(occupied.bool(), csum - 1, p)
             self._cache[key] = (tid, rank, p)
         return self._cache[key]
@@ -358,8 +368,7 @@ class TilePlan:
             x.index_copy_(1, self.in_pos, x_src.t())
             k = self._buffer("gT", g_src, (c, p * self.sh * self.sw))
             k.index_copy_(1, self.int_pos, g_src.t())
-            r = F.conv2d(x.view(1, c * p, self.th, self.tw), k.view(c * p, 1, self.sh, self.sw), None, groups=c * p)
-            return r.view(c, p, kh, kw).sum(1).unsqueeze(1)
+            return _per_plane_weight_grad(x, k, p, (self.th, self.tw), (self.sh, self.sw), (kh, kw))
         return _tiles_weight_grad(g_src, x_tiles, self.int_idx, (self.nchunk, self.sh, self.sw, self.ch), kh, kw)
 
     @classmethod
@@ -377,44 +386,9 @@ class TilePlan:
             in_pos = (t * th + y + ph) * tw + x + pw
             int_pos = (t * sh + y) * sw + x
             return cls(sh, sw, th, tw, p, 1, in_pos=in_pos, int_pos=int_pos)
-        tiles = (rank < p).nonzero().squeeze(1)                 # tile ids in rank order
-        return cls._gather_mode(g, sh, sw, kh, kw, channels, chunk_floats, t, tiles, p)
-
-    @classmethod
-    def build_static(cls, g: "PackedGeometry", sh: int, sw: int, kh: int, kw: int, channels: int,
-                     chunk_floats: int = TILE_CHUNK_FLOATS) -> "TilePlan":
-        """``build`` for a static geometry whose sh x sw tiles are whole blocks (``g.block`` a multiple of
-        both): then P = rows / (sh*sw) is known on the host, and the occupied tiles come from a stable
-        sort instead of ``nonzero``; nothing syncs. The tile count is checked on the device."""
-        h, w = g.spatial_shape
-        if g.block % sh or g.block % sw or h % sh or w % sw:
-            raise ValueError(f"static halo tiles {sh}x{sw} need whole tiles: a {h}x{w} map of whole "
-                             f"{g.block}x{g.block} blocks has none")
-        nty, ntx = h // sh, w // sw
-        p = g.num_rows // (sh * sw)
-        b, y, x = g.bxy()
-        tid = (b * nty + torch.div(y, sh, rounding_mode="floor")) * ntx + torch.div(x, sw, rounding_mode="floor")
-        occupied = torch.zeros(g.batch_size * nty * ntx, dtype=torch.int64, device=g.device).index_fill(0, tid, 1)
-        torch._assert_async(occupied.sum() == p, f"static packed geometry: the active sites are not whole "
-                                                 f"{sh}x{sw} tiles; use masks aligned with the patches or num_visible=None")
-        rank = occupied.cumsum(0) - 1
-        tiles = (1 - occupied).argsort(stable=True)[:p]         # occupied tile ids, ascending = rank order
-        return cls._gather_mode(g, sh, sw, kh, kw, channels, chunk_floats, rank[tid], tiles, p)
-
-    @classmethod
-    def _gather_mode(cls, g: "PackedGeometry", sh: int, sw: int, kh: int, kw: int, channels: int,
-                     chunk_floats: int, t: torch.Tensor, tiles: torch.Tensor, p: int) -> "TilePlan":
-        """The gather-mode indices from the tile of each row ``t`` and the occupied tile ids ``tiles``
-        (in rank order, P of them)."""
-        h, w = g.spatial_shape
-        ph, pw = kh // 2, kw // 2
-        th, tw = sh + 2 * ph, sw + 2 * pw
+        ly, lx = y - torch.div(y, sh, rounding_mode="floor") * sh, x - torch.div(x, sw, rounding_mode="floor") * sw
         n = g.num_rows
         dev = g.device
-        b, y, x = g.bxy()
-        nty, ntx = -(-h // sh), -(-w // sw)
-        ly = y - torch.div(y, sh, rounding_mode="floor") * sh
-        lx = x - torch.div(x, sw, rounding_mode="floor") * sw
         # chunks of ~chunk_floats input floats (a cache-sized working set for the weight
         # gradient), all of the same size ch (the last one padded with empty tiles)
         ch = max(1, min(p, chunk_floats // max(1, th * tw * channels)))
@@ -426,7 +400,9 @@ class TilePlan:
         out_idx = ((chunk * sh + ly) * sw + lx) * ch + local    # layout (chunk, sy, sx, tile)
         int_idx = torch.full((nchunk * sh * sw * ch,), n, dtype=torch.int64, device=dev)
         int_idx = int_idx.index_copy(0, out_idx, torch.arange(n, device=dev))
-        # input windows (halo included) of every tile, read from the dense row map
+        # input windows (halo included) of every tile, read from the dense row map; the occupied
+        # tile ids in rank order, by a stable sort (no nonzero: sync-free for a static geometry)
+        tiles = (rank >= p).to(torch.int32).argsort(stable=True)[:p]
         tb = torch.div(tiles, nty * ntx, rounding_mode="floor")
         rem = tiles - tb * (nty * ntx)
         t_y = torch.div(rem, ntx, rounding_mode="floor") * sh - ph
@@ -581,8 +557,16 @@ def _planes_weight_grad(feats, grad_out, flat, dims, kernel) -> torch.Tensor:
     in_pos = (s * th + y + ph) * tw + x + pw
     x_planes = feats.new_zeros(c, b * th * tw).index_copy(1, in_pos, feats.t())
     g_planes = feats.new_zeros(c, b * h * w).index_copy(1, flat, grad_out.t())
-    r = F.conv2d(x_planes.view(1, c * b, th, tw), g_planes.view(c * b, 1, h, w), None, groups=c * b)
-    return r.view(c, b, kh, kw).sum(1).unsqueeze(1)
+    return _per_plane_weight_grad(x_planes, g_planes, b, (th, tw), (h, w), kernel)
+
+
+def _per_plane_weight_grad(x_planes, g_planes, planes: int, in_hw, out_hw, kernel) -> torch.Tensor:
+    """x_planes [C, planes*th*tw] (zero-padded inputs), g_planes [C, planes*sh*sw] (output gradients)
+    -> depthwise weight gradient [C, 1, kh, kw]: one conv with C*planes groups, each plane's output
+    gradient the kernel of its input plane, summed over the planes."""
+    c = x_planes.shape[0]
+    r = F.conv2d(x_planes.view(1, c * planes, *in_hw), g_planes.view(c * planes, 1, *out_hw), None, groups=c * planes)
+    return r.view(c, planes, *kernel).sum(1).unsqueeze(1)
 
 
 def _scatter_static(rows, flat, dims) -> torch.Tensor:
@@ -604,14 +588,18 @@ def _pad_row(rows: torch.Tensor) -> torch.Tensor:
 
 
 def _tiles_conv(src_padded, weight, bias, in_idx, out_idx, layout) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gather mode of TilePlan.conv: the tile inputs [nchunk, ch*C, th, tw] (channels-last, the channel
-    blocks are the tiles) through one depthwise conv with the kernel repeated ch times; returns the
-    rows at the interior positions and the tile inputs."""
-    nchunk, th, tw, ch = layout
-    c = src_padded.shape[1]
-    x = src_padded.index_select(0, in_idx).view(nchunk, th, tw, ch * c).permute(0, 3, 1, 2)
+    """Gather mode of TilePlan.conv: the tile inputs through one depthwise conv with the kernel repeated
+    ch times; returns the rows at the interior positions and the tile inputs."""
+    ch, c = layout[3], src_padded.shape[1]
+    x = _tile_inputs(src_padded, in_idx, layout)
     y = F.conv2d(x, weight.repeat(ch, 1, 1, 1), None if bias is None else bias.repeat(ch), groups=ch * c)
     return y.permute(0, 2, 3, 1).reshape(-1, c).index_select(0, out_idx), x
+
+
+def _tile_inputs(src_padded, in_idx, layout) -> torch.Tensor:
+    """The tile inputs [nchunk, ch*C, th, tw] (channels-last; the channel blocks are the tiles)."""
+    nchunk, th, tw, ch = layout
+    return src_padded.index_select(0, in_idx).view(nchunk, th, tw, ch * src_padded.shape[1]).permute(0, 3, 1, 2)
 
 
 def _tiles_weight_grad(g_padded, x_tiles, int_idx, layout, kh: int, kw: int) -> torch.Tensor:
@@ -631,7 +619,7 @@ def _tiles_weight_grad(g_padded, x_tiles, int_idx, layout, kh: int, kw: int) -> 
 
 
 class _StaticTileDWConv(torch.autograd.Function):
-    """Static mode's halo-tile depthwise conv (TilePlan.build_static): the gather-mode tile conv with
+    """Static mode's halo-tile depthwise conv (a static geometry's TilePlan): the gather-mode tile conv with
     its index tensors passed in, so dynamo traces it into the step's graph. Saves the rows, not the
     tile inputs (3x the rows at 8x8 tiles): the backward gathers them again."""
 
@@ -655,7 +643,7 @@ class _StaticTileDWConv(torch.autograd.Function):
         if need_in:
             grad_feats = _tiles_conv(g, w.flip(-2, -1), None, in_idx, out_idx, (nchunk, th, tw, ch))[0]
         if need_w:
-            x_tiles = _pad_row(feats).index_select(0, in_idx).view(nchunk, th, tw, ch * feats.shape[1]).permute(0, 3, 1, 2)
+            x_tiles = _tile_inputs(_pad_row(feats), in_idx, (nchunk, th, tw, ch))
             grad_w = _tiles_weight_grad(g, x_tiles, int_idx, (nchunk, sh, sw, ch), *weight.shape[-2:]).to(weight.dtype)
         if need_b and ctx.has_bias:
             grad_b = grad_out.float().sum(0).to(weight.dtype)
