@@ -91,6 +91,7 @@ class TrainConfig:
     vis_every: int = 0          # every N steps write vis/step-N.png: original | masked | reconstruction | pasted (0 = off)
     tensorboard: bool = True    # also log to <output_dir>/tensorboard when the tensorboard package is installed
     wandb: bool = False         # also log to Weights & Biases (offline unless WANDB_MODE says otherwise)
+    stop_signals: str = "SIGTERM,SIGINT,SIGUSR1"  # stop after the step in progress with a checkpoint, exit 75 ("" = none)
 
 
 @dataclass(frozen=True)

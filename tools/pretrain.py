@@ -23,7 +23,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                        "Precision: CPU trains in fp32; train.amp=bf16|fp16 needs CUDA and a backend\n"
                                        "that supports it (minkowski and spconv refuse bf16).\n"
                                        "Several processes: torchrun --standalone --nproc_per_node N tools/pretrain.py\n"
-                                       "(train.batch_size is per process; rank 0 logs and writes checkpoints).")
+                                       "(train.batch_size is per process; rank 0 logs and writes checkpoints).\n"
+                                       "SIGTERM, SIGINT or SIGUSR1 (train.stop_signals) stop after the step in progress\n"
+                                       "with a checkpoint; the exit status is then 75 (requeue, then --resume auto).\n"
+                                       "One process at a time may write an output dir (an OS lock on its .mimsparse.lock).")
     p.add_argument("--config", default=None, help="YAML file from configs/ (defaults are in mimsparse/config.py)")
     p.add_argument("--backend", default="dense", choices=backend_names(), help="sparse backend (default: dense)")
     p.add_argument("--data", default=None, help="ImageFolder or flat folder of images, tar shards ('shards/train-"
@@ -59,6 +62,7 @@ def main(argv=None) -> int:
     from mimsparse.train import distributed
     from mimsparse.config import load_config
     from mimsparse.train.build import build_run
+    from mimsparse.train.stop_signal import STOP_EXIT_STATUS
 
     overrides = list(args.overrides)
     if args.data:
@@ -91,6 +95,8 @@ def main(argv=None) -> int:
         if done:
             say(f"loss: first {done[0]['loss']:.4f} (step {done[0]['step']}) -> "
                 f"last {done[-1]['loss']:.4f} (step {done[-1]['step']})")
+        if result["stopped_by"]:
+            return STOP_EXIT_STATUS  # the checkpoint line was printed; a requeue script tests this status
         if result["checkpoint"] is None and trainer.resumed_from:
             say(f"nothing to do: the run already finished all {trainer.total_steps} steps (raise train.epochs to go on); "
                 f"checkpoint: {trainer.resumed_from}")

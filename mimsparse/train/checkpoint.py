@@ -5,6 +5,7 @@ import hashlib
 import os
 import platform
 import random
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -65,7 +66,7 @@ def write_file_atomic(path: str | Path, write, kept: str | None = None) -> Path:
             if kept is None:
                 kept = (f"the previous {path.name} is kept unchanged" if path.is_file()
                         else "nothing was written")
-            reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+            reason = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
             raise OutputError(f"cannot write {str(path)!r} ({reason}); {kept}. Free disk space or choose "
                               f"another output path") from e
         raise
@@ -81,7 +82,12 @@ def _replace_atomically(path: Path, write) -> Path:
             raise IsADirectoryError(21, "a folder of that name is in the way", str(path))
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
-        write(tmp)
+        try:
+            write(tmp)
+        except Exception as e:  # noqa: BLE001 (writers report a failed write in their own types)
+            if isinstance(e, OSError) or not _is_write_failure(e):
+                raise
+            raise WriteFailed(_failed_write_reason(e, path.parent)) from e
         os.chmod(tmp, default_file_mode())  # after writing: some writers replace the file they are given
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -94,10 +100,31 @@ def _replace_atomically(path: Path, write) -> Path:
     return path
 
 
+class WriteFailed(OSError):
+    """A writer library (torch's zip writer, safetensors) failed to write its file."""
+
+
+# How writer libraries word a failed write: torch's zip writer (a RuntimeError from inline_container.cc,
+# e.g. "unexpected pos 42747712 vs 42747604" on a full disk), safetensors (SafetensorError: IoError(...)).
+_WRITE_FAILURES = ("PytorchStreamWriter failed writing", "file write failed", "inline_container.cc",
+                   "unexpected pos", "IoError", "No space left on device")
+
+
 def _is_write_failure(e: BaseException) -> bool:
-    """torch's zip writer reports a failed write as a RuntimeError from inline_container.cc."""
-    return isinstance(e, RuntimeError) and ("PytorchStreamWriter failed writing" in str(e) or
-                                            "file write failed" in str(e))
+    return ((isinstance(e, RuntimeError) or type(e).__name__ == "SafetensorError")
+            and any(s in str(e) for s in _WRITE_FAILURES))
+
+
+def _failed_write_reason(e: BaseException, folder: Path) -> str:
+    """What a user can act on: a full disk said as such (the writers' own words are positions and
+    internal codes); otherwise the writer's first line. Checked while the partial file still fills
+    the disk."""
+    try:
+        if shutil.disk_usage(folder).free < (1 << 20):
+            return "No space left on device"
+    except OSError:
+        pass
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -22,7 +22,7 @@ from mimsparse.config import PretrainConfig
 from mimsparse.errors import CheckpointError, DataError, OutputError, TrainingError
 from mimsparse.train import distributed
 from mimsparse.train.build import build_dataset, build_model, build_optimization, check_train_config
-from mimsparse.train.checkpoint import (check_model_matches, check_writable_dir, remove_stale_temp_files,
+from mimsparse.train.checkpoint import (check_model_matches, remove_stale_temp_files,
                                         require_training_checkpoint, rng_state, set_rng_state, versions,
                                         write_text_atomic)
 from mimsparse.train.checkpoint_manager import CheckpointManager, checkpoint_size_estimate
@@ -30,6 +30,8 @@ from mimsparse.train.compile import check_compile_mode
 from mimsparse.train.data import EpochSampler, collate_skip_bad, seed_worker
 from mimsparse.train.logger import RunLogger
 from mimsparse.train.optim import GradientStep
+from mimsparse.train.run_folder import hold
+from mimsparse.train.stop_signal import STOP_EXIT_STATUS, StopSignal
 from mimsparse.train.shards import ShardImages
 from mimsparse.train.precision import check_amp
 
@@ -55,6 +57,8 @@ class RunState:
     batch_in_epoch: int = 0  # batches of the current epoch done (per process)
     best_loss: float = float("inf")
     skipped_steps: int = 0  # non-finite steps skipped so far (train.skip_nonfinite)
+    epoch_loss_sum: float = 0.0  # losses of the epoch in progress before a stop on a signal (its mean picks best)
+    epoch_loss_count: int = 0
 
 
 @dataclass
@@ -94,8 +98,17 @@ class Pretrainer:
         check_compile_mode(cfg.train.compile)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise TrainingError("--device cuda but CUDA is not available; use --device cpu")
-        check_writable_dir(self.out_dir)
+        self.stop = StopSignal(cfg.train.stop_signals)
+        # the main process holds the folder from here to the end of run() (see mimsparse.train.run_folder)
+        self.folder = hold(self.out_dir, _command(), self.dist.is_main, self.dist.enabled, self.device)
+        try:
+            self._build(cfg, resume, show_progress)
+        except BaseException:
+            if self.folder is not None:
+                self.folder.abandon()
+            raise
 
+    def _build(self, cfg: PretrainConfig, resume, show_progress: bool) -> None:
         self.dataset, self.steps_per_epoch = build_dataset(cfg, self.dist.world_size)
         self.batches_per_epoch = self.steps_per_epoch * cfg.train.accum_steps  # per process
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
@@ -114,6 +127,8 @@ class Pretrainer:
                                 cfg.train.tensorboard, cfg.to_dict() if cfg.train.wandb else None)
         self.last_checkpoint = None
         self.resumed_from = None
+        self.resume_auto = False
+        self.stopped_by: str | None = None  # the signal that stopped run() early
         if resume:
             self.load(resume)
 
@@ -143,7 +158,12 @@ class Pretrainer:
     def claim_output_dir(self) -> str:
         """Make this run the owner of the output folder before its first write (a fresh start refuses
         another run's checkpoints unless ``overwrite``); returns the run id."""
-        return self.checkpoints.claim(self.resumed_from is not None, self.overwrite, say=self.say)
+        return self.checkpoints.claim(self.resumed_from is not None, self._may_replace(), say=self.say)
+
+    def _may_replace(self) -> bool:
+        """``--overwrite``, or ``--resume auto`` in a folder without a checkpoint to resume (what a run
+        killed before its first checkpoint left there is replaced: a requeued job must start)."""
+        return self.overwrite or (self.resume_auto and not self.checkpoints.has_checkpoints())
 
     def save(self, is_best: bool = False) -> Path:
         self.claim_output_dir()
@@ -152,7 +172,8 @@ class Pretrainer:
     def load(self, path: str | Path) -> None:
         """Resume from ``path``, or with ``"auto"`` from the newest checkpoint of the output folder that
         verifies (none there: a fresh start)."""
-        if str(path) == "auto":
+        self.resume_auto = str(path) == "auto"
+        if self.resume_auto:
             found = self.checkpoints.load_latest(self.device, say=self.say)
             if found is None:
                 return
@@ -255,11 +276,26 @@ class Pretrainer:
 
     # ---- the run -------------------------------------------------------------------------------
     def run(self) -> dict:
-        """Train to the end (or ``train.max_steps``), writing a checkpoint every
-        ``train.save_every_epochs`` epochs and at the end; checkpoint-best is the lowest epoch-mean loss."""
+        """Train to the end (or ``train.max_steps``, or a stop signal: see
+        :mod:`mimsparse.train.stop_signal`), writing a checkpoint every ``train.save_every_epochs``
+        epochs and at the end; checkpoint-best is the lowest epoch-mean loss. The output folder is
+        let go at the end (removed when this start created it and failed before its first step)."""
+        first_step = self.state.step
+        try:
+            with self.stop:
+                return self._run()
+        except BaseException:
+            if self.folder is not None and self.state.step == first_step and self.last_checkpoint is None:
+                self.folder.abandon()
+            raise
+        finally:
+            if self.folder is not None:
+                self.folder.release()
+
+    def _run(self) -> dict:
         cfg, st = self.cfg, self.state
         if self.checkpoints.record is None:  # every process: all refuse another run's folder together
-            self.checkpoints.check_can_start(self.resumed_from is not None, self.overwrite)
+            self.checkpoints.check_can_start(self.resumed_from is not None, self._may_replace())
         if self.dist.is_main:
             self.claim_output_dir()
             remove_stale_temp_files(self.out_dir)
@@ -276,16 +312,27 @@ class Pretrainer:
             if not distributed.replicas_agree(self.model.parameters()):
                 raise TrainingError(f"the processes' parameters differ at step {st.step}; this is a bug, please "
                                     f"report it")
-            losses = [r["loss"] for r in records if r["loss"] is not None]
-            mean = sum(losses) / len(losses) if losses else float("inf")
-            is_best = mean < st.best_loss
-            st.best_loss = min(st.best_loss, mean)
+            total, count = st.epoch_loss_sum, st.epoch_loss_count  # the part before a signal stopped the epoch
+            for r in records:
+                if r["loss"] is not None:
+                    total, count = total + r["loss"], count + 1
+            if self.stopped_by:  # a partial epoch: best waits for the epoch's end, after the resume
+                st.epoch_loss_sum, st.epoch_loss_count, is_best = total, count, False
+            else:
+                st.epoch_loss_sum, st.epoch_loss_count = 0.0, 0
+                mean = total / count if count else float("inf")
+                is_best = mean < st.best_loss
+                st.best_loss = min(st.best_loss, mean)
             if self.dist.is_main and (stop or st.epoch % cfg.train.save_every_epochs == 0 or st.epoch == cfg.train.epochs):
                 self.last_checkpoint = self.save(is_best)
+            if self.stopped_by:
+                self.say(f"stopped by {self.stopped_by} at step {st.step} (epoch {st.epoch}, batch {st.batch_in_epoch}"
+                         f"): checkpoint {self.last_checkpoint}; continue with --resume auto (exit status "
+                         f"{STOP_EXIT_STATUS})", flush=True)
         self.logger.close()
         if self.dist.enabled:
             torch.distributed.barrier()  # rank 0 has finished writing before any process leaves
-        return {"history": history, "checkpoint": self.last_checkpoint, "state": st}
+        return {"history": history, "checkpoint": self.last_checkpoint, "state": st, "stopped_by": self.stopped_by}
 
     def write_config(self) -> Path:
         """``config.yaml`` in the run folder: the resolved config (``--config`` of a later run reads it
@@ -311,6 +358,11 @@ class Pretrainer:
                               f"Free disk space or turn the pictures off with train.vis_every=0") from e
         self.logger.image(grid, self.state.step)
         return path
+
+
+def _command() -> str:
+    """Who holds a run folder, for the refusal a second process gets."""
+    return Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "a library call"
 
 
 def train_one_epoch(run: Pretrainer) -> tuple[list[dict], bool]:
@@ -349,6 +401,9 @@ def train_one_epoch(run: Pretrainer) -> tuple[list[dict], bool]:
         window, t0, compute = _Window(), time.perf_counter(), 0.0
         if cfg.train.max_steps and st.step >= cfg.train.max_steps:
             stop = True
+            break
+        if run.stop.requested(run.device):  # every process, after every step: all stop at the same step
+            run.stopped_by, stop = run.stop.reason(), True
             break
     run.logger.epoch_done()
     if dist.enabled:
