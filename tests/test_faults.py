@@ -1,0 +1,226 @@
+"""Runs that survive a cluster, tested the way the faults happen: a real signal sent to a real
+process (alone and under torchrun), a real second process aimed at a held folder, a real full file
+system (a small tmpfs, when running as root)."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from mimsparse.config import load_config
+from mimsparse.train.checkpoint import load_checkpoint
+from mimsparse.train.engine import Pretrainer
+from mimsparse.train.stop_signal import STOP_EXIT_STATUS
+from tests.conftest import ROOT, tiny_overrides
+
+# 6 photos x repeat 4 / batch 4: 6 steps per epoch, 12 in all
+STEPS, PER_EPOCH = 12, 6
+
+
+def _overrides(out, photo_dir, **extra):
+    return tiny_overrides(out, **{"data.path": str(photo_dir), "data.repeat": 4, "train.log_every": 1, **extra})
+
+
+def _reference(tmp_path, photo_dir, **extra):
+    """The same run, never interrupted, in this process."""
+    return Pretrainer(load_config(None, _overrides(tmp_path / "reference", photo_dir, **extra)), "dense",
+                      show_progress=False).run()
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def _start(cmd):
+    """A tool as a user starts it; stdout and stderr merged, read line by line."""
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=ROOT)
+
+
+def _pretrain_cmd(*args):
+    return [sys.executable, str(ROOT / "tools" / "pretrain.py"), "--no-progress", *args]
+
+
+def _read_until(proc, pattern, lines, timeout=180):
+    """Lines of ``proc`` until one matches ``pattern`` (returned); a watchdog kills a hung process."""
+    watchdog = threading.Timer(timeout, proc.kill)
+    watchdog.start()
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if re.search(pattern, line):
+                return line
+    finally:
+        watchdog.cancel()
+    raise AssertionError(f"no line matching {pattern!r}:\n{''.join(lines)}")
+
+
+def _finish(proc, lines, timeout=180):
+    out, _ = proc.communicate(timeout=timeout)
+    lines.append(out)
+    return "".join(lines)
+
+
+def _log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+# ---- 1. a signal stops the run after the step in progress, with a checkpoint ----------------------------
+def test_sigterm_mid_epoch_saves_the_step_and_resume_repeats_nothing(photo_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = _start(_pretrain_cmd(*_overrides(out, photo_dir)))
+    lines = []
+    _read_until(proc, r"^step 2 \|", lines)
+    proc.send_signal(signal.SIGTERM)
+    text = _finish(proc, lines)
+    assert proc.returncode == STOP_EXIT_STATUS, text
+    stopped = re.search(r"^stopped by SIGTERM at step (\d+) \(epoch 0, batch (\d+)\): checkpoint (\S+); continue "
+                        r"with --resume auto \(exit status 75\)$", text, re.M)
+    assert stopped, text
+    step = int(stopped.group(1))
+    assert 2 <= step < PER_EPOCH and int(stopped.group(2)) == step  # mid-epoch: the step in progress was finished
+    assert stopped.group(3) == str(out / f"checkpoint-{step:07d}.pth")
+    assert "Traceback" not in text
+    # verified and recorded like any other checkpoint; best unchanged (epoch 0 has not ended: none yet)
+    record = json.loads((out / "run.json").read_text())
+    assert list(record["checkpoints"]) == [f"checkpoint-{step:07d}.pth"]
+    assert not (out / "checkpoint-best.pth").exists()
+    ckpt = load_checkpoint(out / f"checkpoint-{step:07d}.pth")
+    assert ckpt["run"]["step"] == step and ckpt["run"]["batch_in_epoch"] == step
+    assert [r["step"] for r in _log(out)] == list(range(1, step + 1))
+
+    resumed = _start(_pretrain_cmd("--resume", "auto", *_overrides(out, photo_dir)))
+    text = _finish(resumed, [])
+    assert resumed.returncode == 0, text
+    assert f"resumed from {out / f'checkpoint-{step:07d}.pth'} at step {step}" in text
+    full = _reference(tmp_path, photo_dir)
+    log = _log(out)
+    assert [r["step"] for r in log] == list(range(1, STEPS + 1))  # no step repeated, none lost
+    assert [r["loss"] for r in log] == [r["loss"] for r in full["history"]]
+    ours, theirs = load_checkpoint(out / "checkpoint-best.pth"), load_checkpoint(full["checkpoint"].parent /
+                                                                                   "checkpoint-best.pth")
+    assert ours["run"]["best_loss"] == theirs["run"]["best_loss"]  # the stopped epoch's mean counts all its steps
+    assert all(torch.equal(ours["model"][k], theirs["model"][k]) for k in theirs["model"])
+
+
+def test_a_second_signal_exits_at_once(photo_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = _start(_pretrain_cmd(*_overrides(out, photo_dir, **{"train.stop_signals": "SIGUSR1"})))
+    lines = []
+    _read_until(proc, r"^step 1 \|", lines)
+    proc.send_signal(signal.SIGUSR1)
+    _read_until(proc, r"^SIGUSR1 received: stopping after this step", lines)
+    proc.send_signal(signal.SIGUSR1)
+    text = _finish(proc, lines)
+    assert proc.returncode == -signal.SIGUSR1, text  # ended by the signal, not by a clean stop
+    assert "SIGUSR1 received again: exiting at once" in text and "stopped by" not in text
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_the_signal_set_is_configurable(photo_dir, tmp_path):
+    from mimsparse.errors import ConfigError
+    from mimsparse.train.stop_signal import parse_signals
+
+    assert parse_signals("TERM, sigusr1") == (signal.SIGTERM, signal.SIGUSR1) and parse_signals("") == ()
+    with pytest.raises(ConfigError, match=r"train.stop_signals: 'SIGKILL' is not a signal a run can catch"):
+        Pretrainer(load_config(None, _overrides(tmp_path, photo_dir, **{"train.stop_signals": "SIGKILL"})), "dense")
+    # without SIGTERM in the set, SIGTERM kills the run as before: no checkpoint at the step
+    out = tmp_path / "plain"
+    proc = _start(_pretrain_cmd(*_overrides(out, photo_dir, **{"train.stop_signals": "SIGUSR1"})))
+    lines = []
+    _read_until(proc, r"^step 1 \|", lines)
+    proc.send_signal(signal.SIGTERM)
+    _finish(proc, lines)
+    assert proc.returncode == -signal.SIGTERM and not list(out.glob("checkpoint-*.pth"))
+
+
+def _children(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
+def _rank_of(pid):
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+    return int(env[b"RANK"])
+
+
+def test_a_signal_to_one_torchrun_rank_stops_every_rank_at_the_same_step(photo_dir, tmp_path):
+    """SIGTERM to rank 1 alone (rank 0 writes): the ranks agree on the flag collectively, so rank 0
+    writes the checkpoint at that step and no rank waits in an all-reduce; the resumed job repeats no
+    step and its losses are those of the job that was never stopped."""
+    out = tmp_path / "run"
+    common = {"train.batch_size": 2}  # x 2 processes: the global batch of the one-process reference
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                str(ROOT / "tools" / "pretrain.py"), "--no-progress"]
+    proc = _start([*torchrun, *_overrides(out, photo_dir, **common)])
+    lines = []
+    _read_until(proc, r"^step 2 \|", lines)
+    workers = {_rank_of(pid): pid for pid in _children(proc.pid)}
+    os.kill(workers[1], signal.SIGTERM)
+    text = _finish(proc, lines)
+    assert re.search(r"exitcode\s*:\s*75", text), text  # both workers ended with the documented status
+    stopped = re.search(r"^stopped by (.*) at step (\d+) \(epoch 0", text, re.M)
+    assert stopped and stopped.group(1) == "another process of the job was signalled", text  # rank 0 was not
+    step = int(stopped.group(2))
+    assert 2 <= step < PER_EPOCH and (out / f"checkpoint-{step:07d}.pth").is_file()
+
+    resumed = _start([*torchrun, "--resume", "auto", *_overrides(out, photo_dir, **common)])
+    text = _finish(resumed, [])
+    assert resumed.returncode == 0, text
+    log = _log(out)
+    assert [r["step"] for r in log] == list(range(1, STEPS + 1))
+    full = _reference(tmp_path, photo_dir, **{"train.batch_size": 4})
+    assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in full["history"]], rel=1e-5)
+
+
+# ---- 2. one process per run folder ----------------------------------------------------------------------
+def test_a_second_process_is_refused_a_held_folder_and_a_killed_holder_needs_no_clean_up(photo_dir, tmp_path):
+    out = tmp_path / "run"
+    args = _overrides(out, photo_dir, **{"train.epochs": 40})  # long enough to be running when the second starts
+    first = _start(_pretrain_cmd(*args))
+    lines = []
+    _read_until(first, r"^step 1 \|", lines)
+    second = _start(_pretrain_cmd(*args))  # the same start again: a requeued job whose old copy still runs
+    text = _finish(second, [], timeout=120)
+    assert second.returncode == 2, text
+    assert re.fullmatch(rf"error: output folder '{re.escape(str(out))}' is in use by another run \(host \S+, PID "
+                        rf"{first.pid}, pretrain.py, since [^)]+\); wait for it to end or stop it, then resume with "
+                        rf"--resume auto, or choose another folder with --output-dir DIR\n", text), text
+    first.send_signal(signal.SIGTERM)
+    text = _finish(first, lines)
+    assert first.returncode == STOP_EXIT_STATUS, text
+    step = int(re.search(r"^stopped by SIGTERM at step (\d+)", text, re.M).group(1))
+    # exactly one run's files: every step once, the checkpoints that run recorded
+    assert [r["step"] for r in _log(out)] == list(range(1, step + 1))
+    record = json.loads((out / "run.json").read_text())
+    assert set(record["checkpoints"]) <= {p.name for p in out.glob("checkpoint-*.pth")}
+    assert f"checkpoint-{step:07d}.pth" in record["checkpoints"]
+
+    # SIGKILL the holder: the kernel drops the lock, --resume auto starts with no clean-up
+    killed = _start(_pretrain_cmd("--resume", "auto", *args))
+    _read_until(killed, rf"^step {step + 1} \|", [])
+    killed.kill()
+    killed.wait()
+    again = _start(_pretrain_cmd("--resume", "auto", *args))
+    _read_until(again, rf"^resumed from .* at step {step}$", [])
+    again.send_signal(signal.SIGTERM)
+    text = _finish(again, [])
+    assert again.returncode == STOP_EXIT_STATUS, text
+
+
+def test_a_start_that_fails_before_its_first_step_leaves_no_folder(photo_dir, tmp_path):
+    from mimsparse.errors import DataError
+
+    out = tmp_path / "new" / "run"
+    with pytest.raises(DataError):
+        Pretrainer(load_config(None, _overrides(out, tmp_path / "no-such-photos")), "dense")
+    assert not (tmp_path / "new").exists()
+    out.mkdir(parents=True)
+    with pytest.raises(DataError):  # a folder the user made is theirs: kept (and let go)
+        Pretrainer(load_config(None, _overrides(out, tmp_path / "no-such-photos")), "dense")
+    assert out.is_dir() and Pretrainer(load_config(None, _overrides(out, photo_dir)), "dense").folder is not None
