@@ -224,3 +224,111 @@ def test_a_start_that_fails_before_its_first_step_leaves_no_folder(photo_dir, tm
     with pytest.raises(DataError):  # a folder the user made is theirs: kept (and let go)
         Pretrainer(load_config(None, _overrides(out, tmp_path / "no-such-photos")), "dense")
     assert out.is_dir() and Pretrainer(load_config(None, _overrides(out, photo_dir)), "dense").folder is not None
+
+
+# ---- 3. every write failure is one line ----------------------------------------------------------------
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A real 70 MiB file system: room for one checkpoint of the tiny run (~42 MiB), not for a second
+    beside it (the atomic write needs both)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=70m", "tmpfs", str(mnt)], capture_output=True,
+                             text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _one_line(capsys, main):
+    from mimsparse.cli import run_cli
+
+    capsys.readouterr()
+    assert run_cli(main) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
+def test_a_real_full_disk_during_a_checkpoint_is_one_line(photo_dir, small_tmpfs):
+    out = small_tmpfs / "run"
+    trainer = Pretrainer(load_config(None, _overrides(out, photo_dir, **{"train.tensorboard": False})), "dense",
+                         show_progress=False)
+    from mimsparse.cli import one_line
+    from mimsparse.errors import OutputError
+
+    with pytest.raises(OutputError) as failed:
+        trainer.run()
+    writer_error = failed.value.__cause__.__cause__  # what torch's zip writer raised on the full disk
+    assert isinstance(writer_error, RuntimeError) and "inline_container.cc" in str(writer_error), writer_error
+    err = f"error: {one_line(failed.value)}"  # what run_cli prints
+    assert err == (f"error: cannot write '{out / 'checkpoint-0000012.pth'}' (No space left on device); the previous "
+                   f"checkpoint '{out / 'checkpoint-0000006.pth'}' is kept. Free disk space or choose another "
+                   f"output path")
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith((".pth", ".tmp"))) == \
+        ["checkpoint-0000006.pth", "checkpoint-best.pth"]  # no partial file left
+    assert load_checkpoint(out / "checkpoint-0000006.pth")["run"]["step"] == 6
+
+
+def test_a_real_full_disk_for_safetensors_and_logs_is_one_line(small_tmpfs, capsys, tmp_path):
+    from mimsparse.convert.export import save_weights
+    from mimsparse.train.run_log import RunLog
+
+    ballast = small_tmpfs / "ballast"
+    with open(ballast, "wb") as f:  # fill the file system to its last ~1 MiB
+        f.write(b"\0" * (69 << 20))
+    sd = {"w": torch.ones(1 << 20)}  # 4 MiB
+    err = _one_line(capsys, lambda: save_weights(sd, small_tmpfs / "model.safetensors"))
+    assert err == (f"error: cannot write '{small_tmpfs / 'model.safetensors'}' (No space left on device); nothing "
+                   f"was written. Free disk space or choose another output path")
+    log = RunLog(small_tmpfs / "log.jsonl")
+    err = _one_line(capsys, lambda: log.write({"step": 1, "text": "x" * (2 << 20)}))
+    assert err == (f"error: cannot write the training log '{small_tmpfs / 'log.jsonl'}' (No space left on device); "
+                   f"the checkpoints in '{small_tmpfs}' are kept. Free disk space, then resume with --resume auto")
+    assert sorted(p.name for p in small_tmpfs.iterdir()) in (["ballast"], ["ballast", "log.jsonl"])
+
+
+@pytest.mark.parametrize("raised", [
+    RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 42747712 vs 42747604"),
+    RuntimeError("[enforce fail at inline_container.cc:858] . PytorchStreamWriter failed writing file data/3: "
+                 "file write failed"),
+])
+def test_torch_zip_writer_failures_are_one_line_and_bugs_keep_their_traceback(tmp_path, monkeypatch, raised):
+    import mimsparse.train.checkpoint as checkpoint
+    from mimsparse.errors import OutputError
+
+    def failing_save(obj, f, *args, **kwargs):
+        f.write(b"x" * 100)
+        raise raised
+
+    monkeypatch.setattr(checkpoint.torch, "save", failing_save)
+    with pytest.raises(OutputError, match=r"cannot write '.*ckpt.pth' \(.*\); nothing was written\. Free disk space"):
+        checkpoint.save_checkpoint({"a": 1}, tmp_path / "ckpt.pth")
+    assert list(tmp_path.iterdir()) == []
+
+    def buggy_save(obj, f, *args, **kwargs):
+        raise RuntimeError("Can't pickle local object")  # a bug: not an output fault
+
+    monkeypatch.setattr(checkpoint.torch, "save", buggy_save)
+    with pytest.raises(RuntimeError, match="Can't pickle") as bug:
+        checkpoint.save_checkpoint({"a": 1}, tmp_path / "ckpt.pth")
+    assert not isinstance(bug.value, OutputError) and list(tmp_path.iterdir()) == []
+
+
+def test_a_tensorboard_write_failure_is_one_line(photo_dir, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    def full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(SummaryWriter, "add_scalar", full)
+    out = tmp_path / "run"
+    trainer = Pretrainer(load_config(None, _overrides(out, photo_dir)), "dense", show_progress=False)
+    err = _one_line(capsys, trainer.run)
+    assert err == (f"error: cannot write the TensorBoard events in '{out / 'tensorboard'}' (No space left on device); "
+                   f"the checkpoints in '{out}' are kept. Free disk space, then resume with --resume auto (or set "
+                   f"train.tensorboard=false)")

@@ -119,6 +119,9 @@ def _failed_write_reason(e: BaseException, folder: Path) -> str:
     """What a user can act on: a full disk said as such (the writers' own words are positions and
     internal codes); otherwise the writer's first line. Checked while the partial file still fills
     the disk."""
+    text = str(e)
+    if any(s in text for s in ("No space left on device", "os error 28", "StorageFull")):
+        return "No space left on device"
     try:
         if shutil.disk_usage(folder).free < (1 << 20):
             return "No space left on device"
