@@ -332,3 +332,78 @@ def test_a_tensorboard_write_failure_is_one_line(photo_dir, tmp_path, monkeypatc
     assert err == (f"error: cannot write the TensorBoard events in '{out / 'tensorboard'}' (No space left on device); "
                    f"the checkpoints in '{out}' are kept. Free disk space, then resume with --resume auto (or set "
                    f"train.tensorboard=false)")
+
+
+# ---- the same for finetuning ----------------------------------------------------------------------------
+FINETUNE = ["--checkpoint", "random", "--model", "convnextv2_atto", "--data", "lfw-subset", "--label-fraction", "0.4",
+            "--eval-limit", "10", "--img-size", "32", "--batch-size", "8", "--no-progress", "--mixup", "0.8",
+            "--warmup-epochs", "0.5", "--epochs", "2"]
+
+
+def _finetune_cmd(*args):
+    return [sys.executable, str(ROOT / "tools" / "finetune.py"), *FINETUNE, *args]
+
+
+def test_finetune_stops_on_a_signal_mid_epoch_and_resumes_exactly(tmp_path):
+    from tests.test_finetune_runs import records
+    from tests.test_finetune import tool_main
+
+    out = tmp_path / "split"
+    proc = _start(_finetune_cmd("--output-dir", str(out)))
+    lines = []
+    _read_until(proc, r"^model convnextv2_atto \|", lines)  # the handlers are in: stop after the first step
+    proc.send_signal(signal.SIGTERM)
+    text = _finish(proc, lines)
+    assert proc.returncode == STOP_EXIT_STATUS, text
+    assert f"stopped by SIGTERM at step 1 (epoch 0, batch 1): checkpoint {out / 'last.pth'}; continue with " \
+           f"--resume auto (exit status 75)" in text
+    last = torch.load(out / "last.pth", weights_only=True)
+    assert last["epoch"] == 0 and last["step"] == 1 and last["part"]["batches_done"] == 1
+    assert not (out / "log.jsonl").exists() and not (out / "best.safetensors").exists()  # epoch 0 not over
+
+    resumed = _start(_finetune_cmd("--output-dir", str(out), "--resume", "auto"))
+    text = _finish(resumed, [])
+    assert resumed.returncode == 0, text
+    assert "resumed from" in text and "epoch 0, batch 1, step 1" in text
+    assert tool_main("finetune")([*FINETUNE, "--output-dir", str(tmp_path / "straight")]) == 0
+    assert records(out) == records(tmp_path / "straight")  # losses, lrs, top-1: no step repeated or lost
+    a = torch.load(tmp_path / "straight" / "last.pth", weights_only=True)["model"]
+    b = torch.load(out / "last.pth", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finetune_guards_its_folder_like_pretraining(tmp_path, capsys):
+    from mimsparse.evaluate.finetune import RUN_FILES
+    from tests.test_finetune import tool_main
+
+    out = tmp_path / "ft"
+    main = tool_main("finetune")
+    short = [*FINETUNE[:-2], "--epochs", "1", "--max-steps", "2", "--output-dir", str(out)]
+    assert main(short) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name in RUN_FILES}
+    err = _one_line(capsys, lambda: main(short))  # a finished run is not overwritten without asking
+    assert err == (f"error: output folder '{out}' holds the files of another run (4: last.pth, best.safetensors, "
+                   f"results.json, log.jsonl); a new run there would mix with or delete them. Continue that run "
+                   f"with --resume auto, choose another folder with --output-dir DIR, or replace it with --overwrite")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in RUN_FILES} == before
+    assert main([*short, "--overwrite"]) == 0
+    assert "--overwrite: deleted the previous run's 4 file(s)" in capsys.readouterr().out
+    assert len((out / "log.jsonl").read_text().splitlines()) == 1
+
+    # a second process is refused while this one holds the folder
+    holder = _start(_finetune_cmd("--output-dir", str(tmp_path / "held"), "--epochs", "100"))  # still running
+    lines = []
+    _read_until(holder, r"^model convnextv2_atto \|", lines)
+    second = _start(_finetune_cmd("--output-dir", str(tmp_path / "held")))
+    text = _finish(second, [], timeout=120)
+    assert second.returncode == 2 and re.fullmatch(
+        rf"error: output folder '{re.escape(str(tmp_path / 'held'))}' is in use by another run \(host \S+, PID "
+        rf"{holder.pid}, finetune.py, since [^)]+\); wait for it to end or stop it, then resume with --resume auto, "
+        rf"or choose another folder with --output-dir DIR\n", text), text
+    holder.kill()
+    holder.wait()
+
+    # a start that fails before its first step leaves no folder it created
+    bad = tmp_path / "new" / "ft"
+    err = _one_line(capsys, lambda: main([*FINETUNE, "--data", str(tmp_path / "nothing"), "--output-dir", str(bad)]))
+    assert not (tmp_path / "new").exists(), err

@@ -113,6 +113,7 @@ class RunFolder:
 
         self.folder = Path(folder)
         self.created = first_missing(self.folder.absolute())
+        self.started = False  # set by the tool once its first step runs: from then on the folder is kept
         check_writable_dir(self.folder)
         try:
             self.lock = FolderLock(self.folder, tool)
