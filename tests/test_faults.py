@@ -407,3 +407,25 @@ def test_finetune_guards_its_folder_like_pretraining(tmp_path, capsys):
     bad = tmp_path / "new" / "ft"
     err = _one_line(capsys, lambda: main([*FINETUNE, "--data", str(tmp_path / "nothing"), "--output-dir", str(bad)]))
     assert not (tmp_path / "new").exists(), err
+
+
+def test_the_linear_probe_guards_its_folder_too(tmp_path, capsys):
+    from tests.test_finetune import tool_main
+
+    main = tool_main("linear_probe")
+    out = tmp_path / "probe"
+    args = ["--checkpoint", "random", "--model", "convnextv2_atto", "--data", "lfw-subset", "--train-limit", "16",
+            "--eval-limit", "8", "--img-size", "32", "--epochs", "1", "--batch-size", "16", "--no-progress",
+            "--output-dir", str(out)]
+    assert main(args) == 0
+    results = (out / "results.json").read_text()
+    err = _one_line(capsys, lambda: main(args))
+    assert err == (f"error: output folder '{out}' holds the files of another run (2: results.json, log.jsonl); a new "
+                   f"run there would mix with or delete them. Choose another folder with --output-dir DIR, or replace "
+                   f"it with --overwrite")  # a probe has no --resume: not offered
+    assert (out / "results.json").read_text() == results
+    assert main([*args, "--overwrite"]) == 0
+    assert "--overwrite: deleted the previous run's 2 file(s)" in capsys.readouterr().out
+    bad = tmp_path / "new" / "probe"
+    _one_line(capsys, lambda: main([*args[:-1], str(bad), "--data", str(tmp_path / "nothing")]))
+    assert not (tmp_path / "new").exists()

@@ -424,21 +424,13 @@ def main(args) -> dict:
     (``results["stopped_by"]``: the signal that stopped it early, see :mod:`mimsparse.train.stop_signal`).
     The output folder is held (locked) while it runs; a start that fails before its first step
     removes the folder it created."""
-    from mimsparse.train.run_folder import RunFolder
+    from mimsparse.train.run_folder import held
     from mimsparse.train.stop_signal import DEFAULT_SIGNALS, StopSignal
 
     check_args(args)
     stop = StopSignal(getattr(args, "stop_signals", DEFAULT_SIGNALS))
-    folder = RunFolder(args.output_dir, "finetune.py")
-    try:
-        with stop:
-            return _finetune(args, folder, stop)
-    except BaseException:
-        if not folder.started:
-            folder.abandon()
-        raise
-    finally:
-        folder.release()
+    with held(args.output_dir, "finetune.py") as folder, stop:
+        return _finetune(args, folder, stop)
 
 
 def _finetune(args, folder, stop) -> dict:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from mimsparse.train.checkpoint import check_writable_dir
+from mimsparse.train.run_folder import RunFolder, clear_run_files, held, refuse_other_run
 from mimsparse.evaluate.loaders import check_img_size, eval_loader, limit_subset, top1_correct
 from mimsparse.train.data import DataError
 from mimsparse.errors import ConfigError
@@ -115,11 +115,23 @@ def check_args(args) -> None:
         raise ConfigError("the learning rate must be positive (--lr or --blr)")
 
 
+RUN_FILES = ("results.json", "log.jsonl")  # what makes a folder a probe run
+
+
 def main(args) -> dict:
-    """Linear probe as ``tools/linear_probe.py`` describes; returns the results also written to results.json."""
-    start = time.perf_counter()
+    """Linear probe as ``tools/linear_probe.py`` describes; returns the results also written to results.json.
+    The output folder is held (locked) while it runs and guarded like every run folder
+    (:mod:`mimsparse.train.run_folder`): another run's results need ``--overwrite``."""
     check_args(args)
-    out_dir = check_writable_dir(args.output_dir)
+    with held(args.output_dir, "linear_probe.py") as folder:
+        theirs = refuse_other_run(folder.folder, [folder.folder / f for f in RUN_FILES], False,
+                                  getattr(args, "overwrite", False), resumable=False)
+        return _probe(args, folder, theirs)
+
+
+def _probe(args, folder: RunFolder, theirs: list) -> dict:
+    start = time.perf_counter()
+    out_dir = folder.folder
     device = torch.device(args.device)
     train_all, test, what = load_splits(args.data, args.val_fraction)
     if what != "test":
@@ -150,7 +162,8 @@ def main(args) -> dict:
           f"lr {lr:.3g} ({lr_source}) | output {out_dir}")
 
     log_path = out_dir / "log.jsonl"
-    log_path.unlink(missing_ok=True)  # one run per folder: the log describes this run only
+    clear_run_files(out_dir, theirs)  # --overwrite: the log and results describe this run only
+    folder.started = True
 
     def report(record: dict) -> None:
         append_jsonl(log_path, record)

@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -134,17 +135,34 @@ class RunFolder:
         self.lock.release()
 
 
-def refuse_other_run(folder: str | Path, theirs: Iterable[Path], resuming: bool, overwrite: bool) -> list[Path]:
+@contextlib.contextmanager
+def held(folder: str | Path, tool: str):
+    """``with held(out_dir, "tool.py") as folder:`` the run folder for the block: locked, removed on a
+    failure before ``folder.started`` is set when this start created it, let go at the end."""
+    run_folder = RunFolder(folder, tool)
+    try:
+        yield run_folder
+    except BaseException:
+        if not run_folder.started:
+            run_folder.abandon()
+        raise
+    finally:
+        run_folder.release()
+
+
+def refuse_other_run(folder: str | Path, theirs: Iterable[Path], resuming: bool, overwrite: bool,
+                     resumable: bool = True, folder_flag: str = "--output-dir") -> list[Path]:
     """Raise unless a new run may own ``folder``; ``theirs`` are the files a previous run left there
     (each is named in the refusal). Returns those that ``overwrite`` will delete."""
     theirs = [p for p in theirs if p.exists()]
     if resuming or not theirs or overwrite:
         return [] if resuming else theirs
     names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in theirs)
+    resume = "Continue that run with --resume auto, choose" if resumable else "Choose"
     raise CheckpointError(
         f"output folder {str(folder)!r} holds the files of another run ({len(theirs)}: {names}); a new run there "
-        f"would mix with or delete them. Continue that run with --resume auto, choose another folder with "
-        f"--output-dir DIR, or replace it with --overwrite")
+        f"would mix with or delete them. {resume} another folder with {folder_flag} DIR, or replace it with "
+        f"--overwrite")
 
 
 def clear_run_files(folder: str | Path, files: Iterable[Path], say: Callable[[str], None] = print) -> list[str]:
