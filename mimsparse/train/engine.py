@@ -362,7 +362,10 @@ class Pretrainer:
 
 def _command() -> str:
     """Who holds a run folder, for the refusal a second process gets."""
-    return Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "a library call"
+    if not (sys.argv and sys.argv[0]):
+        return "a library call"
+    script = Path(sys.argv[0])
+    return f"python -m {script.parent.name}" if script.name == "__main__.py" else script.name
 
 
 def train_one_epoch(run: Pretrainer) -> tuple[list[dict], bool]:
