@@ -429,3 +429,19 @@ def test_the_linear_probe_guards_its_folder_too(tmp_path, capsys):
     bad = tmp_path / "new" / "probe"
     _one_line(capsys, lambda: main([*args[:-1], str(bad), "--data", str(tmp_path / "nothing")]))
     assert not (tmp_path / "new").exists()
+
+
+def test_a_picture_that_cannot_be_written_is_one_line(photo_dir, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    def full(self, fp, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    out = tmp_path / "run"
+    trainer = Pretrainer(load_config(None, _overrides(out, photo_dir, **{"train.vis_every": 2})), "dense",
+                         show_progress=False)
+    err = _one_line(capsys, trainer.run)
+    assert err == (f"error: cannot write '{out / 'vis' / 'step-0000002.png'}' (No space left on device); training "
+                   f"stopped and no checkpoint was written yet. Free disk space or turn the pictures off with "
+                   f"train.vis_every=0")
