@@ -445,3 +445,37 @@ def test_a_picture_that_cannot_be_written_is_one_line(photo_dir, tmp_path, monke
     assert err == (f"error: cannot write '{out / 'vis' / 'step-0000002.png'}' (No space left on device); training "
                    f"stopped and no checkpoint was written yet. Free disk space or turn the pictures off with "
                    f"train.vis_every=0")
+
+
+_HOLDER = r"""
+import pathlib, sys, time
+from mimsparse.train.run_folder import FolderLock
+pathlib.Path(sys.argv[1]).mkdir()
+lock = FolderLock(sys.argv[1], "holder.py")
+print("HELD", flush=True)
+time.sleep(300)
+"""
+
+
+def test_the_official_import_is_refused_a_held_folder(photo_dir, tmp_path, capsys):
+    import argparse
+
+    from tests.test_official import DEC_DEPTH, DEC_DIM, NAME, official_fcmae_layout, random_state
+    from tests.test_reliability import _tool
+
+    torch.save({"model": random_state(official_fcmae_layout(NAME, DEC_DIM, DEC_DEPTH), seed=3),
+                "args": argparse.Namespace(mask_ratio=0.6, norm_pix_loss=True)}, tmp_path / "official.pth")
+    run = tmp_path / "run"
+    holder = _start([sys.executable, "-c", _HOLDER, str(run)])
+    _read_until(holder, r"^HELD", [])
+    tool = _tool("convert_official")
+    args = ["import", str(tmp_path / "official.pth"), "--output-dir", str(run), "--data", str(photo_dir),
+            *tiny_overrides(run)]
+    err = _one_line(capsys, lambda: tool.main(args))
+    assert re.fullmatch(rf"error: output folder '{re.escape(str(run))}' is in use by another run \(host \S+, PID "
+                        rf"{holder.pid}, holder.py, since [^)]+\); wait for it to end or stop it, then resume with "
+                        rf"--resume auto, or choose another folder with --output-dir DIR", err), err
+    assert sorted(p.name for p in run.iterdir()) == [".mimsparse.lock"]
+    holder.kill()  # the kernel drops the lock with the process: no clean-up before the next start
+    holder.wait()
+    assert tool.main(args) == 0 and (run / "checkpoint-0000000.pth").is_file()

@@ -442,6 +442,11 @@ def _finetune(args, folder, stop) -> dict:
 
     start = time.perf_counter()
     out_dir = folder.folder
+    log_path, best_path, last_path = out_dir / "log.jsonl", out_dir / "best.safetensors", out_dir / "last.pth"
+    resume = resume_path(getattr(args, "resume", None), last_path)
+    nothing_to_resume = getattr(args, "resume", None) == "auto" and not best_path.exists()  # a requeued job starts
+    theirs = refuse_other_run(out_dir, [out_dir / f for f in RUN_FILES], resume is not None,
+                              getattr(args, "overwrite", False) or nothing_to_resume)
     device = torch.device(args.device)
     train, test, train_total = load_data(args.data, args.label_fraction, args.eval_limit, args.seed,
                                          args.val_fraction)
@@ -476,12 +481,7 @@ def _finetune(args, folder, stop) -> dict:
           f"(--label-fraction {args.label_fraction:g}), {len(test)} test images | lr {lr:.3g} ({lr_source}) | "
           f"{total_steps} steps | output {out_dir}")
 
-    log_path, best_path, last_path = out_dir / "log.jsonl", out_dir / "best.safetensors", out_dir / "last.pth"
     history, best, step, first_epoch, part = [], None, 0, 0, None
-    resume = resume_path(getattr(args, "resume", None), last_path)
-    nothing_to_resume = getattr(args, "resume", None) == "auto" and not best_path.exists()  # a requeued job starts
-    theirs = refuse_other_run(out_dir, [out_dir / f for f in RUN_FILES], resume is not None,
-                              getattr(args, "overwrite", False) or nothing_to_resume)
     if resume is not None:
         state = load_resume_state(resume, name, train.classes)
         model.load_state_dict(state["model"], strict=True)

@@ -35,6 +35,15 @@ def parse_signals(names: str) -> tuple[signal.Signals, ...]:
     return tuple(found)
 
 
+def _say(line: str) -> None:
+    """One line to stderr from a signal handler: an unbuffered write, since the handler may run while
+    the interrupted code is inside a buffered write to the same stream (the progress bar's)."""
+    try:
+        os.write(sys.stderr.fileno(), (line + "\n").encode())
+    except (OSError, ValueError, AttributeError):  # no usable stderr (closed, replaced by an object)
+        pass
+
+
 class StopSignal:
     """Catches ``signals`` while installed (a context manager); :meth:`requested` says whether any
     process of the job got one. Outside the main thread Python cannot catch signals: nothing is
@@ -60,11 +69,11 @@ class StopSignal:
         sig = signal.Signals(signum)
         if self.received is None:
             self.received = sig
-            print(f"{sig.name} received: stopping after this step with a checkpoint (send it again to exit at once, "
-                  f"without one)", file=sys.stderr, flush=True)
+            _say(f"{sig.name} received: stopping after this step with a checkpoint (send it again to exit at once, "
+                 f"without one)")
             return
         # the second signal: die by it, as an uncaught signal would (the last checkpoint is intact)
-        print(f"{sig.name} received again: exiting at once", file=sys.stderr, flush=True)
+        _say(f"{sig.name} received again: exiting at once")
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
 
