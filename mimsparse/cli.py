@@ -15,12 +15,19 @@ def run_cli(main) -> int:
     try:
         return main()
     except MimsparseError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        _error_line(one_line(e))
         return 2
     except OSError as e:  # the project's code names its own files (OutputError); this is the rest
         where = f"{str(e.filename)!r}: " if e.filename else ""
-        print(f"error: {where}{one_line(e.strerror or e)}", file=sys.stderr)
+        _error_line(f"{where}{one_line(e.strerror or e)}")
         return 2
+
+
+def _error_line(message: str) -> None:
+    """``error: message`` and its newline in one write: the ranks of a torchrun job share a stderr, and
+    print's two writes could interleave their lines."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
 
 
 def one_line(e: BaseException) -> str:

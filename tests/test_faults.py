@@ -70,6 +70,7 @@ def _log(out):
 
 
 # ---- 1. a signal stops the run after the step in progress, with a checkpoint ----------------------------
+@pytest.mark.slow
 def test_sigterm_mid_epoch_saves_the_step_and_resume_repeats_nothing(photo_dir, tmp_path):
     out = tmp_path / "run"
     proc = _start(_pretrain_cmd(*_overrides(out, photo_dir)))
@@ -107,6 +108,7 @@ def test_sigterm_mid_epoch_saves_the_step_and_resume_repeats_nothing(photo_dir, 
     assert all(torch.equal(ours["model"][k], theirs["model"][k]) for k in theirs["model"])
 
 
+@pytest.mark.slow
 def test_a_second_signal_exits_at_once(photo_dir, tmp_path):
     out = tmp_path / "run"
     proc = _start(_pretrain_cmd(*_overrides(out, photo_dir, **{"train.stop_signals": "SIGUSR1"})))
@@ -121,6 +123,7 @@ def test_a_second_signal_exits_at_once(photo_dir, tmp_path):
     assert not list(out.glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_the_signal_set_is_configurable(photo_dir, tmp_path):
     from mimsparse.errors import ConfigError
     from mimsparse.train.stop_signal import parse_signals
@@ -149,6 +152,7 @@ def _rank_of(pid):
     return int(env[b"RANK"])
 
 
+@pytest.mark.slow
 def test_a_signal_to_one_torchrun_rank_stops_every_rank_at_the_same_step(photo_dir, tmp_path):
     """SIGTERM to rank 1 alone (rank 0 writes): the ranks agree on the flag collectively, so rank 0
     writes the checkpoint at that step and no rank waits in an all-reduce; the resumed job repeats no
@@ -179,6 +183,7 @@ def test_a_signal_to_one_torchrun_rank_stops_every_rank_at_the_same_step(photo_d
 
 
 # ---- 2. one process per run folder ----------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_second_process_is_refused_a_held_folder_and_a_killed_holder_needs_no_clean_up(photo_dir, tmp_path):
     out = tmp_path / "run"
     args = _overrides(out, photo_dir, **{"train.epochs": 40})  # long enough to be running when the second starts
@@ -344,6 +349,7 @@ def _finetune_cmd(*args):
     return [sys.executable, str(ROOT / "tools" / "finetune.py"), *FINETUNE, *args]
 
 
+@pytest.mark.slow
 def test_finetune_stops_on_a_signal_mid_epoch_and_resumes_exactly(tmp_path):
     from tests.test_finetune_runs import records
     from tests.test_finetune import tool_main
@@ -372,6 +378,7 @@ def test_finetune_stops_on_a_signal_mid_epoch_and_resumes_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_finetune_guards_its_folder_like_pretraining(tmp_path, capsys):
     from mimsparse.evaluate.finetune import RUN_FILES
     from tests.test_finetune import tool_main
@@ -479,3 +486,26 @@ def test_the_official_import_is_refused_a_held_folder(photo_dir, tmp_path, capsy
     holder.kill()  # the kernel drops the lock with the process: no clean-up before the next start
     holder.wait()
     assert tool.main(args) == 0 and (run / "checkpoint-0000000.pth").is_file()
+
+
+@pytest.mark.slow
+def test_a_torchrun_job_aimed_at_a_held_folder_ends_on_every_rank(photo_dir, tmp_path):
+    """Rank 0 alone takes the lock; the others learn it was refused through a collective, so no rank
+    is left waiting."""
+    run = tmp_path / "run"
+    holder = _start([sys.executable, "-c", _HOLDER, str(run)])
+    _read_until(holder, r"^HELD", [])
+    try:
+        job = _start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                      str(ROOT / "tools" / "pretrain.py"), "--no-progress", *_overrides(run, photo_dir)])
+        text = _finish(job, [], timeout=240)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert job.returncode != 0
+    errors = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2, text
+    assert any(re.fullmatch(rf"error: output folder '{re.escape(str(run))}' is in use by another run \(host \S+, PID "
+                            rf"{holder.pid}, holder.py, since [^)]+\); wait for .*", e) for e in errors), text
+    assert f"error: output folder '{run}': another process of this job could not take it (see its error line)" in errors
+    assert sorted(p.name for p in run.iterdir()) == [".mimsparse.lock"]

@@ -201,12 +201,11 @@ def hold(folder: str | Path, tool: str, main: bool = True, collective: bool = Fa
         from mimsparse.train import distributed
 
         failed = int(distributed.all_reduce_sum(torch.tensor([int(error is not None)], device=device)).item())
-        if failed and error is None:
+        if failed and error is None:  # another process of this job was refused: its line says why
             if held is not None:
                 held.abandon()
-            lock = Path(folder) / LOCK_NAME
-            error = FolderBusy(f"output folder {str(folder)!r} was refused to the main process of this job "
-                               f"({_holder(lock) if lock.is_file() else 'see its message'})")
+            error = OutputError(f"output folder {str(folder)!r}: another process of this job could not take it (see "
+                                f"its error line)")
     if error is not None:
         raise error
     return held
