@@ -227,6 +227,15 @@ def to_dense(encoder_sd: dict[str, torch.Tensor], model_name: str, num_classes: 
     return {k: sd[k].detach().clone().contiguous() for k in ref}
 
 
+DENSE_HEAD = ("fc.",)  # the classifier of torchvision's and timm's ResNet
+
+
+def from_dense(dense_sd: dict[str, torch.Tensor], model_name: str, leftover: dict | None = None) -> dict[str, torch.Tensor]:
+    """A torchvision / timm ``model_name`` state dict -> our encoder state dict: the inverse of
+    :func:`to_dense`, the identity without ``fc`` (the keys are the same; a strict load checks them)."""
+    return {k: v for k, v in dense_sd.items() if not k.startswith(DENSE_HEAD)}
+
+
 def torchvision_features(model, x_bchw: torch.Tensor) -> torch.Tensor:
     """torchvision ResNet's last feature map [B, C, H/32, W/32] (timm's ``forward_features``)."""
     x = model.maxpool(model.relu(model.bn1(model.conv1(x_bchw))))
