@@ -1,0 +1,200 @@
+"""model.init: the sparse encoder started from dense timm / torchvision / official weights is the dense
+network (forward and gradients, every backend), export(init(w)) == w, every format on disk loads, and
+every bad file is one line."""
+import pytest
+import timm
+import torch
+import torchvision
+
+from mimsparse.api import build_model
+from mimsparse.convert.dense_init import init_from_dense
+from mimsparse.errors import CheckpointError, ConversionError
+from mimsparse.models.registry import family_of, model_names
+from mimsparse.models.resnet import torchvision_features
+from tests.conftest import run_tool
+from tests.helpers import backend_or_skip, backend_param, randomize_, rel_err
+
+BACKENDS = [backend_param(name) for name in ("dense", "packed", "spconv", "minkowski")]
+
+
+@torch.no_grad()
+def random_dense(name: str, seed: int = 0):
+    """(the dense model, its last-feature-map function) with random weights everywhere, BatchNorm running
+    statistics included (fresh ones are 0 / 1 and would hide a statistic that did not load)."""
+    if name.startswith("resnet"):
+        model = torchvision.models.get_model(name, num_classes=10)
+        features = lambda x: torchvision_features(model, x)  # noqa: E731
+    else:
+        model = timm.create_model(name, num_classes=10)
+        features = model.forward_features
+    randomize_(model, seed, std=0.05)
+    g = torch.Generator().manual_seed(seed + 1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.num_batches_tracked.fill_(7)
+    return model.eval(), features
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["convnextv2_atto", "resnet18"])
+def test_init_gives_the_dense_models_features_and_gradients(name, backend, tmp_path):
+    backend_or_skip(backend)
+    dense, features = random_dense(name)
+    torch.save(dense.state_dict(), tmp_path / "w.pth")
+    model = build_model(name, backend=backend, init=tmp_path / "w.pth").eval()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 64, 96, generator=g)
+    visible = torch.ones(2, 2, 3, dtype=torch.bool)  # mask ratio 0
+
+    xs, xd = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours, ref = model.encoder(xs, visible), features(xd)
+    assert ours.shape == ref.shape and rel_err(ours, ref) < 1e-4
+    weight = torch.randn(ref.shape, generator=g)
+    (ours * weight).sum().backward()
+    (ref * weight).sum().backward()
+    assert rel_err(xs.grad, xd.grad) < 1e-4
+    # parameter gradients, mapped to our names by the family's reverse table
+    family = family_of(name)
+    dense_grads = {k: p.grad for k, p in dense.named_parameters() if not k.startswith(family.dense_head)}
+    ref_grads = family.from_dense(dense_grads, name)
+    our_grads = {k: p.grad for k, p in model.encoder.named_parameters()}
+    assert our_grads.keys() == ref_grads.keys()
+    worst = max(rel_err(our_grads[k], ref_grads[k]) for k in our_grads)
+    assert worst < 1e-3, worst
+
+
+@pytest.mark.parametrize("name", ["convnextv2_atto", "convnextv2_tiny", "resnet18", "resnet50"])
+def test_export_of_init_is_the_file_exactly(name, tmp_path):
+    """to_dense(init(w)) == w, bit for bit, BatchNorm statistics included (the classifier is fresh)."""
+    dense, _ = random_dense(name)
+    w = dense.state_dict()
+    torch.save(w, tmp_path / "w.pth")
+    model = build_model(name, init=tmp_path / "w.pth")
+    family = family_of(name)
+    back = family.to_dense(model.encoder.state_dict(), name, 10)
+    body = [k for k in w if not k.startswith(family.dense_head)]
+    assert sorted(body) == sorted(k for k in back if not k.startswith(family.dense_head))
+    assert all(torch.equal(back[k], w[k]) and back[k].dtype == w[k].dtype for k in body)
+
+
+def test_every_registered_model_reads_its_own_export_back():
+    """Keys and shapes for every size: the reverse table undoes the export (meta tensors, no memory)."""
+    from mimsparse.convert.dense_init import encoder_state_from_dense, misfit
+
+    for name in model_names():
+        family = family_of(name)
+        with torch.device("meta"):
+            encoder = family.encoder.from_name(name).state_dict()
+            dense = timm.create_model(name).state_dict()
+        ours, _, ignored = encoder_state_from_dense(dense, name)
+        assert not misfit(ours, encoder), name
+        assert ignored and all(k.startswith(family.dense_head) for k in ignored)
+
+
+def load(path, name="convnextv2_atto"):
+    model = build_model(name)
+    return model, init_from_dense(model, path, name)
+
+
+def test_formats_on_disk(tmp_path):
+    """timm bare / FCMAE-release (head.norm, no head.fc) / safetensors / .bin / wrapped / DDP prefix / timm
+    folder, the official dense and FCMAE layouts, and our own export: all load the same tensors."""
+    from mimsparse.convert.export import save_timm_folder, save_weights
+    from mimsparse.convert.official import encoder_to_official_dense, fcmae_to_official
+
+    dense, _ = random_dense("convnextv2_atto")
+    w = dense.state_dict()
+    ref, report = load(_save(tmp_path / "bare.pth", w))
+    assert report.ignored == ("head.fc", "head.norm") and report.fresh == ("decoder",)
+    assert "timm ConvNeXt V2 state dict" in report.line() and report.loaded == len(ref.encoder.state_dict())
+    expected = ref.encoder.state_dict()
+    fcmae_release = {k: v for k, v in w.items() if not k.startswith("head.fc.")}
+    save_weights(w, tmp_path / "w.safetensors")
+    save_timm_folder(w, tmp_path / "folder", "convnextv2_atto", 10)
+    ours = build_model("convnextv2_atto", overrides=["model.decoder_dim=64"])
+    ours.encoder.load_state_dict(expected)
+    files = {
+        "fcmae.pth": fcmae_release, "w.bin": w, "wrapped.pt": {"state_dict": {f"module.{k}": v for k, v in w.items()}},
+        "official_dense.pth": {"model": encoder_to_official_dense(expected, num_classes=10), "epoch": 3},
+        "official_fcmae.pth": {"model": fcmae_to_official(ours.state_dict())},
+        "checkpoint.pth": {"model": ours.state_dict(), "config": {"model": {"name": "convnextv2_atto"}}},
+    }
+    for name, contents in files.items():
+        _save(tmp_path / name, contents)
+    sources = {"fcmae.pth": "timm", "w.safetensors": "timm", "folder": "model folder, architecture convnextv2_atto",
+               "w.bin": "timm", "wrapped.pt": "timm", "official_dense.pth": "official ConvNeXt V2 dense",
+               "official_fcmae.pth": "official ConvNeXt V2 FCMAE", "checkpoint.pth": "mimsparse pretraining checkpoint"}
+    for name, source in sources.items():
+        model, report = load(tmp_path / name)
+        assert source in report.source, (name, report.line())
+        got = model.encoder.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in expected.items()), name
+    assert load(tmp_path / "fcmae.pth")[1].ignored == ("head.norm",)
+    assert load(tmp_path / "official_dense.pth")[1].ignored == ("head", "norm")
+
+
+def _save(path, contents):
+    torch.save(contents, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def atto_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("init") / "atto.pth"
+    torch.save(timm.create_model("convnextv2_atto").state_dict(), path)
+    return path
+
+
+def test_bad_files_are_one_line(atto_file, tmp_path):
+    def error(path, name="convnextv2_atto", **kw):
+        with pytest.raises((ConversionError, CheckpointError)) as e:
+            init_from_dense(build_model(name), path, name, **kw)
+        message = str(e.value)
+        assert "\n" not in message and str(path) in message
+        return message
+
+    with torch.device("meta"):
+        tiny = timm.create_model("convnextv2_tiny").state_dict()
+    torch.save({k: torch.zeros(v.shape, dtype=torch.float16) for k, v in tiny.items()}, tmp_path / "tiny.pth")
+    assert "holds convnextv2_tiny weights, not convnextv2_atto's; set model.name=convnextv2_tiny" in error(
+        tmp_path / "tiny.pth")
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
+    assert "holds resnet18 weights, not convnextv2_atto's" in error(tmp_path / "r18.pth")
+    assert "holds convnextv2_atto weights, not resnet50's" in error(atto_file, "resnet50")
+    # a size no registered model has: the misfits themselves
+    w = torch.load(atto_file, weights_only=True)
+    del w["stages.0.blocks.0.norm.weight"]
+    w["extra.weight"] = torch.zeros(1)
+    w["stem.0.weight"] = torch.zeros(40, 3, 2, 2)
+    message = error(_save(tmp_path / "odd.pth", w))
+    assert ("1 missing (stages.0.blocks.0.norm.weight); 1 unexpected (extra.weight); 1 shape mismatches (file vs "
+            "model) (stem_conv.weight (40, 3, 2, 2) vs (40, 3, 4, 4))") in message
+    # in_chans=1 model, 3-channel file
+    with pytest.raises(ConversionError, match=r"stem_conv.weight \(40, 3, 4, 4\) vs \(40, 1, 4, 4\)"):
+        init_from_dense(build_model("convnextv2_atto", overrides=["model.in_chans=1"]), atto_file, "convnextv2_atto")
+    # truncated, not a state dict, missing, a folder without config.json, another file than recorded
+    data = atto_file.read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    assert "truncated" in error(tmp_path / "cut.pth") or "damaged" in error(tmp_path / "cut.pth")
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(100)}, str(tmp_path / "cut.safetensors"))
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "cut.safetensors").read_bytes()[:-50])
+    assert "truncated or not a safetensors file" in error(tmp_path / "cut.safetensors")
+    assert "is not a state dict (it holds a list)" in error(_save(tmp_path / "list.pth", [1, 2]))
+    assert "is not a state dict (it holds a dict with keys ['epoch', 'lr'])" in error(
+        _save(tmp_path / "meta.pth", {"epoch": 3, "lr": 0.1}))
+    assert "does not exist" in error(tmp_path / "nope.pth")
+    (tmp_path / "empty_dir").mkdir()
+    assert "is a folder without config.json" in error(tmp_path / "empty_dir")
+    assert "not the recorded model.init_sha256=" in error(atto_file, sha256="0" * 64)
+
+
+def test_cli_bad_init_is_one_line(atto_file, tmp_path):
+    proc = run_tool("pretrain.py", "--init", str(atto_file), "--output-dir", str(tmp_path / "run"),
+                    "model.name=resnet18", "train.max_steps=1", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "holds convnextv2_atto weights, not resnet18's" in proc.stderr
+    assert not (tmp_path / "run" / "run.json").exists()  # nothing claimed, nothing trained
