@@ -198,3 +198,56 @@ def test_cli_bad_init_is_one_line(atto_file, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "holds convnextv2_atto weights, not resnet18's" in proc.stderr
     assert not (tmp_path / "run" / "run.json").exists()  # nothing claimed, nothing trained
+
+
+def test_run_from_dense_weights_then_resume_without_the_file(photo_dir, tmp_path):
+    """A SparK ResNet run from torchvision weights: the encoder (BatchNorm statistics too) starts as the
+    file, the decoder fresh, warm-up as usual; run.json and config.yaml record the file and its SHA-256;
+    --resume restores from the run's own checkpoint though the file is gone."""
+    import json
+
+    import yaml
+
+    from mimsparse.config import load_config
+    from mimsparse.train.checkpoint import file_sha256, load_checkpoint
+    from mimsparse.train.engine import Pretrainer
+    from mimsparse.train.optim import warmup_cosine
+    from tests.conftest import tiny_overrides
+
+    dense, _ = random_dense("resnet18")
+    w = {k: v for k, v in dense.state_dict().items()}
+    init = _save(tmp_path / "resnet18.pth", w)
+    sha = file_sha256(init)
+    out = tmp_path / "run"
+
+    def cfg(steps):
+        return load_config(None, tiny_overrides(out, **{
+            "model.name": "resnet18", "model.decoder": "spark", "data.path": str(photo_dir), "model.init": str(init),
+            "train.max_steps": steps, "optim.warmup_epochs": 1}))
+
+    run = Pretrainer(cfg(2), "packed", show_progress=False)
+    fresh = Pretrainer(load_config(None, tiny_overrides(tmp_path / "other", **{
+        "model.name": "resnet18", "model.decoder": "spark", "data.path": str(photo_dir)})), show_progress=False)
+    start = run.model.state_dict()
+    assert all(torch.equal(start[f"encoder.{k}"], v) for k, v in w.items() if not k.startswith("fc."))
+    assert all(torch.equal(start[k], v) for k, v in fresh.model.state_dict().items() if not k.startswith("encoder."))
+    history = run.run()["history"]
+    steps = run.steps_per_epoch  # warm-up of one epoch, as without model.init
+    assert [r["lr"] for r in history] == pytest.approx([run.lr * warmup_cosine(s, steps, run.total_steps, 0.0)
+                                                       for s in range(2)])
+    record = json.loads((out / "run.json").read_text())["init"]
+    assert record["sha256"] == sha and record["path"] == str(init.resolve())
+    config = yaml.safe_load((out / "config.yaml").read_text())["model"]
+    assert config["init"] == str(init.resolve()) and config["init_sha256"] == sha
+    ckpt = out / "checkpoint-0000002.pth"
+    assert load_checkpoint(ckpt)["config"]["model"]["init_sha256"] == sha
+
+    init.write_bytes(b"")  # unreadable now: resuming must not need it
+    resumed = Pretrainer(cfg(3), "dense", resume="auto", show_progress=False)
+    saved = load_checkpoint(ckpt)["model"]
+    assert resumed.resumed_from == ckpt
+    assert all(torch.equal(v, saved[k]) for k, v in resumed.model.state_dict().items())
+    assert [r["step"] for r in resumed.run()["history"]] == [3]
+    assert json.loads((out / "run.json").read_text())["init"]["sha256"] == sha
+    config = yaml.safe_load((out / "config.yaml").read_text())["model"]
+    assert config["init_sha256"] == sha and config["init"] == str(init.resolve())

@@ -38,8 +38,8 @@ WRAPPERS = ("model", "state_dict")  # keys under which training scripts save the
 class InitReport:
     """What :func:`init_from_dense` did; ``line()`` is what a run prints, ``record()`` what it stores."""
     model_name: str
-    path: str           # the weights file read (inside the folder, for a model folder)
-    sha256: str
+    path: str           # the file or model folder, absolute
+    sha256: str         # of the weights file (a folder's model.safetensors / pytorch_model.bin)
     source: str         # the format, in words
     loaded: int         # encoder tensors loaded
     ignored: tuple[str, ...]  # modules of the file left out (classifier, another model's decoder)
@@ -70,7 +70,7 @@ def init_from_dense(model: torch.nn.Module, path: str | Path, model_name: str, s
     check_fits(contents, sd, encoder.state_dict(), model_name, str(path), layout)
     encoder.load_state_dict(sd, strict=True)
     fresh = sorted({k.split(".")[0] for k in model.state_dict() if encoder is not model and not k.startswith("encoder.")})
-    return InitReport(model_name, str(file.resolve()), digest, f"{layout}, {container}", len(sd), _modules(ignored), tuple(fresh))
+    return InitReport(model_name, str(Path(path).resolve()), digest, f"{layout}, {container}", len(sd), _modules(ignored), tuple(fresh))
 
 
 # ---- files -----------------------------------------------------------------------------------------

@@ -90,7 +90,7 @@ def build_model(cfg: PretrainConfig, backend: Backend, device: torch.device, dis
 def start_from_dense(cfg: PretrainConfig, model: torch.nn.Module, resumed: bool,
                      run_record: dict | None) -> tuple[PretrainConfig, dict | None, str | None]:
     """``model.init``: at a fresh start, the encoder from those dense weights (strict; the decoder stays
-    fresh). Returns (the config with the file's SHA-256 in ``model.init_sha256``, the record for
+    fresh). Returns (the config with the file's absolute path and SHA-256, the record for
     run.json, the line to print). A resumed run has its weights from its own checkpoint: the file is
     not read again (it may be gone); the run's record (``run_record``, its run.json) stays the truth."""
     from mimsparse.convert.dense_init import init_from_dense
@@ -104,7 +104,8 @@ def start_from_dense(cfg: PretrainConfig, model: torch.nn.Module, resumed: bool,
     if not m.init:
         return cfg, None, None
     report = init_from_dense(model, m.init, m.name, m.init_sha256)
-    return dataclasses.replace(cfg, model=dataclasses.replace(m, init_sha256=report.sha256)), report.record(), report.line()
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(m, init=report.path, init_sha256=report.sha256))
+    return cfg, report.record(), report.line()
 
 
 def build_optimization(cfg: PretrainConfig, model: torch.nn.Module, lr: float, steps_per_epoch: int,
