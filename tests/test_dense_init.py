@@ -251,3 +251,51 @@ def test_run_from_dense_weights_then_resume_without_the_file(photo_dir, tmp_path
     assert json.loads((out / "run.json").read_text())["init"]["sha256"] == sha
     config = yaml.safe_load((out / "config.yaml").read_text())["model"]
     assert config["init_sha256"] == sha and config["init"] == str(init.resolve())
+
+
+def readme_recipe() -> list[str]:
+    from tests.conftest import ROOT
+
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n### Continue pretraining from ImageNet weights on your own images, then finetune\n", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+@pytest.mark.slow
+def test_readme_recipe_runs_as_printed(photo_dir, tmp_path):
+    """The README's commands, run in an empty folder with small sizes appended (64 px crops, 2 steps)."""
+    import json
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    from mimsparse.train.checkpoint import file_sha256
+    from tests.conftest import ROOT
+    from tests.test_finetune import SMOKE, image_folder
+
+    image_folder(tmp_path / "my_labelled", photo_dir)
+    (tmp_path / "my_images").symlink_to(photo_dir)
+    small = {"pretrain.py": ["--img-size", "64", "--batch-size", "4", "--no-progress", "train.max_steps=2",
+                             "data.repeat=2", "model.decoder_dim=64"],
+             "finetune.py": SMOKE}
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    outputs = []
+    for line in readme_recipe():
+        args = shlex.split(line)
+        assert args[0] == ".venv/bin/python", line
+        args[0] = sys.executable
+        tool = args[1].removeprefix("tools/") if args[1].startswith("tools/") else None
+        args = [str(ROOT / a) if a.startswith(("tools/", "configs/")) else a for a in args]
+        args += small.get(tool, [])
+        proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{line}\n{proc.stdout}\n{proc.stderr}"
+        outputs.append((tool, proc.stdout))
+    pretrain = [out for tool, out in outputs if tool == "pretrain.py"]
+    assert "(timm ConvNeXt V2 state dict, .pth file); ignored: head.fc, head.norm; fresh: decoder" in pretrain[0]
+    assert "resnet50 encoder tensors" in pretrain[1] and "(timm/torchvision ResNet state dict" in pretrain[1]
+    assert any(tool == "finetune.py" and "test top-1" in out for tool, out in outputs)
+    for run, weights in (("atto_mine", "convnextv2_atto.pth"), ("r50_mine", "resnet50.pth")):
+        record = json.loads((tmp_path / "runs" / run / "run.json").read_text())["init"]
+        assert record["sha256"] == file_sha256(tmp_path / weights)
