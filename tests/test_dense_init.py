@@ -200,7 +200,7 @@ def test_cli_bad_init_is_one_line(atto_file, tmp_path):
     assert not (tmp_path / "run" / "run.json").exists()  # nothing claimed, nothing trained
 
 
-def test_run_from_dense_weights_then_resume_without_the_file(photo_dir, tmp_path):
+def test_run_from_dense_weights_then_resume_without_the_file(photo_dir, tmp_path, capsys):
     """A SparK ResNet run from torchvision weights: the encoder (BatchNorm statistics too) starts as the
     file, the decoder fresh, warm-up as usual; run.json and config.yaml record the file and its SHA-256;
     --resume restores from the run's own checkpoint though the file is gone."""
@@ -226,6 +226,8 @@ def test_run_from_dense_weights_then_resume_without_the_file(photo_dir, tmp_path
             "train.max_steps": steps, "optim.warmup_epochs": 1}))
 
     run = Pretrainer(cfg(2), "packed", show_progress=False)
+    # 20 convs + 20 BatchNorms x (weight, bias, running mean, running var, num_batches_tracked)
+    assert "init: 120 resnet18 encoder tensors from" in capsys.readouterr().out
     fresh = Pretrainer(load_config(None, tiny_overrides(tmp_path / "other", **{
         "model.name": "resnet18", "model.decoder": "spark", "data.path": str(photo_dir)})), show_progress=False)
     start = run.model.state_dict()
@@ -244,6 +246,7 @@ def test_run_from_dense_weights_then_resume_without_the_file(photo_dir, tmp_path
 
     init.write_bytes(b"")  # unreadable now: resuming must not need it
     resumed = Pretrainer(cfg(3), "dense", resume="auto", show_progress=False)
+    assert f"init: {init} not read: a resumed run has its weights from its checkpoint" in capsys.readouterr().out
     saved = load_checkpoint(ckpt)["model"]
     assert resumed.resumed_from == ckpt
     assert all(torch.equal(v, saved[k]) for k, v in resumed.model.state_dict().items())

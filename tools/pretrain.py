@@ -2,7 +2,7 @@
 """Masked image modeling pretraining of a sparse encoder (ConvNeXt V2 or ResNet; FCMAE, SimMIM or SparK objective).
 
   tools/pretrain.py --config configs/fcmae_atto.yaml --backend dense [--data DIR|SHARDS|fashion-mnist]
-                    [--img-size N|HxW] [--batch-size B] [--output-dir DIR] [key=value ...]
+                    [--img-size N|HxW] [--batch-size B] [--output-dir DIR] [--init PATH] [key=value ...]
   torchrun --standalone --nproc_per_node N tools/pretrain.py ...   (DDP: gloo on CPU, nccl on CUDA)
 """
 from __future__ import annotations

@@ -100,7 +100,11 @@ def start_from_dense(cfg: PretrainConfig, model: torch.nn.Module, resumed: bool,
         record = (run_record or {}).get("init")
         if record:
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(m, init=record["path"], init_sha256=record["sha256"]))
-        return cfg, record, None
+        line = None
+        if m.init:
+            started = f"; the run started from {record['path']}" if record else ""
+            line = f"init: {m.init} not read: a resumed run has its weights from its checkpoint{started}"
+        return cfg, record, line
     if not m.init:
         return cfg, None, None
     report = init_from_dense(model, m.init, m.name, m.init_sha256)
