@@ -40,29 +40,35 @@ def random_dense(name: str, seed: int = 0):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ["convnextv2_atto", "resnet18"])
 def test_init_gives_the_dense_models_features_and_gradients(name, backend, tmp_path):
+    """Eval mode (BatchNorm from the loaded running statistics), then train mode (batch statistics,
+    which also move the running ones the same way in both)."""
     backend_or_skip(backend)
     dense, features = random_dense(name)
     torch.save(dense.state_dict(), tmp_path / "w.pth")
-    model = build_model(name, backend=backend, init=tmp_path / "w.pth").eval()
+    model = build_model(name, backend=backend, init=tmp_path / "w.pth")
+    family = family_of(name)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 3, 64, 96, generator=g)
     visible = torch.ones(2, 2, 3, dtype=torch.bool)  # mask ratio 0
-
-    xs, xd = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ours, ref = model.encoder(xs, visible), features(xd)
-    assert ours.shape == ref.shape and rel_err(ours, ref) < 1e-4
-    weight = torch.randn(ref.shape, generator=g)
-    (ours * weight).sum().backward()
-    (ref * weight).sum().backward()
-    assert rel_err(xs.grad, xd.grad) < 1e-4
-    # parameter gradients, mapped to our names by the family's reverse table
-    family = family_of(name)
-    dense_grads = {k: p.grad for k, p in dense.named_parameters() if not k.startswith(family.dense_head)}
-    ref_grads = family.from_dense(dense_grads, name)
-    our_grads = {k: p.grad for k, p in model.encoder.named_parameters()}
-    assert our_grads.keys() == ref_grads.keys()
-    worst = max(rel_err(our_grads[k], ref_grads[k]) for k in our_grads)
-    assert worst < 1e-3, worst
+    for train in (False, True):
+        model.train(train), dense.train(train)
+        model.zero_grad(), dense.zero_grad()
+        xs, xd = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ours, ref = model.encoder(xs, visible), features(xd)
+        assert ours.shape == ref.shape and rel_err(ours, ref) < 1e-4, train
+        weight = torch.randn(ref.shape, generator=g)
+        (ours * weight).sum().backward()
+        (ref * weight).sum().backward()
+        assert rel_err(xs.grad, xd.grad) < 1e-4, train
+        # parameter gradients and buffers, mapped to our names by the family's reverse table
+        dense_grads = {k: p.grad for k, p in dense.named_parameters() if not k.startswith(family.dense_head)}
+        ref_grads = family.from_dense(dense_grads, name)
+        our_grads = {k: p.grad for k, p in model.encoder.named_parameters()}
+        assert our_grads.keys() == ref_grads.keys()
+        worst = max(rel_err(our_grads[k], ref_grads[k]) for k in our_grads)
+        assert worst < 1e-3, (train, worst)
+        ref_buffers = family.from_dense(dict(dense.named_buffers()), name)
+        assert all(rel_err(b.float(), ref_buffers[k].float()) < 1e-5 for k, b in model.encoder.named_buffers())
 
 
 @pytest.mark.parametrize("name", ["convnextv2_atto", "convnextv2_tiny", "resnet18", "resnet50"])
