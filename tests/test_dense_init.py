@@ -141,6 +141,16 @@ def test_formats_on_disk(tmp_path):
     assert load(tmp_path / "official_dense.pth")[1].ignored == ("head", "norm")
 
 
+def test_torchvision_file_without_num_batches_tracked_loads(tmp_path):
+    """torchvision's older ImageNet files predate ``num_batches_tracked``: allowed, as torch's strict load does."""
+    dense, _ = random_dense("resnet18")
+    w = {k: v for k, v in dense.state_dict().items() if not k.endswith("num_batches_tracked")}
+    model, report = load(_save(tmp_path / "old.pth", w), "resnet18")
+    got = model.encoder.state_dict()
+    assert report.ignored == ("fc",) and all(torch.equal(got[k], v) for k, v in w.items() if not k.startswith("fc."))
+    assert int(got["layer1.0.bn1.num_batches_tracked"]) == 0
+
+
 def _save(path, contents):
     torch.save(contents, path)
     return path

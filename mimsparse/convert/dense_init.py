@@ -69,8 +69,10 @@ def init_from_dense(model: torch.nn.Module, path: str | Path, model_name: str, s
     sd, layout, ignored = encoder_state_from_dense(contents, model_name)
     check_fits(contents, sd, encoder.state_dict(), model_name, str(path), layout)
     encoder.load_state_dict(sd, strict=True)
-    fresh = sorted({k.split(".")[0] for k in model.state_dict() if encoder is not model and not k.startswith("encoder.")})
-    return InitReport(model_name, str(Path(path).resolve()), digest, f"{layout}, {container}", len(sd), _modules(ignored), tuple(fresh))
+    fresh = () if encoder is model else sorted({k.split(".")[0] for k in model.state_dict()
+                                               if not k.startswith("encoder.")})
+    return InitReport(model_name, str(Path(path).resolve()), digest, f"{layout}, {container}", len(sd),
+                      _modules(ignored), tuple(fresh))
 
 
 # ---- files -----------------------------------------------------------------------------------------
@@ -82,7 +84,8 @@ def read_weights(path: str | Path) -> tuple[Path, dict, str]:
         found = [path / n for n in FOLDER_WEIGHTS if (path / n).is_file()]
         if not (path / "config.json").is_file() or not found:
             raise ConversionError(f"model.init={str(path)!r} is a folder without config.json + "
-                                  f"{' or '.join(FOLDER_WEIGHTS)}; pass a weights file or a timm/Hugging Face model folder")
+                                  f"{' or '.join(FOLDER_WEIGHTS)}; pass a weights file or a timm/Hugging Face "
+                                  f"model folder")
         return found[0], _state_dict(found[0]), f"model folder, {_architecture(path / 'config.json')}"
     if not path.is_file():
         raise ConversionError(f"model.init={str(path)!r} does not exist; pass a .pth/.pt/.bin/.safetensors "
@@ -116,7 +119,8 @@ def _state_dict(file: Path) -> dict:
             break
     if not isinstance(contents, dict) or not contents or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in contents.items()):
-        what = type(contents).__name__ if not isinstance(contents, dict) else f"dict with keys {sorted(map(str, contents))[:4]}"
+        what = (f"dict with keys {sorted(map(str, contents))[:4]}" if isinstance(contents, dict)
+                else type(contents).__name__)
         raise ConversionError(f"model.init={str(file)!r} is not a state dict (it holds a {what}); pass model "
                               f"weights: a {{name: tensor}} dict, bare or under 'model' / 'state_dict'")
     return contents

@@ -136,7 +136,8 @@ def encoder_to_official_dense(encoder_sd: dict[str, torch.Tensor], num_classes: 
 OFFICIAL_HEAD = ("norm.", "head.")  # the official ConvNeXtV2's classifier: final LayerNorm + Linear
 
 
-def encoder_from_official_dense(official_sd: dict[str, torch.Tensor], leftover: dict | None = None) -> dict[str, torch.Tensor]:
+def encoder_from_official_dense(official_sd: dict[str, torch.Tensor],
+                                leftover: dict | None = None) -> dict[str, torch.Tensor]:
     """Official ``ConvNeXtV2`` state dict -> our encoder state dict (``norm``/``head`` are dropped);
     entries no row matches: an error, or into ``leftover``."""
     body = {k: v for k, v in official_sd.items() if not k.startswith(OFFICIAL_HEAD)}

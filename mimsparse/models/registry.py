@@ -19,7 +19,7 @@ class ModelFamily:
     to_dense: Callable[..., dict]       # (encoder state dict, model name, num_classes) -> dense state dict
     dense_models: Callable[..., dict]   # (model name, num_classes, in_chans) -> {library: (model, features fn)}
     libraries: tuple[str, ...]          # the libraries whose model loads ``to_dense``'s output (strict=True)
-    from_dense: Callable[..., dict]     # the inverse of ``to_dense``: (dense state dict, model name, leftover) -> encoder state dict
+    from_dense: Callable[..., dict]     # ``to_dense`` reversed: (dense state dict, model name, leftover) -> encoder
     dense_head: tuple[str, ...]         # key prefixes of the dense model's classifier (never loaded into the encoder)
 
 

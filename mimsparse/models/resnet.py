@@ -230,7 +230,8 @@ def to_dense(encoder_sd: dict[str, torch.Tensor], model_name: str, num_classes: 
 DENSE_HEAD = ("fc.",)  # the classifier of torchvision's and timm's ResNet
 
 
-def from_dense(dense_sd: dict[str, torch.Tensor], model_name: str, leftover: dict | None = None) -> dict[str, torch.Tensor]:
+def from_dense(dense_sd: dict[str, torch.Tensor], model_name: str,
+               leftover: dict | None = None) -> dict[str, torch.Tensor]:
     """A torchvision / timm ``model_name`` state dict -> our encoder state dict: the inverse of
     :func:`to_dense`, the identity without ``fc`` (the keys are the same; a strict load checks them)."""
     return {k: v for k, v in dense_sd.items() if not k.startswith(DENSE_HEAD)}

@@ -99,7 +99,8 @@ def start_from_dense(cfg: PretrainConfig, model: torch.nn.Module, resumed: bool,
     if resumed:
         record = (run_record or {}).get("init")
         if record:
-            cfg = dataclasses.replace(cfg, model=dataclasses.replace(m, init=record["path"], init_sha256=record["sha256"]))
+            model_cfg = dataclasses.replace(m, init=record["path"], init_sha256=record["sha256"])
+            cfg = dataclasses.replace(cfg, model=model_cfg)
         line = None
         if m.init:
             started = f"; the run started from {record['path']}" if record else ""
