@@ -44,12 +44,14 @@ class InitReport:
     loaded: int         # encoder tensors loaded
     ignored: tuple[str, ...]  # modules of the file left out (classifier, another model's decoder)
     fresh: tuple[str, ...]    # modules of our model that keep their initialisation
+    adapted: str = ""         # the stem's input channels, when adapted
 
     def line(self) -> str:
         ignored = ", ".join(self.ignored) or "nothing"
         fresh = ", ".join(self.fresh) or "nothing"
+        adapted = f"; {self.adapted}" if self.adapted else ""
         return (f"init: {self.loaded} {self.model_name} encoder tensors from {self.path} ({self.source}); "
-                f"ignored: {ignored}; fresh: {fresh}")
+                f"ignored: {ignored}; fresh: {fresh}{adapted}")
 
     def record(self) -> dict:
         return {"path": self.path, "sha256": self.sha256, "format": self.source}
@@ -67,12 +69,14 @@ def init_from_dense(model: torch.nn.Module, path: str | Path, model_name: str, s
                               f"model.init_sha256={sha256[:12]}...; pass the file the run started from or clear "
                               f"model.init_sha256")
     sd, layout, ignored = encoder_state_from_dense(contents, model_name)
-    check_fits(contents, sd, encoder.state_dict(), model_name, str(path), layout)
+    reference = encoder.state_dict()
+    sd, adapted = adapt_input_channels(sd, reference)
+    check_fits(contents, sd, reference, model_name, str(path), layout)
     encoder.load_state_dict(sd, strict=True)
     fresh = () if encoder is model else sorted({k.split(".")[0] for k in model.state_dict()
                                                if not k.startswith("encoder.")})
     return InitReport(model_name, str(Path(path).resolve()), digest, f"{layout}, {container}", len(sd),
-                      _modules(ignored), tuple(fresh))
+                      _modules(ignored), tuple(fresh), adapted)
 
 
 # ---- files -----------------------------------------------------------------------------------------
@@ -166,6 +170,23 @@ def encoder_state_from_dense(sd: dict, model_name: str) -> tuple[dict, str, list
     leftover = {}
     ours = family.from_dense({k: v for k, v in sd.items() if k not in head}, model_name, leftover)
     return {**ours, **leftover}, f"{'/'.join(family.libraries)} {family.name} state dict", head
+
+
+def adapt_input_channels(sd: dict, reference: dict) -> tuple[dict, str]:
+    """A model for other images than RGB (``model.in_chans`` 1 for grayscale, 4+ for multispectral) gets
+    the stem conv of an RGB file adapted as timm's ``create_model(..., pretrained=True, in_chans=N)``
+    does (``adapt_input_conv``: summed over RGB for 1 channel, repeated and rescaled for more). Only
+    the input-channel count of the stem, the encoder's first conv, may differ; all else stays strict."""
+    from timm.models import adapt_input_conv
+
+    stem = next(k for k, v in reference.items() if v.ndim == 4)
+    theirs, ours = sd.get(stem), reference[stem]
+    if theirs is None or theirs.ndim != 4 or theirs.shape[1] == ours.shape[1] or \
+            (theirs.shape[0], *theirs.shape[2:]) != (ours.shape[0], *ours.shape[2:]):
+        return sd, ""
+    adapted = adapt_input_conv(ours.shape[1], theirs, base_chans=theirs.shape[1])
+    return {**sd, stem: adapted}, (f"{stem} adapted from {theirs.shape[1]} to {ours.shape[1]} input channels "
+                                   f"(timm's adapt_input_conv)")
 
 
 def check_fits(contents: dict, sd: dict, reference: dict, model_name: str, path: str, layout: str) -> None:
