@@ -55,7 +55,7 @@ def sparse_batch_norm(backend: Backend, x, bn: nn.BatchNorm2d):
     updates the running statistics exactly as nn.BatchNorm2d does (momentum or cumulative average,
     unbiased running variance, num_batches_tracked; cross-process after convert_sync_batchnorm);
     eval mode uses the running statistics. Inactive sites stay zero / absent."""
-    return backend.map_rows(x, lambda feats_nc, _: bn(feats_nc[:, :, None, None]).flatten(1))
+    return backend.batch_norm(x, bn)
 
 
 def _relu(backend: Backend, x):
