@@ -108,6 +108,7 @@ CASES = [  # (encoder, decoder, backend, static mode)
 
 @pytest.mark.parametrize("encoder, decoder, backend, static", CASES)
 def test_fcmae_forward_stays_on_cuda_in_fp32(encoder, decoder, backend, static):
+    """Also: no host sync (a fake tensor has no values for nonzero, .item(), .tolist() or bool())."""
     model = _model(encoder, backend, decoder)
     loss, pred, rec = _fake_forward(model, "cuda", static)
     assert loss.shape == () and loss.device.type == "cuda" and loss.dtype == torch.float32
@@ -115,7 +116,6 @@ def test_fcmae_forward_stays_on_cuda_in_fp32(encoder, decoder, backend, static):
     assert rec.off_device("cuda") == []  # every tensor the forward created is on the input's device
     assert rec.float_dtypes() == {torch.float32}  # ... and in its dtype
     assert len(rec.ops) > 100  # the recorder saw the whole forward
-    # and it ran without a host sync: a fake tensor has no values for nonzero, .item() or .tolist()
 
 
 @pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16])
