@@ -112,8 +112,8 @@ class MaskedDenseBackend(Backend):
 def masked_batch_norm(x_bchw: torch.Tensor, active_bhw: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
     """``bn`` (an nn.BatchNorm2d) over the active sites of ``x_bchw`` (zero elsewhere), with the mask as a
     multiplier instead of a gather: same statistics and running-statistics update as ``bn`` on the
-    active rows, no host sync. Statistics in float32; returns x's dtype, zero at inactive sites."""
-    x = x_bchw.float()
+    active rows, no host sync. Statistics in float32 at least; returns x's dtype, zero at inactive sites."""
+    x = x_bchw.to(torch.promote_types(x_bchw.dtype, torch.float32))
     mask = active_bhw.unsqueeze(1).to(x.dtype)
     if bn.training or bn.running_mean is None:
         n = mask.sum()
