@@ -12,6 +12,7 @@ What only a real GPU shows (kernels, numbers, speed, spconv, MinkowskiEngine) is
 from __future__ import annotations
 
 import contextlib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -192,3 +193,25 @@ def test_loss_on_cuda_is_float32_on_cuda(loss, loss_on, norm_pix, pred_dtype):
             value = reconstruction_loss(pred, pixel_targets(images, 32, norm_pix), visible, loss, loss_on)
     assert value.shape == () and value.device.type == "cuda" and value.dtype == torch.float32
     assert rec.off_device("cuda") == []
+
+
+@pytest.mark.parametrize("device, cudnn_weight_grad", [("cuda", True), ("cpu", False)])
+def test_packed_static_depthwise_backward_takes_the_device_branch(device, cudnn_weight_grad):
+    """Static mode's depthwise backward, called directly (the autograd engine cannot run it on fake
+    CUDA tensors): on a GPU the weight gradient is cuDNN's convolution_backward, on CPU the per-plane
+    conv; either way every gradient is on the features' device and in their dtype."""
+    from mimsparse.backends.packed import _StaticDWConv
+
+    b, h, w, c, n = 2, 8, 12, 5, 40
+    mode, rec = FakeTensorMode(), OpRecorder()
+    with mode:
+        feats, weight = torch.randn(b * n, c, device=device), torch.randn(c, 1, 7, 7, device=device)
+        flat = torch.cat([torch.arange(n, device=device), h * w + torch.arange(n, device=device)])
+        ctx = SimpleNamespace(saved_tensors=(feats, weight, flat), needs_input_grad=(True, True, True, False, False),
+                              dims=(b, h, w), pad=(3, 3), has_bias=True)
+        with rec:
+            grads = _StaticDWConv.backward(ctx, torch.randn(b * n, c, device=device))[:3]
+    assert [tuple(g.shape) for g in grads] == [(b * n, c), (c, 1, 7, 7), (c,)]
+    assert {g.device.type for g in grads} == {device} and {g.dtype for g in grads} == {torch.float32}
+    assert rec.off_device(device) == [] and rec.float_dtypes() == {torch.float32}
+    assert any(op.startswith("aten.convolution_backward") for op, _, _ in rec.ops) == cudnn_weight_grad
