@@ -125,7 +125,7 @@ def test_fcmae_forward_stays_on_cuda_in_fp32(encoder, decoder, backend, static):
     ("resnet18", "spark", "dense", False)])
 def test_fcmae_forward_under_cuda_autocast(encoder, decoder, backend, static, amp):
     """CUDA autocast (fp16 is GPU-only) entered by hand: convs and matmuls compute in ``amp``, the
-    backends' dtype checks see CUDA's autocast dtype, the loss stays float32 and nothing leaves the GPU."""
+    statistics (LayerNorm, GRN, BatchNorm) and the loss in float32, and nothing leaves the GPU."""
     model = _model(encoder, backend, decoder)
     loss, pred, rec = _fake_forward(model, "cuda", static, amp)
     assert loss.dtype == torch.float32 and loss.device.type == "cuda"
