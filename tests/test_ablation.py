@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from mimsparse.evaluate.ablation import CLAIMS, VARIANTS, claim_table, run_order, segment_ends
+from mimsparse.evaluate.ablation import CLAIMS, VARIANTS, claim_table, floor_cleared, run_order, segment_ends
 from tests.conftest import ROOT
 
 TINY = ["--data", "lfw-subset", "--img-size", "64", "--steps", "2", "--batch-size", "8", "--probe-train", "40",
@@ -55,6 +55,10 @@ def test_tiny_ablation_runs_records_its_config_and_skips_finished_work(tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("done, skipped") == 2 and ckpt.stat().st_mtime_ns == before
     assert json.loads((out / "sparse-r0.6-grn" / "s0" / "result.json").read_text())["probe"] == sparse["probe"]
+
+    # --require-floor: the other variants only once the baseline clears random init by the margin.
+    r = _ablate(out, *variants, "--require-floor", "1000")
+    assert r.returncode == 3 and "does not clear 1000 points" in r.stdout and "leaky-r0.6-grn seed" not in r.stdout
 
     # Runs of another budget do not mix into the same tables.
     r = _ablate(out, "--variants", "random-init", "--probe-epochs", "3")
@@ -119,3 +123,15 @@ def test_a_killed_job_resumes_from_its_last_segment(tmp_path):
     assert rec["pretrain_config"]["train"]["max_steps"] == 6 and rec["pretrain"]["checkpoint"].endswith("0000006.pth")
     steps = [json.loads(line)["step"] for line in (pre / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_floor_is_cleared_only_by_the_margin_with_seeds_apart():
+    def results(base, rand):
+        return {"sparse-r0.6-grn": [{"seed": s, "probe": {"final_top1": v / 100}} for s, v in enumerate(base)],
+                "random-init": [{"seed": s, "probe": {"final_top1": v / 100}} for s, v in enumerate(rand)]}
+    ok, text = floor_cleared(results([80, 78, 79], [72, 73, 74]), 5)
+    assert ok and "+6.00 points (s0: +8.00, s1: +5.00, s2: +5.00)" in text and "do not overlap" in text
+    assert not floor_cleared(results([80, 78, 79], [72, 73, 74]), 6.5)[0]          # mean +6 < 6.5
+    ok, text = floor_cleared(results([85, 75], [70, 76]), 5)                      # +7 on average, but 75 < 76
+    assert not ok and "overlap;" in text
+    assert not floor_cleared({"sparse-r0.6-grn": results([90], [1])["sparse-r0.6-grn"]}, 5)[0]

@@ -41,6 +41,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--segment-steps", type=int, default=100,
                    help="pretraining checkpoint every N steps, so a killed job loses at most N (0 = only at the end; "
                         "default %(default)s; does not change the results)")
+    p.add_argument("--require-floor", type=float, default=None, metavar="POINTS",
+                   help="after random init and the baseline of every seed, go on to the other variants only if the "
+                        "baseline beats random init by POINTS probe points (paired mean, seeds not overlapping); "
+                        "otherwise stop with exit status 3 (a budget search tries a larger budget)")
     p.add_argument("--summary-only", action="store_true", help="only write <out>/summary.md from finished runs")
     for f in fields(Budget):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
@@ -178,7 +182,7 @@ def _utc() -> str:
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    from mimsparse.evaluate.ablation import VARIANTS, Budget, run_order, summary_markdown
+    from mimsparse.evaluate.ablation import FLOOR, VARIANTS, Budget, floor_cleared, load_results, run_order, summary_markdown
 
     out_dir = Path(args.out)
     budget = Budget(**{f.name: getattr(args, f.name) for f in fields(Budget)})
@@ -191,7 +195,15 @@ def main(argv=None) -> int:
         tmp = budget_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(budget.to_dict(), indent=1))
         tmp.replace(budget_path)
-        for name, seed in run_order(args.variants, args.seeds):
+        order = run_order(args.variants, args.seeds)
+        for i, (name, seed) in enumerate(order):
+            if args.require_floor is not None and name not in FLOOR and (i == 0 or order[i - 1][0] in FLOOR):
+                ok, text = floor_cleared(load_results(out_dir), args.require_floor)
+                print(f"[ablate] {text}", flush=True)
+                if not ok:
+                    (out_dir / "summary.md").write_text(summary_markdown(out_dir))
+                    print(f"[ablate] stopped before the other variants (--require-floor {args.require_floor:g})")
+                    return 3
             run_one(out_dir, VARIANTS[name], seed, budget, args)
     summary = summary_markdown(out_dir)
     (out_dir / "summary.md").write_text(summary)
