@@ -145,7 +145,8 @@ def test_bad_objectives_are_refused_by_key():
 def test_dense_inputs_with_a_static_count_run_packed_static_and_equal_dense(encoder_input):
     """With a dense encoder input every site is active, so a caller's static count (the trainer's
     ``num_visible``) reaches the encoder as all sites: packed runs its sync-free static mode there too."""
-    overrides = [f"model.encoder_input={encoder_input}"] + (["model.decoder=fcmae"] if encoder_input != "mask_token" else [])
+    decoder = "linear" if encoder_input == "mask_token" else "fcmae"  # linear needs the mask-token input
+    overrides = [f"model.encoder_input={encoder_input}", f"model.decoder={decoder}"]
     torch.manual_seed(0)
     model = randomize_(_tiny(overrides), seed=2, std=0.05)
     x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(7))
