@@ -50,12 +50,13 @@ def _conv(backend: Backend, x, conv: nn.Conv2d, active_out_bhw: torch.Tensor):
 
 
 def sparse_batch_norm(backend: Backend, x, bn: nn.BatchNorm2d):
-    """SparK's sparse BatchNorm: ``bn`` itself runs on the [N, C] rows of all active sites of the batch
-    (as an [N, C, 1, 1] map), so training mode normalises with their mean and biased variance and
-    updates the running statistics exactly as nn.BatchNorm2d does (momentum or cumulative average,
-    unbiased running variance, num_batches_tracked; cross-process after convert_sync_batchnorm);
-    eval mode uses the running statistics. Inactive sites stay zero / absent."""
-    return backend.map_rows(x, lambda feats_nc, _: bn(feats_nc[:, :, None, None]).flatten(1))
+    """SparK's sparse BatchNorm: ``bn`` over the [N, C] rows of all active sites of the batch, so training
+    mode normalises with their mean and biased variance and updates the running statistics exactly as
+    nn.BatchNorm2d does (momentum or cumulative average, unbiased running variance, num_batches_tracked;
+    cross-process after convert_sync_batchnorm); eval mode uses the running statistics. Inactive sites
+    stay zero / absent. The row backends run ``bn`` itself on the rows; the masked-dense one computes the
+    same statistics as masked sums (no gather, so no host sync on a GPU)."""
+    return backend.batch_norm(x, bn)
 
 
 def _relu(backend: Backend, x):
