@@ -103,6 +103,12 @@ class CheckpointManager:
     def has_checkpoints(self) -> bool:
         return bool(step_checkpoints(self.folder)) or (self.folder / BEST_NAME).is_file()
 
+    def note(self, key: str, value) -> None:
+        """Keep ``value`` under ``key`` in run.json (after :meth:`claim`), e.g. the file the run started from."""
+        if self.record.get(key) != value:
+            self.record[key] = value
+            self._write_record()
+
     def _write_record(self) -> None:
         try:
             write_text_atomic(self.run_file, json.dumps(self.record, indent=1) + "\n")
