@@ -169,7 +169,7 @@ def test_a_signal_to_one_torchrun_rank_stops_every_rank_at_the_same_step(photo_d
     text = _finish(proc, lines)
     assert re.search(r"exitcode\s*:\s*75", text), text  # both workers ended with the documented status
     stopped = re.search(r"^stopped by (.*) at step (\d+) \(epoch 0", text, re.M)
-    assert stopped and stopped.group(1) == "another process of the job was signalled", text  # rank 0 was not
+    assert stopped and stopped.group(1) == "a signal to another process of the job", text  # rank 0 was not
     step = int(stopped.group(2))
     assert 2 <= step < PER_EPOCH and (out / f"checkpoint-{step:07d}.pth").is_file()
 

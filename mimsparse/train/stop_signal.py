@@ -86,4 +86,4 @@ class StopSignal:
         return bool(distributed.all_reduce_sum(flag).item())
 
     def reason(self) -> str:
-        return self.received.name if self.received is not None else "another process of the job was signalled"
+        return self.received.name if self.received is not None else "a signal to another process of the job"
