@@ -45,7 +45,8 @@ def _holder(lock_path: Path) -> str:
 
 
 class FolderLock:
-    """The OS lock on ``folder`` (created if needed), held until :meth:`release` or the process ends."""
+    """The OS lock on the existing ``folder`` (its lock file created if needed), held until
+    :meth:`release` or the process ends."""
 
     def __init__(self, folder: str | Path, tool: str = "mimsparse"):
         self.folder = Path(folder)
