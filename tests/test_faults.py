@@ -212,7 +212,10 @@ def test_a_second_process_is_refused_a_held_folder_and_a_killed_holder_needs_no_
     killed.kill()
     killed.wait()
     again = _start(_pretrain_cmd("--resume", "auto", *args))
-    _read_until(again, rf"^resumed from .* at step {step}$", [])
+    lines = []
+    _read_until(again, r"^step \d+ \|", lines)  # resumed and training (the handlers are in)
+    resumed = re.search(r"^resumed from \S+ at step (\d+)$", "".join(lines), re.M)
+    assert resumed and int(resumed.group(1)) >= step, "".join(lines)  # (the killed run may have saved its epoch)
     again.send_signal(signal.SIGTERM)
     text = _finish(again, [])
     assert again.returncode == STOP_EXIT_STATUS, text
