@@ -23,6 +23,13 @@ def run_cli(main) -> int:
         return 2
 
 
+def interactive() -> bool:
+    """Output goes to a terminal (stdout for the lines, stderr for a progress bar): a bar that redraws in
+    place is readable there; in a log file (``> log``, ``nohup``, a cluster job, CI) each redraw would
+    stay, so tools print plain lines instead."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
 def one_line(e: BaseException) -> str:
     """The message of ``e`` on one line (library messages quoted inside ours may span several)."""
     text = " ".join(str(e).split()) or type(e).__name__

@@ -87,7 +87,7 @@ def resolve_config(args, updates: dict, device: str):
 
 
 def main(argv=None) -> int:
-    from mimsparse.cli import parse_with_overrides
+    from mimsparse.cli import interactive, parse_with_overrides
     from mimsparse.config_cli import ordered_updates, print_config
 
     parser = get_args_parser()
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     env, device = distributed.init_from_env(args.device)
     try:
         cfg, resume = resolve_config(args, updates, device)
-        show_progress = not args.no_progress and sys.stdout.isatty()
+        show_progress = not args.no_progress and interactive()
         trainer = build_run(cfg, args.backend, device, resume=resume or args.resume, show_progress=show_progress,
                              overwrite=args.overwrite)
         say = print if env.is_main else (lambda *a, **k: None)

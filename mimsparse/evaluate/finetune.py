@@ -37,6 +37,7 @@ from mimsparse.evaluate.loaders import (check_fraction, check_img_size, eval_loa
                                      top1_correct, train_loader)
 from mimsparse.convert import ConversionError, convert_checkpoint
 from mimsparse.train.data import DataError
+from mimsparse.cli import interactive
 from mimsparse.errors import ConfigError
 from mimsparse.train.run_log import json_safe
 from mimsparse.evaluate.datasets import LabelledImages, has_test_split, load_labelled
@@ -74,7 +75,8 @@ def weights_and_data_args() -> argparse.ArgumentParser:
                    "same whatever --seed (default: all)")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar (none either when the output is not "
+                   "a terminal)")
     return p
 
 
@@ -471,7 +473,7 @@ def main(args) -> dict:
         stats = train_one_epoch(model, criterion, train_loader(train, args.img_size, args.batch_size, args.seed, epoch,
                                                                args.num_workers),
                                 optimizer, scheduler, device, step, args.max_steps, mixup, f"epoch {epoch}",
-                                not args.no_progress)
+                                not args.no_progress and interactive())
         step = stats["step"]
         result = evaluate(model, test_loader, device)
         record = {"epoch": epoch, "step": step, "train_loss": stats["loss"], "lr": stats["lr"],

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from mimsparse.train.checkpoint import check_writable_dir
 from mimsparse.evaluate.loaders import check_img_size, eval_loader, limit_subset, top1_correct
 from mimsparse.train.data import DataError
+from mimsparse.cli import interactive
 from mimsparse.errors import ConfigError
 from mimsparse.evaluate.finetune import (EVAL_SUBSET_SEED, append_jsonl, build_model, create_scheduler, load_splits,
                                          max_lr, peak_lr, warmup_steps, write_json)
@@ -136,7 +137,7 @@ def main(args) -> dict:
     for note in notes:
         print(note)
     t0 = time.perf_counter()
-    show = not args.no_progress
+    show = not args.no_progress and interactive()
     train_feats = extract_features(model, eval_loader(train, args.img_size, args.extract_batch_size, args.num_workers),
                                    device, "train features", show)
     test_feats = extract_features(model, eval_loader(test, args.img_size, args.extract_batch_size, args.num_workers),
