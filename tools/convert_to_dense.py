@@ -53,9 +53,10 @@ def main(argv=None) -> int:
     from mimsparse.train.checkpoint import load_checkpoint
 
     fmt = args.format or ("timm" if args.output and args.output.endswith("/") else None)
-    if fmt is None and args.output and Path(args.output).suffix not in SUFFIXES:
-        p.error(f"-o {args.output}: the suffix {Path(args.output).suffix or '(none)'!r} names no format this tool "
-                f"writes; use .safetensors, .pth (.pt, .bin), a folder ending in / (timm folder), or --format")
+    suffix = Path(args.output).suffix if args.output else ""
+    if fmt is None and suffix and suffix not in SUFFIXES:  # no suffix at all: safetensors, as documented
+        p.error(f"-o {args.output}: the suffix {suffix!r} names no format this tool writes; use .safetensors, "
+                f".pth (.pt, .bin), a folder ending in / (timm folder), or --format")
     fmt = fmt or export_format(args.output or "x.safetensors")
     out = Path(args.output) if args.output else default_output(checkpoint, fmt)
     ckpt = load_checkpoint(checkpoint)
