@@ -3,7 +3,7 @@
 
   tools/pretrain.py --config configs/fcmae_atto.yaml --backend dense [--data DIR|SHARDS|fashion-mnist]
                     [--img-size N|HxW] [--batch-size B] [--output-dir DIR] [--epochs N] [--blr LR]
-                    [--mask-ratio R] [key=value ...]
+                    [--mask-ratio R] [--init PATH] [key=value ...]
   tools/pretrain.py --output-dir DIR --resume auto [--epochs N] [key=value ...]   (continue a run)
   torchrun --standalone --nproc_per_node N tools/pretrain.py ...   (DDP: gloo on CPU, nccl on CUDA)
 """
@@ -44,6 +44,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add_config_flag(p, "--output-dir", "train.output_dir", "where checkpoints and logs go")
     add_config_flag(p, "--out-dir", "train.output_dir", "", hidden=True, dest="output_dir")
     add_alias_flags(p)
+    add_config_flag(p, "--init", "model.init", "start the encoder from dense weights: a timm/torchvision "
+                    ".pth/.pt/.bin/.safetensors, a timm model folder, an official ConvNeXt V2 checkpoint or a "
+                    "convert_to_dense.py export; the classifier is ignored, the decoder starts fresh", metavar="PATH")
     p.add_argument("--resume", default=None,
                    help="checkpoint to resume from, or 'auto' for the newest one in the output dir that verifies")
     p.add_argument("--overwrite", action="store_true",

@@ -22,7 +22,7 @@ from mimsparse.config import PretrainConfig, config_from_dict
 from mimsparse.errors import CheckpointError, DataError, OutputError, TrainingError
 from mimsparse.train import distributed
 from mimsparse.train.build import (build_dataset, build_model, build_optimization, check_train_config,
-                                   warmup_steps)
+                                   start_from_dense, warmup_steps)
 from mimsparse.train.checkpoint import (check_model_matches, check_writable_dir, remove_stale_temp_files,
                                         require_training_checkpoint, rng_state, set_rng_state, versions,
                                         write_text_atomic)
@@ -31,7 +31,7 @@ from mimsparse.train.compile import check_compile_mode
 from mimsparse.train.data import EpochSampler, collate_skip_bad, seed_worker
 from mimsparse.train.logger import RunLogger
 from mimsparse.train.optim import GradientStep, lr_scheduler, set_hyperparameters
-from mimsparse.train.resume import check_changes, config_changes, describe, record_changes, recorded_config
+from mimsparse.train.resume import changes_history, check_changes, config_changes, describe, recorded_config
 from mimsparse.train.shards import ShardImages
 from mimsparse.train.precision import check_amp
 
@@ -120,6 +120,11 @@ class Pretrainer:
         self.schedule_offset = 0
         if resume:
             self.load(resume)
+        resumed = self.resumed_from is not None
+        self.cfg, self.init_record, line = start_from_dense(self.cfg, self.model, resumed,
+                                                            self.checkpoints.read_record() if resumed else None)
+        if line:
+            self.say(line)
 
     @property
     def scaler(self) -> torch.amp.GradScaler:
@@ -302,7 +307,10 @@ class Pretrainer:
         if self.dist.is_main:
             self.claim_output_dir()
             if self.config_changes:
-                record_changes(self.checkpoints.record, st.step, self.config_changes, self.command())
+                self.checkpoints.note("config_changes", changes_history(self.checkpoints.record, st.step,
+                                                                        self.config_changes, self.command()))
+            if self.init_record:
+                self.checkpoints.note("init", self.init_record)  # the dense weights the run started from
             remove_stale_temp_files(self.out_dir)
             self.write_config()
         self.logger.start(st.step)  # one record per step: drop what a killed run logged after its checkpoint

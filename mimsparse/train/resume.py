@@ -17,8 +17,11 @@ from pathlib import Path
 from mimsparse.config import PretrainConfig, _merge, config_from_dict
 from mimsparse.errors import CheckpointError
 
+# read at a fresh start only (the weights come from the checkpoint on resume; the run's record restores them)
+NOT_READ_ON_RESUME = ("model.init", "model.init_sha256")
 # model.* except drop_path (a regulariser): the encoder and its patch geometry, the decoder, the objective
-MEANING_KEYS = tuple(f"model.{f.name}" for f in dataclasses.fields(PretrainConfig().model) if f.name != "drop_path")
+MEANING_KEYS = tuple(k for k in (f"model.{f.name}" for f in dataclasses.fields(PretrainConfig().model))
+                     if k != "model.drop_path" and k not in NOT_READ_ON_RESUME)
 # which images each step of an epoch sees (the sampler's position is a batch index within the epoch)
 EPOCH_KEYS = ("data.path", "data.repeat", "train.batch_size", "train.accum_steps", "train.seed")
 
@@ -47,9 +50,10 @@ def resumed_config(ckpt: dict, path, updates: dict) -> PretrainConfig:
 
 
 def config_changes(old: PretrainConfig | dict, new: PretrainConfig) -> dict[str, tuple]:
-    """{"section.key": (old value, new value)} for every key that differs."""
+    """{"section.key": (old value, new value)} for every key that differs (``model.init`` aside: a
+    resume does not read it, and says so itself)."""
     before, after = flat(old), flat(new)
-    return {k: (before.get(k), v) for k, v in after.items() if before.get(k) != v}
+    return {k: (before.get(k), v) for k, v in after.items() if before.get(k) != v and k not in NOT_READ_ON_RESUME}
 
 
 def check_changes(changes: dict[str, tuple], path, batch_in_epoch: int, epoch: int) -> None:
@@ -71,12 +75,11 @@ def describe(changes: dict[str, tuple]) -> list[str]:
     return [f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()]
 
 
-def record_changes(record: dict, step: int, changes: dict[str, tuple], command: str) -> None:
-    """Append this resume's changes to ``run.json``'s history (kept across resumes)."""
-    if changes:
-        record.setdefault("config_changes", []).append(
+def changes_history(record: dict, step: int, changes: dict[str, tuple], command: str) -> list[dict]:
+    """``run.json``'s history of config changes with this resume's appended (kept across resumes)."""
+    return [*record.get("config_changes", []),
             {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command,
-             "changes": {k: list(v) for k, v in changes.items()}})
+             "changes": {k: list(v) for k, v in changes.items()}}]
 
 
 def resume_folder(resume: str, output_dir: str | None) -> Path | None:
