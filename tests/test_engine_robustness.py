@@ -48,7 +48,7 @@ def _nan_loss_at(model, calls):
 # ---- sizes and mask ratios ------------------------------------------------------------------------
 def test_image_size_must_be_a_multiple_of_32(photo_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"data.img_size=200: image size 200x200 is not divisible by the patch "
-                                          r"size 32.*--img 192"):
+                                          r"size 32.*--img-size 192"):
         Pretrainer(_cfg(tmp_path, photo_dir, **{"data.img_size": 200}), "dense", show_progress=False)
 
 

@@ -205,8 +205,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
         why = f"{type(e).__name__}: {first}" if first else type(e).__name__
         if not _looks_like_torch_file(path):  # a config, an image, a log: no earlier checkpoint will help
             raise CheckpointError(f"{str(path)!r} is not a torch checkpoint (neither a zip nor a pickle file); pass a "
-                                  f"checkpoint-NNNNNNN.pth written by tools/pretrain.py (--resume auto picks the "
-                                  f"newest of --output-dir)") from e
+                                  f".pth checkpoint written by tools/pretrain.py (checkpoint-NNNNNNN.pth in its "
+                                  f"output folder)") from e
         raise CheckpointError(f"checkpoint {str(path)!r} is truncated or not a torch checkpoint ({why}); use an "
                               f"earlier checkpoint from the same folder") from e
     if not isinstance(ckpt, dict):
