@@ -220,3 +220,14 @@ def test_benchmark_reports_the_effective_mask_ratio():
     assert row["enc_fwd"]["ratio_to_ideal"] == pytest.approx(row["enc_fwd"]["median_ms"] /
                                                              (ref["enc_fwd"]["median_ms"] * 0.5))
     assert "| dense | 0.50 (asked 0.60) |" in markdown_table(result)
+
+
+def test_probe_calls_a_held_out_split_validation_not_test(photo_dir, tmp_path):
+    for i, photo in enumerate(sorted(photo_dir.iterdir())):  # two classes, no train/ and test/ folders
+        (tmp_path / "data" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(photo, tmp_path / "data" / f"c{i % 2}" / photo.name)
+    proc = run_tool("linear_probe.py", "random", "--model", "convnextv2_atto", "--data", str(tmp_path / "data"),
+                    "--img-size", "64", "--epochs", "1", "--batch-size", "2", "--val-fraction", "0.34",
+                    "--output-dir", str(tmp_path / "probe"))
+    assert "val images" in proc.stdout and "val top-1" in proc.stdout
+    assert "test top-1" not in proc.stdout and "test images" not in proc.stdout
