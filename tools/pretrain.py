@@ -128,8 +128,10 @@ def main(argv=None) -> int:
             say(f"loss: first {done[0]['loss']:.4f} (step {done[0]['step']}) -> "
                 f"last {done[-1]['loss']:.4f} (step {done[-1]['step']})")
         if result["checkpoint"] is None and trainer.resumed_from:
-            say(f"nothing to do: the run already finished all {trainer.state.step} steps (raise train.epochs to go "
-                f"on); nothing was written; checkpoint: {trainer.resumed_from}")
+            limit = cfg.train.max_steps and trainer.state.step >= cfg.train.max_steps
+            more = "raise train.max_steps (0 = all epochs)" if limit else "raise --epochs"
+            say(f"nothing to do: the run already did its {trainer.state.step} steps ({more} to go on); nothing was "
+                f"written; checkpoint: {trainer.resumed_from}")
         else:
             say(f"checkpoint: {result['checkpoint']}")
     finally:
