@@ -36,6 +36,7 @@ from mimsparse.evaluate.loaders import (check_fraction, check_img_size, eval_loa
                                      top1_correct, train_loader)
 from mimsparse.convert import ConversionError, convert_checkpoint
 from mimsparse.train.data import DataError
+from mimsparse.cli import interactive
 from mimsparse.errors import ConfigError, OutputError
 from mimsparse.train.run_log import json_safe
 from mimsparse.evaluate.datasets import LabelledImages, has_test_split, load_labelled
@@ -63,7 +64,7 @@ def weights_and_data_args() -> argparse.ArgumentParser:
     add_checkpoint(p, "pretraining checkpoint, timm state dict (.safetensors or .pth), or 'random'")
     p.add_argument("--data", required=True, help="ImageFolder, or fashion-mnist | lfw-subset | foolbox-imagenet")
     p.add_argument("--model", default=None, help="timm model name, e.g. convnextv2_atto (default: the one a "
-                   "pretraining checkpoint names; required for a timm state dict and for random)")
+                   "pretraining checkpoint or an export's header names; required for random and a bare state dict)")
     add_img_size(p, 224, "input size, a multiple of 32; smaller images are resized up (default %(default)s)",
                  type=int)
     p.add_argument("--val-fraction", type=float, default=0.2, help="a folder without train/ and test/: hold out "
@@ -73,7 +74,8 @@ def weights_and_data_args() -> argparse.ArgumentParser:
                    "same whatever --seed (default: all)")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar (none either when the output is not "
+                   "a terminal)")
     return p
 
 
@@ -102,8 +104,14 @@ def load_weights(ckpt: str, model_name: str | None, num_classes: int) -> Weights
         check = f"max relative error vs the sparse encoder {error:.1e}" if error is not None else "not verified"
         return Weights(sd, name, f"pretraining checkpoint {ckpt} converted to timm {name} ({check})", fresh_head=True)
     if is_state_dict(state):
+        recorded = metadata.get("model_name")  # tools/convert_to_dense.py and finetune exports record it
+        if model_name is not None and recorded and model_name != recorded:
+            raise CheckpointError(f"{ckpt} holds {recorded!r} (its header says so) but --model asks for "
+                                  f"{model_name!r}; drop --model or pass --model {recorded}")
+        model_name = model_name or recorded
         if model_name is None:
-            raise ConfigError(f"{ckpt} is a timm state dict: pass --model NAME (e.g. --model convnextv2_atto)")
+            raise ConfigError(f"{ckpt} is a timm state dict that does not name its model: pass --model NAME "
+                              f"(e.g. --model convnextv2_atto)")
         fresh = metadata.get("head", "").startswith("fresh")  # written by tools/convert_to_dense.py
         return Weights(state, model_name, f"timm state dict {ckpt}", fresh_head=fresh)
     raise CheckpointError(f"{ckpt} is neither a mimsparse pretraining checkpoint (keys 'model' and 'config') nor a "
@@ -342,6 +350,12 @@ def held_out_split(data: LabelledImages, fraction: float) -> tuple[LabelledImage
     return data.subset(torch.nonzero(keep).flatten()), data.subset(val)
 
 
+def split_name(spec: str) -> str:
+    """What the evaluation set of ``spec`` is called in printed lines: its test split, or the validation
+    split held out of its training images (the JSON keys stay ``test_*`` for either)."""
+    return "test" if has_test_split(spec) else "val"
+
+
 def load_splits(spec: str, val_fraction: float = 0.2) -> tuple[LabelledImages, LabelledImages, str]:
     """(train, evaluation set, what the evaluation set is). A folder without train/ and test/ gets a
     held-out validation split instead of being tested on its own training images."""
@@ -475,10 +489,11 @@ def _finetune(args, folder, stop) -> dict:
     test_loader = eval_loader(test, args.img_size, args.batch_size, args.num_workers)
 
     lr_source = f"--lr {args.lr:g}" if args.lr is not None else f"--blr {args.blr:g} x {args.batch_size}/256"
+    split = split_name(args.data)
     for note in notes:
         print(note)
     print(f"model {name} | {args.data}: {num_classes} classes, {len(train)}/{train_total} training images "
-          f"(--label-fraction {args.label_fraction:g}), {len(test)} test images | lr {lr:.3g} ({lr_source}) | "
+          f"(--label-fraction {args.label_fraction:g}), {len(test)} {split} images | lr {lr:.3g} ({lr_source}) | "
           f"{total_steps} steps | output {out_dir}")
 
     history, best, step, first_epoch, part = [], None, 0, 0, None
@@ -505,7 +520,7 @@ def _finetune(args, folder, stop) -> dict:
                               part["batches_done"] if part else 0)
         folder.started = True
         stats = train_one_epoch(model, criterion, loader, optimizer, scheduler, device, step, args.max_steps, mixup,
-                                f"epoch {epoch}", not args.no_progress, stop, part)
+                                f"epoch {epoch}", not args.no_progress and interactive(), stop, part)
         step, part = stats["step"], None
         if stats["stopped"]:  # the epoch is not over: no evaluation, no log record; its sums go with last.pth
             stopped_by = stats["stopped"]
@@ -528,7 +543,7 @@ def _finetune(args, folder, stop) -> dict:
         append_jsonl(log_path, record)
         save_resume_state(last_path, weights, optimizer, epoch + 1, step, history, best, name, train.classes)
         train_loss = f"{stats['loss']:.4f}" if stats["loss"] is not None else "-"
-        print(f"epoch {epoch}: step {step} | train loss {train_loss} | lr {stats['lr']:.2e} | test top-1 "
+        print(f"epoch {epoch}: step {step} | train loss {train_loss} | lr {stats['lr']:.2e} | {split} top-1 "
               f"{result['top1']:.2%} ({result['correct']}/{result['total']}) | best {best['test_top1']:.2%}")
         if args.max_steps and step >= args.max_steps:
             break

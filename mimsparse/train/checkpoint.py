@@ -216,6 +216,13 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _looks_like_torch_file(path: Path) -> bool:
+    """torch.save writes a zip (``PK``) or, before torch 1.6, a pickle (protocol 2+: ``0x80``)."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return head == b"PK" or head[:1] == b"\x80"
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", sha256: str | None = None) -> dict:
     """Verify (:func:`verify_checkpoint`), then ``torch.load(weights_only=True)``; any failure is one
     :class:`CheckpointError` naming the file."""
@@ -226,6 +233,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     except Exception as e:  # torch raises several types for torn or foreign files
         first = (str(e).strip().splitlines() or [""])[0][:200]
         why = f"{type(e).__name__}: {first}" if first else type(e).__name__
+        if not _looks_like_torch_file(path):  # a config, an image, a log: no earlier checkpoint will help
+            raise CheckpointError(f"{str(path)!r} is not a torch checkpoint (neither a zip nor a pickle file); pass a "
+                                  f".pth checkpoint written by tools/pretrain.py (checkpoint-NNNNNNN.pth in its "
+                                  f"output folder)") from e
         raise CheckpointError(f"checkpoint {str(path)!r} is truncated or not a torch checkpoint ({why}); use an "
                               f"earlier checkpoint from the same folder") from e
     if not isinstance(ckpt, dict):
