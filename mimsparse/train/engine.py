@@ -337,7 +337,7 @@ class Pretrainer:
     def _run(self) -> dict:
         cfg, st = self.cfg, self.state
         if self.resumed_from is not None and self.finished():  # nothing to do: nothing written, not even a log
-            return {"history": [], "checkpoint": None, "state": st}
+            return {"history": [], "checkpoint": None, "state": st, "stopped_by": None}
         if self.checkpoints.record is None:  # every process: all refuse another run's folder together
             self.checkpoints.check_can_start(self.resumed_from is not None, self._may_replace())
         if self.dist.is_main:
