@@ -14,7 +14,7 @@ import torch
 from mimsparse.backends import get_backend
 from mimsparse.models.build import build_fcmae
 from mimsparse.config import ModelConfig, PretrainConfig, load_config
-from mimsparse.train.engine import Pretrainer
+from mimsparse.train.build import Pretrainer
 from mimsparse.models.convnextv2 import GRN, LayerNorm
 from mimsparse.masking import random_patch_mask
 from tests.conftest import tiny_overrides

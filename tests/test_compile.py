@@ -13,7 +13,7 @@ import torch
 
 from mimsparse.models.build import build_fcmae
 from mimsparse.config import ConfigError, ModelConfig, PretrainConfig, load_config
-from mimsparse.train.engine import Pretrainer
+from mimsparse.train.build import Pretrainer
 from mimsparse.masking import random_patch_mask
 from tests.conftest import tiny_overrides
 from tests.helpers import randomize_

@@ -10,7 +10,7 @@ from mimsparse.backends import BackendUnavailable, get_backend
 from mimsparse.train.checkpoint import load_checkpoint
 from mimsparse.config import load_config
 from mimsparse.convert import convert_checkpoint
-from mimsparse.train.engine import Pretrainer
+from mimsparse.train.build import Pretrainer
 from tests.conftest import tiny_overrides
 
 @pytest.mark.spconv

@@ -242,7 +242,7 @@ def test_run_from_dense_weights_then_resume_without_the_file(photo_dir, tmp_path
 
     from mimsparse.config import load_config
     from mimsparse.train.checkpoint import file_sha256, load_checkpoint
-    from mimsparse.train.engine import Pretrainer
+    from mimsparse.train.build import Pretrainer
     from mimsparse.train.optim import warmup_cosine
     from tests.conftest import tiny_overrides
 

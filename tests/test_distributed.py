@@ -10,7 +10,7 @@ import torch
 from mimsparse.train.checkpoint import load_checkpoint
 from mimsparse.config import load_config
 from mimsparse.train.data import EpochSampler
-from mimsparse.train.engine import Pretrainer
+from mimsparse.train.build import Pretrainer
 from tests.conftest import ROOT, tiny_overrides
 
 
@@ -96,7 +96,7 @@ def test_a_torchrun_job_refuses_another_runs_folder_on_every_rank(photo_dir, tmp
     out = tmp_path / "run"
     overrides = tiny_overrides(out, **{"data.path": str(photo_dir), "train.max_steps": 1})
     from mimsparse.config import load_config
-    from mimsparse.train.engine import Pretrainer
+    from mimsparse.train.build import Pretrainer
 
     Pretrainer(load_config(None, overrides), "dense", show_progress=False).run()  # the other run
     before = {p.name: p.read_bytes() for p in out.glob("checkpoint-*.pth")}

@@ -7,7 +7,7 @@ import torch
 from mimsparse.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mimsparse.config import ConfigError, config_from_dict, load_config
 from mimsparse.train.data import DataError
-from mimsparse.train.engine import Pretrainer
+from mimsparse.train.build import Pretrainer
 from mimsparse.train.optim import warmup_cosine
 from tests.conftest import run_tool, tiny_overrides
 

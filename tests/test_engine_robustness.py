@@ -19,7 +19,7 @@ from mimsparse.train.checkpoint import CheckpointError, load_checkpoint
 from mimsparse.config import ConfigError, config_from_dict, load_config
 from mimsparse.train.data import FileSource, SeededImages, list_images, pretrain_transform, to_rgb
 from mimsparse.errors import TrainingError
-from mimsparse.train.engine import Pretrainer
+from mimsparse.train.build import Pretrainer
 from mimsparse.train.precision import check_amp
 from tests.conftest import ROOT, run_tool, tiny_overrides
 

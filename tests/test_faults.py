@@ -14,7 +14,7 @@ import torch
 
 from mimsparse.config import load_config
 from mimsparse.train.checkpoint import load_checkpoint
-from mimsparse.train.engine import Pretrainer
+from mimsparse.train.build import Pretrainer
 from mimsparse.train.stop_signal import STOP_EXIT_STATUS
 from tests.conftest import ROOT, tiny_overrides
 

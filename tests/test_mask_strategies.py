@@ -154,7 +154,7 @@ def test_strategies_are_selected_from_config_keys():
 
 
 def test_engine_masks_follow_the_training_progress(photo_dir, tmp_path):
-    from mimsparse.train.engine import Pretrainer
+    from mimsparse.train.build import Pretrainer
     from tests.conftest import tiny_overrides
 
     cfg = load_config(None, tiny_overrides(tmp_path, **{"data.path": str(photo_dir), "mask.strategy": "progressive",

@@ -349,7 +349,7 @@ def _tool_main():
 
 def test_import_then_resume_on_another_backend_then_export(photo_dir, tmp_path, capsys):
     from mimsparse.config import load_config
-    from mimsparse.train.engine import Pretrainer
+    from mimsparse.train.build import Pretrainer
 
     tool = _tool_main()  # in-process, except one export run as a user would
     official = random_state(official_fcmae_layout(NAME, DEC_DIM, DEC_DEPTH), seed=7)

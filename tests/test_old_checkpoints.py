@@ -8,7 +8,7 @@ import torch
 from mimsparse.train.checkpoint import load_checkpoint
 from tests.conftest import run_tool, tiny_overrides
 
-# The checkpoint keys and config sections the old code wrote (engine.Pretrainer.checkpoint_state).
+# The checkpoint keys and config sections the old code wrote (run_checkpoints.RunCheckpoints.checkpoint_state).
 OLD_KEYS = ("model", "optimizer", "scheduler", "scaler", "run", "config", "backend", "versions", "rng")
 OLD_TRAIN_KEYS = ("epochs", "batch_size", "seed", "output_dir", "tensorboard", "vis_every", "log_every",
                   "save_every_epochs", "max_steps", "keep_last", "amp", "clip_grad", "accum_steps",

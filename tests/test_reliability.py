@@ -18,7 +18,7 @@ from mimsparse.train.checkpoint import file_sha256, load_checkpoint, save_checkp
 from mimsparse.train.checkpoint_manager import RUN_FILE, CheckpointManager, step_checkpoints
 from mimsparse.cli import parse_with_overrides, run_cli
 from mimsparse.config import PretrainConfig, load_config
-from mimsparse.train.engine import Pretrainer
+from mimsparse.train.build import Pretrainer
 from mimsparse.errors import (CheckpointError, ConfigError, DataError, MimsparseError, OutputError, TrainingError)
 from mimsparse.train.run_folder import LOCK_NAME
 from mimsparse.train.run_log import RunLog

@@ -15,7 +15,7 @@ from mimsparse.config import load_config
 from mimsparse.errors import DataError
 from mimsparse.train.data import (FileSource, SeededImages, bundled_photo_paths, collate_skip_bad, list_images,
                                   pretrain_transform, read_image_file)
-from mimsparse.train.engine import Pretrainer
+from mimsparse.train.build import Pretrainer
 from mimsparse.train.shards import ShardImages, decode_sample, write_shards
 from tests.conftest import run_tool, tiny_overrides
 

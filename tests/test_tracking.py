@@ -9,7 +9,7 @@ import torch
 from mimsparse.config import load_config
 from mimsparse.train.checkpoint import load_checkpoint
 from mimsparse.train.checkpoint_manager import BEST_NAME, CheckpointManager, step_name
-from mimsparse.train.engine import Pretrainer
+from mimsparse.train.build import Pretrainer
 from tests.conftest import tiny_overrides
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 from mimsparse.models.build import build_fcmae
 from mimsparse.cli import run_cli
 from mimsparse.config import load_config
-from mimsparse.train.engine import Pretrainer
+from mimsparse.train.build import Pretrainer
 from mimsparse.models.loss import pixel_targets
 from mimsparse.masking import upsample_mask
 from mimsparse.visualize import (MASKED_GRAY, PANELS, grid_image, load_image, normalize, parse_size, pred_to_pixels,

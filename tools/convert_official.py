@@ -23,7 +23,7 @@ def import_official(args) -> int:
 
     from mimsparse.train.checkpoint import write_text_atomic
     from mimsparse.config import config_from_dict, load_updates
-    from mimsparse.train.engine import Pretrainer
+    from mimsparse.train.build import Pretrainer
     from mimsparse.errors import OutputError
     from mimsparse.convert.official import fcmae_from_official, import_config, load_official_checkpoint, official_config
 

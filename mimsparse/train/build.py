@@ -1,24 +1,35 @@
 """``build_run(cfg)``: what a pretraining run is made of, checked and wired in one place (as MAE's
-main_pretrain.py): config checks, data, model (DDP, torch.compile), optimizer, schedule, scaler."""
+main_pretrain.py): config checks, the run folder's hold, data, model (DDP, torch.compile), optimizer,
+schedule, scaler, checkpoint manager, logger, resume and the dense start (``model.init``). The parts go
+to :class:`mimsparse.train.engine.Trainer`, which trains them and imports nothing from here."""
 from __future__ import annotations
 
 import dataclasses
+import sys
 import warnings
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from mimsparse.backends import Backend
+from mimsparse.backends import Backend, get_backend
 from mimsparse.config import PretrainConfig
-from mimsparse.errors import ConfigError, DataError
+from mimsparse.errors import ConfigError, DataError, TrainingError
 from mimsparse.evaluate.datasets import is_builtin, load_labelled
 from mimsparse.masking import check_image_size
 from mimsparse.models.build import build_fcmae
-from mimsparse.train.compile import compile_model
+from mimsparse.train import distributed
+from mimsparse.train.checkpoint_manager import CheckpointManager, check_free_space, checkpoint_size_estimate
+from mimsparse.train.compile import check_compile_mode, compile_model
 from mimsparse.train.data import FileSource, SeededImages, bundled_photo_paths, list_images, pretrain_transform
-from mimsparse.train.optim import lr_scheduler, param_groups
+from mimsparse.train.engine import Trainer
+from mimsparse.train.logger import RunLogger
+from mimsparse.train.optim import GradientStep, lr_scheduler, param_groups, warmup_step_count
+from mimsparse.train.precision import check_amp
+from mimsparse.train.run_folder import hold
+from mimsparse.train.run_state import RunParts
 from mimsparse.train.shards import ShardImages, is_shard_spec
+from mimsparse.train.stop_signal import StopSignal
 
 
 def check_train_config(cfg: PretrainConfig) -> None:
@@ -119,19 +130,79 @@ def build_optimization(cfg: PretrainConfig, model: torch.nn.Module, lr: float, s
     scaler that only fp16 needs (a pass-through otherwise)."""
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=lr,
                                   betas=(cfg.optim.beta1, cfg.optim.beta2))
-    scheduler = lr_scheduler(optimizer, lr, warmup_steps(cfg, steps_per_epoch), total_steps, cfg.optim.min_lr)
+    scheduler = lr_scheduler(optimizer, lr, warmup_step_count(cfg, steps_per_epoch), total_steps, cfg.optim.min_lr)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     return optimizer, scheduler, scaler
 
 
-def warmup_steps(cfg: PretrainConfig, steps_per_epoch: int) -> int:
-    return max(1, round(cfg.optim.warmup_epochs * steps_per_epoch))
+def build_parts(cfg: PretrainConfig, backend: Backend, device: torch.device, amp_dtype, stop: StopSignal,
+                folder, show_progress: bool, overwrite: bool) -> RunParts:
+    """Data, model, optimization, checkpoint manager and logger of a checked config, in that order."""
+    dist = distributed.current()
+    dataset, steps_per_epoch = build_dataset(cfg, dist.world_size)
+    model, train_model = build_model(cfg, backend, device, dist.enabled)
+    lr = cfg.lr(dist.world_size)
+    optimizer, scheduler, scaler = build_optimization(cfg, model, lr, steps_per_epoch,
+                                                      steps_per_epoch * cfg.train.epochs, amp_dtype, device)
+    out_dir = Path(cfg.train.output_dir)
+    checkpoints = CheckpointManager(out_dir, cfg.train.keep_last)
+    gradient_step = GradientStep(model, optimizer, scheduler, scaler, cfg.train.clip_grad, cfg.train.skip_nonfinite,
+                                 checkpoints.kept)
+    if dist.is_main:
+        check_free_space(checkpoints.folder, checkpoint_size_estimate(model, optimizer))
+    logger = RunLogger(out_dir, dist.is_main, show_progress, cfg.train.log_every,
+                       cfg.train.tensorboard, cfg.to_dict() if cfg.train.wandb else None)
+    return RunParts(cfg=cfg, dist=dist, device=device, backend=backend, overwrite=overwrite,
+                    say=print if dist.is_main else (lambda *a, **k: None), amp_dtype=amp_dtype, stop=stop,
+                    folder=folder, dataset=dataset, steps_per_epoch=steps_per_epoch, model=model,
+                    train_model=train_model, lr=lr, optimizer=optimizer, gradient_step=gradient_step,
+                    checkpoints=checkpoints, logger=logger)
+
+
+class Pretrainer(Trainer):
+    """A pretraining run built from its config: checks, the folder's hold, the parts (:func:`build_parts`),
+    then the resume (``resume``: a path or "auto") and the dense start; ``run()`` trains it
+    (:class:`~mimsparse.train.engine.Trainer`). Under ``torchrun`` the model is wrapped in DDP and rank 0
+    alone holds the folder, logs and writes checkpoints."""
+
+    def __init__(self, cfg: PretrainConfig, backend: Backend | str = "dense", device: str = "cpu",
+                 resume: str | Path | None = None, show_progress: bool = True, overwrite: bool = False):
+        dist = distributed.current()
+        device = torch.device(device)
+        backend = get_backend(backend) if isinstance(backend, str) else backend
+        check_train_config(cfg)
+        amp_dtype = check_amp(cfg.train.amp, backend, device)
+        check_compile_mode(cfg.train.compile)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise TrainingError("--device cuda but CUDA is not available; use --device cpu")
+        stop = StopSignal(cfg.train.stop_signals)
+        # the main process holds the folder from here to the end of run() (see mimsparse.train.run_folder)
+        folder = hold(Path(cfg.train.output_dir), _command(), dist.is_main, dist.enabled, device)
+        try:
+            super().__init__(build_parts(cfg, backend, device, amp_dtype, stop, folder, show_progress, overwrite))
+            if resume:
+                self.load(resume)
+            resumed = self.resumed_from is not None
+            self.cfg, self.init_record, line = start_from_dense(self.cfg, self.model, resumed,
+                                                                self.checkpoints.read_record() if resumed else None)
+            if line:
+                self.say(line)
+        except BaseException:
+            if folder is not None:
+                folder.abandon()
+            raise
+
+
+def _command() -> str:
+    """Who holds a run folder, for the refusal a second process gets."""
+    if not (sys.argv and sys.argv[0]):
+        return "a library call"
+    script = Path(sys.argv[0])
+    return f"python -m {script.parent.name}" if script.name == "__main__.py" else script.name
 
 
 def build_run(cfg: PretrainConfig, backend: Backend | str = "dense", device: str = "cpu",
-              resume: str | Path | None = None, show_progress: bool = True, overwrite: bool = False):
-    """The :class:`~mimsparse.train.engine.Pretrainer` of ``cfg``, resumed from ``resume`` (a path or
-    "auto") when given; ``run()`` trains it."""
-    from mimsparse.train.engine import Pretrainer
-
+              resume: str | Path | None = None, show_progress: bool = True, overwrite: bool = False) -> Pretrainer:
+    """The run of ``cfg``, built and resumed from ``resume`` (a path or "auto") when given; ``run()``
+    trains it."""
     return Pretrainer(cfg, backend, device, resume, show_progress, overwrite)

@@ -1,4 +1,5 @@
-"""The run folder's checkpoints: which run owns the folder, naming, rotation, best, latest, verified resume.
+"""The run folder's checkpoints: which run owns the folder, naming, rotation, best, latest, verified resume,
+and the free space a start needs.
 
 A run folder holds ``run.json`` (the owning run's id and the SHA-256 of every checkpoint it wrote),
 ``checkpoint-NNNNNNN.pth`` (step checkpoints, the newest ``train.keep_last`` kept) and
@@ -54,6 +55,23 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def link_best(path: Path, digest: str, state: dict) -> str:
+    """checkpoint-best.pth beside the step checkpoint ``path`` (of SHA-256 ``digest``) as a hard link to
+    it (no second copy on disk; it outlives the step file's rotation), swapped in atomically; a full
+    copy of ``state`` where the file system has no hard links. Returns its SHA-256."""
+    best = path.parent / BEST_NAME
+    tmp = path.parent / f".{BEST_NAME}.link.tmp"  # removed by remove_stale_temp_files after a crash
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(path, tmp)
+        os.replace(tmp, best)
+        return digest
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        save_checkpoint(state, best, kept=f"{path.name} was written; the previous {BEST_NAME} is kept")
+        return file_sha256(best)
+
+
 class CheckpointManager:
     """Checkpoints of one run in ``folder``. Call :meth:`claim` before the first write."""
 
@@ -62,6 +80,11 @@ class CheckpointManager:
         self.keep_last = keep_last      # 0 = keep every step checkpoint
         self.record: dict | None = None  # run.json once claimed
         self.last_good: Path | None = None  # newest checkpoint known to hold finite weights
+
+    def kept(self) -> str:
+        """What an error that stops the run leaves to go back to."""
+        last = self.last_good  # written by this run (finite weights) or resumed from
+        return f"the last good checkpoint {str(last)!r} is kept" if last else "no checkpoint was written yet"
 
     @property
     def run_file(self) -> Path:
@@ -141,26 +164,10 @@ class CheckpointManager:
         save_checkpoint(state, path, kept=kept)
         self.record["checkpoints"][path.name] = file_sha256(path)
         if is_best:
-            self.record["checkpoints"][BEST_NAME] = self._link_best(path, state)
+            self.record["checkpoints"][BEST_NAME] = link_best(path, self.record["checkpoints"][path.name], state)
         self.last_good = path
         self.rotate()
         return path
-
-    def _link_best(self, path: Path, state: dict) -> str:
-        """checkpoint-best.pth as a hard link to the step checkpoint ``path`` (no second copy on disk; it
-        outlives the step file's rotation), swapped in atomically; a full copy where the file system has
-        no hard links. Returns its SHA-256."""
-        best = self.folder / BEST_NAME
-        tmp = self.folder / f".{BEST_NAME}.link.tmp"  # removed by remove_stale_temp_files after a crash
-        try:
-            tmp.unlink(missing_ok=True)
-            os.link(path, tmp)
-            os.replace(tmp, best)
-            return self.record["checkpoints"][path.name]
-        except OSError:
-            tmp.unlink(missing_ok=True)
-            save_checkpoint(state, best, kept=f"{path.name} was written; the previous {BEST_NAME} is kept")
-            return file_sha256(best)
 
     def rotate(self) -> list[Path]:
         """Delete this run's step checkpoints beyond the newest ``keep_last``; returns what was deleted."""
@@ -200,15 +207,6 @@ class CheckpointManager:
         raise CheckpointError(f"--resume auto: no checkpoint in {str(self.folder)!r} verifies ({'; '.join(reasons)}); "
                               f"start a new run with --overwrite or in another folder")
 
-    # ---- space -----------------------------------------------------------------------------------
-    def check_free_space(self, needed_bytes: int) -> None:
-        """Refuse to start when the folder's disk cannot hold one more checkpoint (the atomic write
-        needs the new file beside the old one)."""
-        free = shutil.disk_usage(self.folder).free
-        if free < needed_bytes:
-            raise OutputError(f"output folder {str(self.folder)!r} has {free / 2**20:.1f} MiB free but one checkpoint "
-                              f"of this run needs about {needed_bytes / 2**20:.1f} MiB; free disk space or choose "
-                              f"another folder with --output-dir DIR")
 
 
 def checkpoint_size_estimate(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
@@ -219,3 +217,12 @@ def checkpoint_size_estimate(model: torch.nn.Module, optimizer: torch.optim.Opti
     moments = 2 * param_bytes if optimizer is not None else 0
     return model_bytes + moments + (1 << 20)
 
+
+def check_free_space(folder: Path, needed_bytes: int) -> None:
+    """Refuse to start when the folder's disk cannot hold one more checkpoint (the atomic write
+    needs the new file beside the old one)."""
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes:
+        raise OutputError(f"output folder {str(folder)!r} has {free / 2**20:.1f} MiB free but one checkpoint "
+                          f"of this run needs about {needed_bytes / 2**20:.1f} MiB; free disk space or choose "
+                          f"another folder with --output-dir DIR")

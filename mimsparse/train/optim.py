@@ -28,6 +28,11 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def warmup_step_count(cfg, steps_per_epoch: int) -> int:
+    """Warm-up steps of a pretraining config (``optim.warmup_epochs``), at least one."""
+    return max(1, round(cfg.optim.warmup_epochs * steps_per_epoch))
+
+
 def lr_scheduler(optimizer, lr: float, warmup_steps: int, total_steps: int, min_lr: float, done: int = 0,
                  offset: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
     """Warm-up + cosine per step from peak ``lr``, positioned after ``done`` steps (a resume: the
