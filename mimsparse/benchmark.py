@@ -148,6 +148,90 @@ def _runners(model_name, backend_name, ratio, images, device, amp_dtype, compile
     return {"enc_fwd": enc_fwd, "enc_fwd_bwd": enc_fwd_bwd, "train_step": train_step}, activation_mb
 
 
+def _usable_backends(backends, amp_dtype, dev: torch.device, skipped: dict, log) -> list[str]:
+    """The backends that are installed and run ``amp_dtype`` on ``dev``; the others go to ``skipped``."""
+    usable = []
+    for name in backends:
+        try:
+            backend = get_backend(name)
+            if amp_dtype is not None:
+                backend.check_dtype(amp_dtype, dev)
+        except (BackendUnavailable, TypeError) as e:
+            skipped[name] = str(e)
+            log(f"skipping backend {name}: {e}")
+            continue
+        usable.append(name)
+    return usable
+
+
+def _cases(usable: list[str], mask_ratios, height: int, width: int, compile_model: bool, compiled_only,
+           log) -> list[Case]:
+    """The table's rows: the timm reference (eager, and compiled with --compile), then every backend
+    at each ratio, ratio-major (under a deadline every backend gets the first ratio)."""
+    effective = {float(r): effective_mask_ratio(float(r), height, width) for r in mask_ratios}
+    cases = []
+    for r in mask_ratios:
+        for name in usable:
+            if not (compile_model and name in COMPILABLE and name in compiled_only):
+                cases.append(Case(name, float(r), effective_mask_ratio=effective[float(r)]))
+            if compile_model and name in COMPILABLE:
+                cases.append(Case(name, float(r), compiled=True, effective_mask_ratio=effective[float(r)]))
+    cases.insert(0, Case(TIMM_DENSE, 0.0))
+    if compile_model:
+        cases.insert(1, Case(TIMM_DENSE, 0.0, compiled=True))
+        eager = sorted({c.backend for c in cases if c.backend not in COMPILABLE})
+        if eager:
+            log(f"--compile: {', '.join(eager)} call(s) into their libraries and stay eager")
+    return cases
+
+
+def _prepare_rows(cases: list[Case], mask_ratios, deadline, skipped: dict, log, model: str, images, dev,
+                  amp_dtype, seed: int, compile_mode, measures, warmup: int) -> dict:
+    """Build, compile and warm up each row in preparation order, until the deadline (the reference
+    always runs); records each row's saved activations. Returns {id(case): {measure: fn}} of the rows
+    started."""
+    runners = {}
+    for case in _prepare_order(cases, mask_ratios) if deadline is not None else cases:
+        if deadline is not None and runners and time.monotonic() > deadline:
+            name = f"{label(vars(case))} r={case.mask_ratio:.2f}"
+            skipped[name] = "time budget: not started before the deadline"
+            log(f"time budget: {name} not measured")
+            continue
+        if case.compiled:
+            log(f"compiling {case.backend} r={case.mask_ratio} (encoder fwd, fwd+bwd, train step)...")
+        fns, act = _runners(model, case.backend, case.mask_ratio, images, dev, amp_dtype, case.compiled, seed,
+                            compile_mode)
+        fns = {m: fns[m] for m in MEASURES if m in measures}
+        runners[id(case)] = fns
+        out = []
+        act(out)
+        case.saved_activation_mb = round(out[0], 2)
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn()
+    return runners
+
+
+def _time_rows(cases: list[Case], runners: dict, repeats: int, deadline, dev: torch.device, log) -> int:
+    """Time every prepared row ``repeats`` times, interleaved (every repeat visits every row); the
+    repeats stop once the deadline has passed (at least one is taken). Returns the repeats done."""
+    repeats_done = 0
+    for rep in range(repeats):
+        if rep > 0 and deadline is not None and time.monotonic() > deadline:
+            log(f"time budget: stopped after {rep} of {repeats} repeats")
+            break
+        repeats_done += 1
+        for case in cases:
+            for measure, fn in runners[id(case)].items():
+                if dev.type == "cuda" and rep == 0:
+                    torch.cuda.reset_peak_memory_stats(dev)
+                case.samples_ms[measure].append(_timed(fn, dev))
+                if dev.type == "cuda" and rep == 0:
+                    case.peak_cuda_mb = max(case.peak_cuda_mb or 0, torch.cuda.max_memory_allocated(dev) / 2**20)
+        log(f"repeat {rep + 1}/{repeats} done")
+    return repeats_done
+
+
 def run_benchmark(model: str = "convnextv2_atto", backends=("dense", "packed"), mask_ratios=(0.0, 0.6),
                   batch: int = 8, img: int | tuple[int, int] = 224, device: str = "cpu", repeats: int = 5, warmup: int = 1,
                   amp: str = "none", compile_model: bool = False, seed: int = 0, log=print,
@@ -174,65 +258,13 @@ def run_benchmark(model: str = "convnextv2_atto", backends=("dense", "packed"), 
     if unknown:
         raise ConfigError(f"unknown backend(s) {', '.join(map(repr, unknown))} in --backends; the backends are "
                           f"{', '.join(backend_names())}")
-    effective = {float(r): effective_mask_ratio(float(r), height, width) for r in mask_ratios}
-    skipped, runners, cases, usable = {}, {}, [], []
-    for name in backends:
-        try:
-            backend = get_backend(name)
-            if amp_dtype is not None:
-                backend.check_dtype(amp_dtype, dev)
-        except (BackendUnavailable, TypeError) as e:
-            skipped[name] = str(e)
-            log(f"skipping backend {name}: {e}")
-            continue
-        usable.append(name)
-    for r in mask_ratios:  # ratio-major: under a deadline every backend gets the first ratio
-        for name in usable:
-            if not (compile_model and name in COMPILABLE and name in compiled_only):
-                cases.append(Case(name, float(r), effective_mask_ratio=effective[float(r)]))
-            if compile_model and name in COMPILABLE:
-                cases.append(Case(name, float(r), compiled=True, effective_mask_ratio=effective[float(r)]))
-    cases.insert(0, Case(TIMM_DENSE, 0.0))
-    if compile_model:
-        cases.insert(1, Case(TIMM_DENSE, 0.0, compiled=True))
-        eager = sorted({c.backend for c in cases if c.backend not in COMPILABLE})
-        if eager:
-            log(f"--compile: {', '.join(eager)} call(s) into their libraries and stay eager")
-    prepared = []
-    for case in _prepare_order(cases, mask_ratios) if deadline is not None else cases:
-        if deadline is not None and prepared and time.monotonic() > deadline:  # the reference always runs
-            name = f"{label(vars(case))} r={case.mask_ratio:.2f}"
-            skipped[name] = "time budget: not started before the deadline"
-            log(f"time budget: {name} not measured")
-            continue
-        prepared.append(case)
-        if case.compiled:
-            log(f"compiling {case.backend} r={case.mask_ratio} (encoder fwd, fwd+bwd, train step)...")
-        fns, act = _runners(model, case.backend, case.mask_ratio, images, dev, amp_dtype, case.compiled, seed,
-                            compile_mode)
-        fns = {m: fns[m] for m in MEASURES if m in measures}
-        runners[id(case)] = fns
-        out = []
-        act(out)
-        case.saved_activation_mb = round(out[0], 2)
-        for _ in range(warmup):
-            for fn in fns.values():
-                fn()
-    started = {id(c) for c in prepared}
-    cases, repeats_done = [c for c in cases if id(c) in started], 0  # table order
-    for rep in range(repeats):
-        if rep > 0 and deadline is not None and time.monotonic() > deadline:
-            log(f"time budget: stopped after {rep} of {repeats} repeats")
-            break
-        repeats_done += 1
-        for case in cases:  # interleaved: every repeat visits every case
-            for measure, fn in runners[id(case)].items():
-                if dev.type == "cuda" and rep == 0:
-                    torch.cuda.reset_peak_memory_stats(dev)
-                case.samples_ms[measure].append(_timed(fn, dev))
-                if dev.type == "cuda" and rep == 0:
-                    case.peak_cuda_mb = max(case.peak_cuda_mb or 0, torch.cuda.max_memory_allocated(dev) / 2**20)
-        log(f"repeat {rep + 1}/{repeats} done")
+    skipped = {}
+    usable = _usable_backends(backends, amp_dtype, dev, skipped, log)
+    cases = _cases(usable, mask_ratios, height, width, compile_model, compiled_only, log)
+    runners = _prepare_rows(cases, mask_ratios, deadline, skipped, log, model, images, dev, amp_dtype, seed,
+                            compile_mode, measures, warmup)
+    cases = [c for c in cases if id(c) in runners]  # table order
+    repeats_done = _time_rows(cases, runners, repeats, deadline, dev, log)
     return summarize(cases, skipped, dict(model=model, batch=batch, img=img, device=device, repeats=repeats_done,
                                           warmup=warmup, amp=amp, compile=compile_model, compile_mode=compile_mode,
                                           mask_ratios=list(mask_ratios),

@@ -447,20 +447,62 @@ def main(args) -> dict:
         return _finetune(args, folder, stop)
 
 
-def _finetune(args, folder, stop) -> dict:
-    from timm.data import Mixup
-    from timm.loss import SoftTargetCrossEntropy
+@dataclass
+class _Setup:
+    """What a finetuning run is made of, built before its first epoch."""
+    out_dir: Path
+    model: torch.nn.Module
+    name: str
+    notes: list
+    train: LabelledImages
+    test: LabelledImages
+    train_total: int
+    num_classes: int
+    lr: float
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    total_steps: int
+    criterion: torch.nn.Module
+    mixup: object
+    test_loader: object
+    device: torch.device
+    split: str  # what the evaluation images are: "test", or a held-out part of the training images
 
+    @property
+    def paths(self) -> tuple[Path, Path, Path]:
+        """(log.jsonl, best.safetensors, last.pth) of the run folder."""
+        return self.out_dir / "log.jsonl", self.out_dir / "best.safetensors", self.out_dir / "last.pth"
+
+
+def _finetune(args, folder, stop) -> dict:
     from mimsparse.train.run_folder import clear_run_files, refuse_other_run
-    from mimsparse.train.stop_signal import STOP_EXIT_STATUS
 
     start = time.perf_counter()
     out_dir = folder.folder
-    log_path, best_path, last_path = out_dir / "log.jsonl", out_dir / "best.safetensors", out_dir / "last.pth"
+    best_path, last_path = out_dir / "best.safetensors", out_dir / "last.pth"
     resume = resume_path(getattr(args, "resume", None), last_path)
     nothing_to_resume = getattr(args, "resume", None) == "auto" and not best_path.exists()  # a requeued job starts
     theirs = refuse_other_run(out_dir, [out_dir / f for f in RUN_FILES], resume is not None,
                               getattr(args, "overwrite", False) or nothing_to_resume)
+    run = _setup(args, out_dir)
+    progress = ([], None, 0, 0, None)  # history, best, step, first epoch, part of a stopped epoch
+    if resume is not None:
+        progress = _resume(args, run, resume)
+    else:
+        clear_run_files(out_dir, theirs)  # --overwrite (or --resume auto with nothing to resume): a new run
+    history, best, step, stopped_by = _train_epochs(args, run, folder, stop, *progress)
+    if stopped_by:
+        return {"stopped_by": stopped_by, "steps": step, "last_checkpoint": str(last_path), "history": history}
+    if not history:
+        raise DataError("no epoch ran: nothing to report")
+    return _report(args, run, history, best, step, time.perf_counter() - start)
+
+
+def _setup(args, out_dir: Path) -> _Setup:
+    """Data, model, optimizer, schedule and loss of ``args``, and the line that says them."""
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+
     device = torch.device(args.device)
     train, test, train_total = load_data(args.data, args.label_fraction, args.eval_limit, args.seed,
                                          args.val_fraction)
@@ -493,80 +535,95 @@ def _finetune(args, folder, stop) -> dict:
     for note in notes:
         print(note)
     print(f"model {name} | {args.data}: {num_classes} classes, {len(train)}/{train_total} training images "
-          f"(--label-fraction {args.label_fraction:g}), {len(test)} {split} images | lr {lr:.3g} ({lr_source}) | "
-          f"{total_steps} steps | output {out_dir}")
+          f"(--label-fraction {args.label_fraction:g}), {len(test)} {split} images | lr {lr:.3g} "
+          f"({lr_source}) | {total_steps} steps | output {out_dir}")
+    return _Setup(out_dir, model, name, notes, train, test, train_total, num_classes, lr, optimizer, scheduler,
+                  total_steps, criterion, mixup, test_loader, device, split)
 
-    history, best, step, first_epoch, part = [], None, 0, 0, None
-    if resume is not None:
-        state = load_resume_state(resume, name, train.classes)
-        model.load_state_dict(state["model"], strict=True)
-        optimizer.load_state_dict(state["optimizer"])
-        history, best, step, first_epoch = state["history"], state["best"], state["step"], state["epoch"]
-        part = state.get("part")
-        set_rng_state(state["rng"])
-        where = f", batch {part['batches_done']}" if part else ""
-        print(f"resumed from {resume}: epoch {first_epoch}{where}, step {step}; the schedule now spans {args.epochs} "
-              f"epochs ({total_steps} steps), next lr {scheduled_lr(scheduler, optimizer, step):.2e}")
-        if first_epoch >= args.epochs:
-            print(f"the run already finished its {first_epoch} epochs; pass --epochs N > {first_epoch} to continue")
-    else:
-        clear_run_files(out_dir, theirs)  # --overwrite (or --resume auto with nothing to resume): a new run
-    meta = {"model_name": name, "num_classes": num_classes, "class_names": list(train.classes),
+
+def _resume(args, run: _Setup, resume: Path) -> tuple:
+    """(history, best, step, first epoch, part of a stopped epoch) from last.pth; weights, optimizer and
+    RNGs restored."""
+    state = load_resume_state(resume, run.name, run.train.classes)
+    run.model.load_state_dict(state["model"], strict=True)
+    run.optimizer.load_state_dict(state["optimizer"])
+    history, best, step, first_epoch = state["history"], state["best"], state["step"], state["epoch"]
+    part = state.get("part")
+    set_rng_state(state["rng"])
+    where = f", batch {part['batches_done']}" if part else ""
+    print(f"resumed from {resume}: epoch {first_epoch}{where}, step {step}; the schedule now spans {args.epochs} "
+          f"epochs ({run.total_steps} steps), next lr {scheduled_lr(run.scheduler, run.optimizer, step):.2e}")
+    if first_epoch >= args.epochs:
+        print(f"the run already finished its {first_epoch} epochs; pass --epochs N > {first_epoch} to continue")
+    return history, best, step, first_epoch, part
+
+
+def _train_epochs(args, run: _Setup, folder, stop, history: list, best, step: int, first_epoch: int,
+                  part) -> tuple[list, dict | None, int, str | None]:
+    """Epochs from ``first_epoch`` (``part``: where a signal stopped it), each evaluated, logged and
+    saved (best.safetensors on a better top-1, last.pth always). Returns (history, best, step,
+    the signal that stopped it or None)."""
+    from mimsparse.train.stop_signal import STOP_EXIT_STATUS
+
+    log_path, best_path, last_path = run.paths
+    meta = {"model_name": run.name, "num_classes": run.num_classes, "class_names": list(run.train.classes),
             "img_size": args.img_size, "source_checkpoint": str(args.checkpoint), "data": str(args.data)}
-    stopped_by = None
     for epoch in range(first_epoch, args.epochs):
         t0 = time.perf_counter()
-        loader = train_loader(train, args.img_size, args.batch_size, args.seed, epoch, args.num_workers,
+        loader = train_loader(run.train, args.img_size, args.batch_size, args.seed, epoch, args.num_workers,
                               part["batches_done"] if part else 0)
         folder.started = True
-        stats = train_one_epoch(model, criterion, loader, optimizer, scheduler, device, step, args.max_steps, mixup,
-                                f"epoch {epoch}", not args.no_progress and interactive(), stop, part)
+        stats = train_one_epoch(run.model, run.criterion, loader, run.optimizer, run.scheduler, run.device, step,
+                                args.max_steps, run.mixup, f"epoch {epoch}", not args.no_progress and interactive(),
+                                stop, part)
         step, part = stats["step"], None
         if stats["stopped"]:  # the epoch is not over: no evaluation, no log record; its sums go with last.pth
-            stopped_by = stats["stopped"]
-            weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            save_resume_state(last_path, weights, optimizer, epoch, step, history, best, name, train.classes,
-                              stats["part"])
-            print(f"stopped by {stopped_by} at step {step} (epoch {epoch}, batch {stats['batches_done']}): "
+            weights = {k: v.detach().cpu() for k, v in run.model.state_dict().items()}
+            save_resume_state(last_path, weights, run.optimizer, epoch, step, history, best, run.name,
+                              run.train.classes, stats["part"])
+            print(f"stopped by {stats['stopped']} at step {step} (epoch {epoch}, batch {stats['batches_done']}): "
                   f"checkpoint {last_path}; continue with --resume auto (exit status {STOP_EXIT_STATUS})", flush=True)
-            break
-        result = evaluate(model, test_loader, device)
+            return history, best, step, stats["stopped"]
+        result = evaluate(run.model, run.test_loader, run.device)
         record = {"epoch": epoch, "step": step, "train_loss": stats["loss"], "lr": stats["lr"],
                   "test_top1": result["top1"], "test_loss": result["loss"], "test_correct": result["correct"],
                   "test_total": result["total"], "unreadable": stats["unreadable"],
                   "epoch_time_s": time.perf_counter() - t0}
-        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        weights = {k: v.detach().cpu() for k, v in run.model.state_dict().items()}
         if best is None or result["top1"] > best["test_top1"]:  # the criterion: top-1 on the evaluation set
             best = record
             save_weights(weights, best_path, {**meta, "epoch": epoch, "test_top1": result["top1"]})
         history.append(record)
         append_jsonl(log_path, record)
-        save_resume_state(last_path, weights, optimizer, epoch + 1, step, history, best, name, train.classes)
+        save_resume_state(last_path, weights, run.optimizer, epoch + 1, step, history, best, run.name,
+                          run.train.classes)
         train_loss = f"{stats['loss']:.4f}" if stats["loss"] is not None else "-"
-        print(f"epoch {epoch}: step {step} | train loss {train_loss} | lr {stats['lr']:.2e} | {split} top-1 "
-              f"{result['top1']:.2%} ({result['correct']}/{result['total']}) | best {best['test_top1']:.2%}")
+        print(f"epoch {epoch}: step {step} | train loss {train_loss} | lr {stats['lr']:.2e} | "
+              f"{run.split} top-1 {result['top1']:.2%} ({result['correct']}/{result['total']}) | "
+              f"best {best['test_top1']:.2%}")
         if args.max_steps and step >= args.max_steps:
             break
         if stop.requested():  # signalled while evaluating or saving: last.pth has this whole epoch
             stopped_by = stop.reason()
             print(f"stopped by {stopped_by} after epoch {epoch} (step {step}): checkpoint {last_path}; continue "
                   f"with --resume auto (exit status {STOP_EXIT_STATUS})", flush=True)
-            break
-    if stopped_by:
-        return {"stopped_by": stopped_by, "steps": step, "last_checkpoint": str(last_path), "history": history}
-    if not history:
-        raise DataError("no epoch ran: nothing to report")
+            return history, best, step, stopped_by
+    return history, best, step, None
 
-    results = {"model": name, "ckpt": args.checkpoint, "weights": notes, "num_classes": num_classes,
-               "data": {"name": args.data, "train_images": len(train), "train_images_total": train_total,
-                        "test_images": len(test)},
-               "lr": lr, "steps": step, "best_top1": best["test_top1"], "best_epoch": best["epoch"],
+
+def _report(args, run: _Setup, history: list, best: dict, step: int, wall_time_s: float) -> dict:
+    """results.json of a finished run, and the lines that say where its weights are."""
+    log_path, best_path, last_path = run.paths
+    results = {"model": run.name, "ckpt": args.checkpoint, "weights": run.notes, "num_classes": run.num_classes,
+               "data": {"name": args.data, "train_images": len(run.train), "train_images_total": run.train_total,
+                        "test_images": len(run.test)},
+               "lr": run.lr, "steps": step, "best_top1": best["test_top1"], "best_epoch": best["epoch"],
                "final_top1": history[-1]["test_top1"], "best_checkpoint": str(best_path),
-               "last_checkpoint": str(last_path), "classes": list(train.classes), "history": history,
-               "args": vars(args), "wall_time_s": time.perf_counter() - start, "stopped_by": None}
-    write_json(out_dir / "results.json", results)
+               "last_checkpoint": str(last_path), "classes": list(run.train.classes), "history": history,
+               "args": vars(args), "wall_time_s": wall_time_s, "stopped_by": None}
+    write_json(run.out_dir / "results.json", results)
     print(f"best top-1 {results['best_top1']:.2%} (epoch {results['best_epoch']}), final {results['final_top1']:.2%}; "
           f"wrote {best_path} (weights + class names; tools/predict.py {best_path} IMAGES), {last_path} (--resume), "
-          f"{out_dir / 'results.json'}, {log_path}")
-    print(f"load with: {load_lines(name, num_classes, best_path)[0]}")
+          f"{run.out_dir / 'results.json'}, {log_path}")
+    print(f"load with: {load_lines(run.name, run.num_classes, best_path)[0]}")
     return results
