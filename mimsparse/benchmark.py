@@ -8,6 +8,9 @@ With ``compile_model`` every compilable row (timm dense, masked-dense ``dense``,
 twice, eager and under ``torch.compile``; ratios compare each row with the timm row of the same mode.
 The packed rows get the per-sample visible count (static mode), so their compiled graph has no host
 sync; spconv and MinkowskiEngine call into their libraries and stay eager.
+
+:func:`run_benchmark` lists the rows (``_cases``), prepares them (``_prepare_rows``: build, compile,
+warm up, under a deadline), times them (``_time_rows``) and summarises them (:func:`summarize`).
 """
 from __future__ import annotations
 

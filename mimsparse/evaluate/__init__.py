@@ -1,1 +1,2 @@
-"""Evaluation of pretrained encoders: labelled datasets, finetuning, linear probing, feature collapse."""
+"""Evaluation of pretrained encoders: labelled datasets and loaders, finetuning, linear probing,
+predictions of a finetuned classifier, feature collapse, and the papers' ablations."""

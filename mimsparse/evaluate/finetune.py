@@ -15,6 +15,10 @@ Recipe: AdamW with layer-wise lr decay (timm ``create_optimizer_v2``: depth from
 (timm ``CosineLRScheduler``, which multiplies each group's lr by its ``lr_scale``), label smoothing,
 drop path, optional mixup / cutmix, fresh head scaled by ``head_init_scale`` (ConvNeXt V2: 0.001).
 Top-1 on the test split after every epoch; the best model is saved as a plain timm state dict.
+
+A run (:func:`main`, which holds the output folder): ``_setup`` builds data, model and optimisation,
+``_resume`` restores last.pth (``--resume``), ``_train_epochs`` trains, evaluates and saves each epoch,
+``_report`` writes results.json.
 """
 from __future__ import annotations
 

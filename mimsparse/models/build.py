@@ -1,4 +1,5 @@
-"""Builders: config -> model."""
+"""Builders: config -> encoder (its family from :mod:`mimsparse.models.registry`), masker, and the FCMAE
+model that joins them."""
 from __future__ import annotations
 
 import torch.nn as nn

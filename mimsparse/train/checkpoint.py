@@ -1,4 +1,6 @@
-"""Checkpoints: atomic writes, plain-data contents (loadable with ``weights_only=True``), checked on load."""
+"""Checkpoint files: atomic writes (of any file a run writes), plain-data contents (loadable with
+``weights_only=True``: versions and RNG state as tensors), checked on load (zip CRCs, the recorded
+SHA-256, the keys and the model a training checkpoint must hold)."""
 from __future__ import annotations
 
 import hashlib
