@@ -48,22 +48,29 @@ def test_graph_sees_imports_inside_functions():
     assert "mimsparse.train.engine" in graph["mimsparse.train.build"]
 
 
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for t in graph[todo.pop()] - seen:
+            seen.add(t)
+            todo.append(t)
+    return seen
+
+
 def test_no_module_imports_one_that_imports_it_back():
     graph = import_graph()
     both_ways = sorted({tuple(sorted((a, b))) for a, targets in graph.items() for b in targets if a in graph[b]})
     assert both_ways == []
+    # nor through other modules
+    assert sorted(m for m in graph if m in _reachable(graph, m)) == []
+
+
+def test_graph_finds_a_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert [m for m in graph if m in _reachable(graph, m)] == ["a", "b", "c"]
 
 
 def test_the_loop_imports_nothing_from_the_wiring():
     graph = import_graph()
-
-    def reachable(start: str) -> set[str]:
-        seen, todo = set(), [start]
-        while todo:
-            for t in graph[todo.pop()] - seen:
-                seen.add(t)
-                todo.append(t)
-        return seen
-
     for loop_module in ("mimsparse.train.engine", "mimsparse.train.run_state", "mimsparse.train.run_checkpoints"):
-        assert "mimsparse.train.build" not in reachable(loop_module), loop_module
+        assert "mimsparse.train.build" not in _reachable(graph, loop_module), loop_module
