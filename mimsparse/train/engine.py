@@ -21,7 +21,6 @@ from mimsparse.errors import DataError, OutputError, TrainingError
 from mimsparse.train import distributed
 from mimsparse.train.data import EpochSampler, collate_skip_bad, seed_worker
 from mimsparse.train.run_checkpoints import RunCheckpoints
-from mimsparse.train.run_state import RunState  # noqa: F401 (re-exported: the counters a checkpoint saves)
 from mimsparse.train.shards import ShardImages
 from mimsparse.train.stop_signal import STOP_EXIT_STATUS
 
