@@ -1,0 +1,162 @@
+"""The packed backend: the ``Backend`` interface over ``PackedTensor`` (rows + geometry), dispatching each
+op to the geometry's cached indices and the autograd functions of subm_conv.py, dwconv.py and permute.py."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from mimsparse.sparse import SparseBatch
+
+from ..checks import check_conv_weight, check_strided_conv, is_block_conv
+from ..rows import RowBackend, scale_rows, sqrt_or_zero
+from .dwconv import _StaticDWConv, _StaticTileDWConv, _TileDWConv
+from .geometry import PackedGeometry, PackedTensor
+from .permute import _PermuteRows
+from .subm_conv import _conv_static, _SubmConv
+from .tiles import TILE_CHUNK_FLOATS, choose_tile, choose_tile_static
+
+
+class PackedBackend(RowBackend):
+    name = "packed"
+
+    def __init__(self, dw_tiles="auto", tile_compute_weight: float = 1.0,
+                 tile_chunk_floats: int = TILE_CHUNK_FLOATS):
+        self.dw_tiles = dw_tiles
+        self.tile_compute_weight = tile_compute_weight
+        self.tile_chunk_floats = tile_chunk_floats
+
+    # ---- entering and leaving -------------------------------------------------------------------
+    def from_sparse(self, sb: SparseBatch) -> PackedTensor:
+        sb.validate()
+        h, w = sb.spatial_shape
+        b, y, x = sb.coords.long().unbind(1)
+        flat = (b * h + y) * w + x
+        feats = sb.feats
+        if flat.numel() > 1 and not bool((flat[1:] > flat[:-1]).all()):
+            order = flat.argsort()
+            flat, feats = flat[order], feats[order]
+            if bool((flat[1:] == flat[:-1]).any()):
+                raise ValueError("duplicate coordinates: each active site must appear once")
+        geom = PackedGeometry.from_flat(flat, sb.batch_size, (h, w), sb.stride)
+        return PackedTensor(feats, geom)
+
+    def to_sparse(self, t: PackedTensor) -> SparseBatch:
+        g = t.geom
+        return SparseBatch(g.coords, t.feats, g.batch_size, g.spatial_shape, g.stride)
+
+    def from_dense(self, x_bchw, active_bhw, stride=1):
+        if active_bhw.shape != (x_bchw.shape[0], *x_bchw.shape[2:]):
+            raise ValueError(f"active mask {tuple(active_bhw.shape)} does not match the map {tuple(x_bchw.shape)}")
+        geom = PackedGeometry.from_mask(active_bhw, stride)
+        return PackedTensor(geom.gather(x_bchw), geom)
+
+    def to_dense(self, t: PackedTensor) -> torch.Tensor:
+        g = t.geom
+        c = t.feats.shape[1]
+        out = t.feats.new_zeros(g.num_sites, c).index_copy(0, g.flat, t.feats)
+        return out.view(g.batch_size, *g.spatial_shape, c).permute(0, 3, 1, 2)
+
+    def patch_embed(self, image, active_bhw, weight, bias, stride, rows_per_sample=None, block=1):
+        """Gather the k x k pixel patch of every active output site, then one matmul (exact for any
+        ``active_bhw``, aligned with the patches or not). ``rows_per_sample``: static mode (see the
+        module docstring)."""
+        k = weight.shape[-1]
+        bsz, cin, h, w = image.shape
+        ho, wo = h // k, w // k
+        if active_bhw.shape != (bsz, ho, wo):
+            raise ValueError(f"active mask {tuple(active_bhw.shape)} does not match the output grid {(bsz, ho, wo)}")
+        geom = (PackedGeometry.from_mask(active_bhw, stride) if rows_per_sample is None
+                else PackedGeometry.from_mask_static(active_bhw, stride, rows_per_sample, block))
+        img = image[:, :, : ho * k, : wo * k].reshape(bsz, cin, ho, k, wo, k).permute(0, 2, 4, 1, 3, 5)
+        patches = img.reshape(-1, cin * k * k).index_select(0, geom.flat).to(weight.dtype)
+        return PackedTensor(F.linear(patches, weight.reshape(weight.shape[0], -1), bias), geom)
+
+    # ---- convolutions ---------------------------------------------------------------------------
+    def conv(self, t, weight, bias):
+        kh, kw = check_conv_weight(weight, t.feats.shape[1], "conv")
+        if kh == 1 and kw == 1:
+            return t.replace(F.linear(t.feats, weight.flatten(1), bias))
+        if t.geom.static:
+            return t.replace(_conv_static(t.feats, weight, bias, t.geom, 1))
+        return t.replace(_SubmConv.apply(t.feats, weight, bias, t.geom, 1))
+
+    def dwconv(self, t, weight, bias):
+        kh, kw = check_conv_weight(weight, t.feats.shape[1], "dwconv", depthwise=True)
+        if kh == 1 and kw == 1:
+            out = t.feats * weight.reshape(1, -1).to(t.feats.dtype)
+            return t.replace(out + bias if bias is not None else out)
+        if t.geom.static:
+            tile = self.choose_tile_static(t.geom, kh, kw)
+            if tile is None:
+                dims = (t.geom.batch_size, *t.geom.spatial_shape)
+                return t.replace(_StaticDWConv.apply(t.feats, weight, bias, t.geom.flat, dims))
+            plan = t.geom.tile_plan(*tile, kh, kw, t.feats.shape[1], self.tile_chunk_floats)
+            layout = (plan.nchunk, plan.th, plan.tw, plan.ch, plan.sh, plan.sw)
+            return t.replace(_StaticTileDWConv.apply(t.feats, weight, bias, plan.in_idx, plan.int_idx, plan.out_idx,
+                                                     layout))
+        tile = self.choose_tile(t.geom, kh, kw)
+        if tile is None:
+            return t.replace(_SubmConv.apply(t.feats, weight, bias, t.geom, t.feats.shape[1]))
+        plan = t.geom.tile_plan(*tile, kh, kw, t.feats.shape[1], self.tile_chunk_floats)
+        return t.replace(_TileDWConv.apply(t.feats, weight, bias, plan, t.geom))
+
+    def choose_tile_static(self, geom: PackedGeometry, kh: int, kw: int) -> tuple[int, int] | None:
+        """Static mode's depthwise tile (tiles.choose_tile_static); None: the dense map (_StaticDWConv)."""
+        return choose_tile_static(geom, kh, kw, self.dw_tiles, self.tile_compute_weight)
+
+    def choose_tile(self, geom: PackedGeometry, kh: int, kw: int) -> tuple[int, int] | None:
+        """Tile size for depthwise convs (tiles.choose_tile); None: the dense scratch-buffer path."""
+        return choose_tile(geom, kh, kw, self.dw_tiles, self.tile_compute_weight)
+
+    def strided_conv(self, t, weight, bias, stride, *, padding, active_out_bhw=None):
+        k, _ = check_strided_conv(weight, t.feats.shape[1], stride, padding, t.batch_size, t.spatial_shape,
+                                  active_out_bhw)
+        if not is_block_conv(k, stride, padding, active_out_bhw):
+            return super().strided_conv(t, weight, bias, stride, padding=padding, active_out_bhw=active_out_bhw)
+        # non-overlapping blocks: gather each output's k*k children rows (cached per geometry), one matmul
+        child, child_idx, parent_idx, complete, covered = t.geom.down(k)
+        if t.geom.static:  # every child exists: a plain gather, whose backward autograd derives
+            gathered = t.feats.index_select(0, child_idx)
+        else:
+            gathered = _PermuteRows.apply(t.feats, child_idx, parent_idx, not complete, not covered)
+        cout = weight.shape[0]
+        wmat = weight.permute(0, 2, 3, 1).reshape(cout, -1)
+        out = F.linear(gathered.view(child.num_rows, wmat.shape[1]), wmat, bias)
+        return PackedTensor(out, child)
+
+    # ---- per-site and per-sample ops ------------------------------------------------------------
+    def feats(self, t):
+        return t.feats
+
+    def batch_index(self, t):
+        return t.geom.batch_index()
+
+    def batch_size(self, t):
+        return t.geom.batch_size
+
+    def with_feats(self, t, feats):
+        return t.replace(feats)
+
+    def map_feats(self, t, fn):
+        return t.replace(fn(t.feats))
+
+    def sample_l2_norm(self, t):
+        n = t.geom.uniform
+        if n is None:
+            return super().sample_l2_norm(t)
+        # every sample has n rows (always in static mode): a view of [B, n, C], no index_add
+        f = t.feats
+        return sqrt_or_zero(f.view(t.geom.batch_size, n, f.shape[1]).float().square().sum(1))
+
+    def add(self, a, b):
+        if a.feats.shape != b.feats.shape:
+            raise ValueError(f"add needs the same active sites, got {tuple(a.feats.shape)} and {tuple(b.feats.shape)}")
+        return a.replace(a.feats + b.feats)
+
+    def scale_samples(self, t, scale, shift=None):
+        n = t.geom.uniform
+        if n is None:
+            return super().scale_samples(t, scale, shift)
+        f = t.feats
+        bsz = t.geom.batch_size
+        out = scale_rows(f.view(bsz, n, f.shape[1]), scale.view(bsz, 1, -1), shift)  # broadcast, no gather
+        return t.replace(out.view_as(f))
