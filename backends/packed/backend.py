@@ -2,24 +2,34 @@
 op to the geometry's cached indices and the autograd functions of subm_conv.py, dwconv.py and permute.py."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from mimsparse.sparse import SparseBatch
 
-from ..checks import check_conv_weight, check_strided_conv, is_block_conv
-from ..rows import RowBackend, scale_rows, sqrt_or_zero
-from .dwconv import _StaticDWConv, _StaticTileDWConv, _TileDWConv
+from ..checks import check_conv_weight, check_strided_conv, check_window_op, is_block_conv
+from ..rows import RowBackend, scale_rows, sqrt_or_zero, window_max
+from .blocks import block_conv
+from .dwconv import depthwise
+from .gather_conv import gather_conv
 from .geometry import PackedGeometry, PackedTensor
-from .permute import _PermuteRows
-from .subm_conv import _conv_static, _SubmConv
+from .subm_conv import dense_map_conv
 from .tiles import TILE_CHUNK_FLOATS, choose_tile, choose_tile_static
+from .windows import output_geometry, windows
+
+# k x k convs gather their windows (gather_conv.py) up to this fraction of active sites and run on the dense
+# map above it: the measured break-even of ResNet-50's stage-1 3x3 (64 channels) on CPU (BENCHMARKS.md).
+GATHER_MAX_DENSITY = 0.5
 
 
 class PackedBackend(RowBackend):
     name = "packed"
 
     def __init__(self, dw_tiles="auto", tile_compute_weight: float = 1.0,
-                 tile_chunk_floats: int = TILE_CHUNK_FLOATS):
+                 tile_chunk_floats: int = TILE_CHUNK_FLOATS, conv_impl: str = "auto"):
+        if conv_impl not in ("auto", "gather", "dense"):
+            raise ValueError(f"conv_impl must be auto, gather or dense, got {conv_impl!r}")
+        self.conv_impl = conv_impl  # k x k convs: "gather" (sparse cost), "dense" (dense map), "auto" by density
         self.dw_tiles = dw_tiles
         self.tile_compute_weight = tile_compute_weight
         self.tile_chunk_floats = tile_chunk_floats
@@ -43,10 +53,11 @@ class PackedBackend(RowBackend):
         g = t.geom
         return SparseBatch(g.coords, t.feats, g.batch_size, g.spatial_shape, g.stride)
 
-    def from_dense(self, x_bchw, active_bhw, stride=1):
+    def from_dense(self, x_bchw, active_bhw, stride=1, rows_per_sample=None, block=1):
         if active_bhw.shape != (x_bchw.shape[0], *x_bchw.shape[2:]):
             raise ValueError(f"active mask {tuple(active_bhw.shape)} does not match the map {tuple(x_bchw.shape)}")
-        geom = PackedGeometry.from_mask(active_bhw, stride)
+        geom = (PackedGeometry.from_mask(active_bhw, stride) if rows_per_sample is None
+                else PackedGeometry.from_mask_static(active_bhw, stride, rows_per_sample, block))
         return PackedTensor(geom.gather(x_bchw), geom)
 
     def to_dense(self, t: PackedTensor) -> torch.Tensor:
@@ -75,29 +86,23 @@ class PackedBackend(RowBackend):
         kh, kw = check_conv_weight(weight, t.feats.shape[1], "conv")
         if kh == 1 and kw == 1:
             return t.replace(F.linear(t.feats, weight.flatten(1), bias))
-        if t.geom.static:
-            return t.replace(_conv_static(t.feats, weight, bias, t.geom, 1))
-        return t.replace(_SubmConv.apply(t.feats, weight, bias, t.geom, 1))
+        if kh == kw and self.conv_gathers(t.geom):
+            return t.replace(gather_conv(t.feats, weight, bias, *windows(t.geom, t.geom, kh, 1, kh // 2)))
+        return t.replace(dense_map_conv(t.feats, weight, bias, t.geom))
+
+    def conv_gathers(self, geom: PackedGeometry) -> bool:
+        """Gather-GEMM, else the dense map: forced, or on CPU up to GATHER_MAX_DENSITY (GPU: cuDNN, unmeasured)."""
+        if self.conv_impl != "auto":
+            return self.conv_impl == "gather"
+        return geom.device.type == "cpu" and geom.num_rows <= GATHER_MAX_DENSITY * geom.num_sites
 
     def dwconv(self, t, weight, bias):
         kh, kw = check_conv_weight(weight, t.feats.shape[1], "dwconv", depthwise=True)
         if kh == 1 and kw == 1:
             out = t.feats * weight.reshape(1, -1).to(t.feats.dtype)
             return t.replace(out + bias if bias is not None else out)
-        if t.geom.static:
-            tile = self.choose_tile_static(t.geom, kh, kw)
-            if tile is None:
-                dims = (t.geom.batch_size, *t.geom.spatial_shape)
-                return t.replace(_StaticDWConv.apply(t.feats, weight, bias, t.geom.flat, dims))
-            plan = t.geom.tile_plan(*tile, kh, kw, t.feats.shape[1], self.tile_chunk_floats)
-            layout = (plan.nchunk, plan.th, plan.tw, plan.ch, plan.sh, plan.sw)
-            return t.replace(_StaticTileDWConv.apply(t.feats, weight, bias, plan.in_idx, plan.int_idx, plan.out_idx,
-                                                     layout))
-        tile = self.choose_tile(t.geom, kh, kw)
-        if tile is None:
-            return t.replace(_SubmConv.apply(t.feats, weight, bias, t.geom, t.feats.shape[1]))
-        plan = t.geom.tile_plan(*tile, kh, kw, t.feats.shape[1], self.tile_chunk_floats)
-        return t.replace(_TileDWConv.apply(t.feats, weight, bias, plan, t.geom))
+        tile = self.choose_tile_static(t.geom, kh, kw) if t.geom.static else self.choose_tile(t.geom, kh, kw)
+        return t.replace(depthwise(t.feats, weight, bias, t.geom, tile, self.tile_chunk_floats))
 
     def choose_tile_static(self, geom: PackedGeometry, kh: int, kw: int) -> tuple[int, int] | None:
         """Static mode's depthwise tile (tiles.choose_tile_static); None: the dense map (_StaticDWConv)."""
@@ -110,18 +115,19 @@ class PackedBackend(RowBackend):
     def strided_conv(self, t, weight, bias, stride, *, padding, active_out_bhw=None):
         k, _ = check_strided_conv(weight, t.feats.shape[1], stride, padding, t.batch_size, t.spatial_shape,
                                   active_out_bhw)
+        if active_out_bhw is not None:  # the given sites (ResNet): gather-GEMM over each output's window
+            out = output_geometry(t.geom, stride, active_out_bhw)
+            return PackedTensor(gather_conv(t.feats, weight, bias, *windows(t.geom, out, k, stride, padding)), out)
         if not is_block_conv(k, stride, padding, active_out_bhw):
             return super().strided_conv(t, weight, bias, stride, padding=padding, active_out_bhw=active_out_bhw)
-        # non-overlapping blocks: gather each output's k*k children rows (cached per geometry), one matmul
-        child, child_idx, parent_idx, complete, covered = t.geom.down(k)
-        if t.geom.static:  # every child exists: a plain gather, whose backward autograd derives
-            gathered = t.feats.index_select(0, child_idx)
-        else:
-            gathered = _PermuteRows.apply(t.feats, child_idx, parent_idx, not complete, not covered)
-        cout = weight.shape[0]
-        wmat = weight.permute(0, 2, 3, 1).reshape(cout, -1)
-        out = F.linear(gathered.view(child.num_rows, wmat.shape[1]), wmat, bias)
+        out, child = block_conv(t.feats, weight, bias, t.geom, k)  # ConvNeXt's downsampling
         return PackedTensor(out, child)
+
+    def max_pool(self, t, kernel, stride, active_out_bhw):
+        check_window_op("max_pool", kernel, stride, t.batch_size, t.spatial_shape, active_out_bhw)
+        out = output_geometry(t.geom, stride, active_out_bhw)
+        win, _ = windows(t.geom, out, kernel, stride, kernel // 2, inverse=False)
+        return PackedTensor(window_max(t.feats, win), out)
 
     # ---- per-site and per-sample ops ------------------------------------------------------------
     def feats(self, t):

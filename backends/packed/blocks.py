@@ -1,11 +1,14 @@
-"""The children of a k x k / stride k downsampling (ConvNeXt's): for every output site of the next
-stage, the rows of its k*k children at this stage, and the inverse map the backward uses. Built once
-per geometry and k (``PackedGeometry.down`` caches it); the static form needs no host sync."""
+"""The k x k / stride k downsampling (ConvNeXt's): for every output site of the next stage, the rows of
+its k*k children at this stage, and the inverse map the backward uses, built once per geometry and k
+(``PackedGeometry.down`` caches it; the static form needs no host sync); the conv is one gather + matmul."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
+
+from .permute import _PermuteRows
 
 if TYPE_CHECKING:
     from .geometry import PackedGeometry
@@ -60,3 +63,15 @@ def block_children_static(g: "PackedGeometry", k: int):
            + cx[:, None, None] * k + dy[None, None, :])        # [M, k, k] parent positions
     child_idx = g.dense_to_row()[pos.reshape(-1)]
     return child, child_idx, None, True, True
+
+
+def block_conv(feats, weight, bias, g: "PackedGeometry", k: int):
+    """k x k / stride k conv: each output's k*k children rows (cached per geometry), one matmul.
+    -> (rows [M, C_out], the output geometry)."""
+    child, child_idx, parent_idx, complete, covered = g.down(k)
+    if g.static:  # every child exists: a plain gather, whose backward autograd derives
+        gathered = feats.index_select(0, child_idx)
+    else:
+        gathered = _PermuteRows.apply(feats, child_idx, parent_idx, not complete, not covered)
+    wmat = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+    return F.linear(gathered.view(child.num_rows, wmat.shape[1]), wmat, bias), child

@@ -11,6 +11,7 @@ from torch.autograd.function import once_differentiable
 
 from .geometry import PackedGeometry
 from .scatter import _gather_static, _pad_row, _scatter_static
+from .subm_conv import _SubmConv
 from .tiles import TilePlan, _per_plane_weight_grad, _tile_inputs, _tiles_conv, _tiles_weight_grad
 
 
@@ -142,3 +143,17 @@ class _TileDWConv(torch.autograd.Function):
         if need_b and ctx.has_bias:
             grad_b = grad_out.sum(0)
         return grad_feats, grad_w, grad_b, None, None
+
+
+def depthwise(feats, weight, bias, geom: PackedGeometry, tile: tuple[int, int] | None, chunk_floats: int):
+    """Stride-1 submanifold depthwise conv of the rows over ``tile``-sized halo tiles or, None, the dense map."""
+    kh, kw = weight.shape[-2:]
+    plan = None if tile is None else geom.tile_plan(*tile, kh, kw, feats.shape[1], chunk_floats)
+    if geom.static and plan is None:
+        return _StaticDWConv.apply(feats, weight, bias, geom.flat, (geom.batch_size, *geom.spatial_shape))
+    if geom.static:
+        layout = (plan.nchunk, plan.th, plan.tw, plan.ch, plan.sh, plan.sw)
+        return _StaticTileDWConv.apply(feats, weight, bias, plan.in_idx, plan.int_idx, plan.out_idx, layout)
+    if plan is None:
+        return _SubmConv.apply(feats, weight, bias, geom, feats.shape[1])
+    return _TileDWConv.apply(feats, weight, bias, plan, geom)

@@ -61,3 +61,10 @@ def _conv_static(feats, weight, bias, geom: PackedGeometry, groups: int) -> torc
     pad = (weight.shape[-2] // 2, weight.shape[-1] // 2)
     return geom.gather(F.conv2d(x, weight.to(feats.dtype), None if bias is None else bias.to(feats.dtype),
                                 padding=pad, groups=groups))
+
+
+def dense_map_conv(feats, weight, bias, geom: PackedGeometry) -> torch.Tensor:
+    """Stride-1 k x k submanifold conv through the dense map: static mode's plain torch, else ``_SubmConv``."""
+    if geom.static:
+        return _conv_static(feats, weight, bias, geom, 1)
+    return _SubmConv.apply(feats, weight, bias, geom, 1)
