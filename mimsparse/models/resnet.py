@@ -14,7 +14,11 @@ Sparsity (SparK): the active sites of every stage are the visible patches upsamp
 grid. Convs read active sites only (masked ones count as zero), strided convs and the max pool are
 evaluated at the next stage's active sites only, and BatchNorm statistics come from active sites
 only. A strided conv is not allowed to "dilate" the active set (every output whose window touches
-an active site), so no information leaks into masked patches, however deep the network.
+an active site), so no information leaks into masked patches, however deep the network. The stem is
+the same rule at stride 1: the visible pixels enter as a sparse map and the 7x7 stride-2 conv is
+evaluated at the visible sites of its grid. With ``num_visible`` (every sample the same count) every
+stage's sites follow from that count, so a backend can run the whole encoder without a host sync
+(packed's static mode; ``torch.compile(fullgraph=True)``).
 """
 from __future__ import annotations
 
