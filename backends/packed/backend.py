@@ -87,7 +87,7 @@ class PackedBackend(RowBackend):
         if kh == 1 and kw == 1:
             return t.replace(F.linear(t.feats, weight.flatten(1), bias))
         if kh == kw and self.conv_gathers(t.geom):
-            return t.replace(gather_conv(t.feats, weight, bias, *windows(t.geom, t.geom, kh, 1, kh // 2)))
+            return t.replace(gather_conv(t.feats, weight, bias, *windows(t.geom, t.geom, kh, 1, kh // 2, t.feats.requires_grad)))
         return t.replace(dense_map_conv(t.feats, weight, bias, t.geom))
 
     def conv_gathers(self, geom: PackedGeometry) -> bool:
@@ -117,7 +117,8 @@ class PackedBackend(RowBackend):
                                   active_out_bhw)
         if active_out_bhw is not None:  # the given sites (ResNet): gather-GEMM over each output's window
             out = output_geometry(t.geom, stride, active_out_bhw)
-            return PackedTensor(gather_conv(t.feats, weight, bias, *windows(t.geom, out, k, stride, padding)), out)
+            return PackedTensor(gather_conv(t.feats, weight, bias, *windows(t.geom, out, k, stride, padding,
+                                                                          t.feats.requires_grad)), out)
         if not is_block_conv(k, stride, padding, active_out_bhw):
             return super().strided_conv(t, weight, bias, stride, padding=padding, active_out_bhw=active_out_bhw)
         out, child = block_conv(t.feats, weight, bias, t.geom, k)  # ConvNeXt's downsampling

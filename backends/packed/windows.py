@@ -29,7 +29,8 @@ def output_geometry(g: PackedGeometry, stride: int, active_out_bhw: torch.Tensor
 def windows(g_in: PackedGeometry, g_out: PackedGeometry, k: int, stride: int, padding: int,
             inverse: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(win [M, k*k], inv [N, k*k] or None) from ``g_in``'s rows to ``g_out``'s, cached on ``g_out`` (whose
-    input geometry at a given stride is unique: itself at stride 1, its parent stage otherwise)."""
+    input geometry at a given stride is unique: itself at stride 1, its parent stage otherwise). ``inverse``:
+    only the input gradient needs ``inv`` (not the stem, whose input is the image)."""
     win = g_out.cached(("win", k, stride, padding), lambda: window_index(
         g_in.dense_to_row(), (g_in.batch_size, *g_in.spatial_shape), g_in.num_rows, g_out.bxy(), k, stride, padding))
     if not inverse:
