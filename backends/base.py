@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from typing import Any, Callable
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from mimsparse.errors import UnsupportedDtype
@@ -38,8 +39,8 @@ class Backend(ABC):
     - ``map_feats``: a function applied to each active site's feature vector (LayerNorm, Linear, GELU).
     - ``sample_l2_norm``/``scale_samples``: per-sample reductions and broadcasts over each sample's
       own active sites (never over the whole batch); model code builds GRN and DropPath from them.
-    - ``map_rows``: a function of all active sites' rows at once, with each row's sample index (the
-      model's own BatchNorm over active sites, anything whose statistics span sites). GRN and DropPath
+    - ``map_rows``: a function of all active sites' rows at once, with each row's sample index
+      (anything whose statistics span sites; ``batch_norm`` uses it by default). GRN and DropPath
       use the two per-sample ops instead, which no backend has to gather rows for.
     - ``max_pool``: k x k windows centred on stride * (output site) (padding k // 2, torchvision's
       ResNet geometry), over active input sites only, evaluated at the output sites the caller gives.
@@ -115,6 +116,12 @@ class Backend(ABC):
     def map_rows(self, t: Native, fn: RowsFn) -> Native:
         """``fn(feats_nc, batch_n)`` on exactly the active sites: their feature rows [N, C] (in the
         backend's row order) and int64 [N] sample indices; it returns new rows [N, C'] for the same sites."""
+
+    def batch_norm(self, t: Native, bn: nn.BatchNorm2d) -> Native:
+        """``bn`` over the active sites of the whole batch: in training its mean and biased variance
+        normalise them and update the running statistics exactly as ``bn`` itself does; in eval the
+        running ones. By default ``bn`` itself on the gathered rows (an [N, C, 1, 1] map)."""
+        return self.map_rows(t, lambda feats_nc, _: bn(feats_nc[:, :, None, None]).flatten(1))
 
     @abstractmethod
     def batch_size(self, t: Native) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from mimsparse.sparse import SparseBatch
@@ -81,6 +82,13 @@ class MaskedDenseBackend(Backend):
         out = rows.new_zeros(*x.shape[:3], rows.shape[1]).index_put((t.active_bhw,), rows)
         return MaskedDense(out.permute(0, 3, 1, 2), t.active_bhw, t.stride)
 
+    def batch_norm(self, t, bn):
+        # map_rows gathers the active rows through nonzero: on a GPU a host sync in every BatchNorm (all
+        # of a ResNet's). Masked sums give the same statistics without one. SyncBatchNorm keeps its own.
+        if type(bn) is not nn.BatchNorm2d:
+            return super().batch_norm(t, bn)
+        return MaskedDense(masked_batch_norm(t.x_bchw, t.active_bhw, bn), t.active_bhw, t.stride)
+
     def batch_size(self, t):
         return t.x_bchw.shape[0]
 
@@ -99,3 +107,38 @@ class MaskedDenseBackend(Backend):
         shift = None if shift is None else shift.view(1, c, 1, 1)
         out = MaskedDense(scale_rows(t.x_bchw, scale.view(b, -1, 1, 1), shift), t.active_bhw, t.stride)
         return out if shift is None else out.masked(out.x_bchw)  # the shift only at active sites
+
+
+def masked_batch_norm(x_bchw: torch.Tensor, active_bhw: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """``bn`` (an nn.BatchNorm2d) over the active sites of ``x_bchw`` (zero elsewhere), with the mask as a
+    multiplier instead of a gather: same statistics and running-statistics update as ``bn`` on the
+    active rows, no host sync. Statistics in float32 at least; returns x's dtype, zero at inactive sites."""
+    x = x_bchw.to(torch.promote_types(x_bchw.dtype, torch.float32))
+    mask = active_bhw.unsqueeze(1).to(x.dtype)
+    if bn.training or bn.running_mean is None:
+        n = mask.sum()
+        mean = x.sum((0, 2, 3)) / n.clamp_min(1)  # inactive sites are zero
+        var = ((x - mean.view(1, -1, 1, 1)) * mask).square().sum((0, 2, 3)) / n.clamp_min(1)
+        if bn.training and bn.track_running_stats:
+            _update_running_stats(bn, mean.detach(), var.detach(), n)
+    else:
+        mean, var = bn.running_mean, bn.running_var
+    scale = torch.rsqrt(var + bn.eps)
+    shift = -mean * scale
+    if bn.affine:
+        scale, shift = scale * bn.weight, torch.addcmul(bn.bias, shift, bn.weight)
+    return ((x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)) * mask).to(x_bchw.dtype)
+
+
+@torch.no_grad()
+def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor) -> None:
+    """nn.BatchNorm2d's update (momentum, or the cumulative average when it is None; unbiased variance),
+    checked and skipped on the device: one active site is the error bn raises, none leaves the
+    statistics as they are (bn counts the batch either way)."""
+    torch._assert_async(n != 1, "BatchNorm in training needs more than 1 active site in the batch")
+    bn.num_batches_tracked.add_(1)
+    m = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked
+    some = n > 0
+    bn.running_mean.copy_(torch.where(some, (1 - m) * bn.running_mean + m * mean, bn.running_mean))
+    unbiased = var * n / (n - 1).clamp_min(1)
+    bn.running_var.copy_(torch.where(some, (1 - m) * bn.running_var + m * unbiased, bn.running_var))

@@ -24,7 +24,7 @@ _EXPORTS = {
     # checkpoints, conversion, exports
     "load_checkpoint": "mimsparse.api", "load_pretrained": "mimsparse.api",
     "convert_checkpoint": "mimsparse.convert", "save_weights": "mimsparse.convert.export",
-    "save_timm_folder": "mimsparse.convert.export",
+    "save_timm_folder": "mimsparse.convert.export", "init_from_dense": "mimsparse.convert.dense_init",
     "MimsparseError": "mimsparse.errors",
 }
 __all__ = ["__version__", *_EXPORTS]

@@ -20,19 +20,36 @@ def as_config(config: PretrainConfig | str | Path | None = None, overrides=()) -
     return load_config(None, [f"model.name={config}", *overrides])
 
 
-def build_model(config: PretrainConfig | str | Path | None = None, backend: str = "dense", overrides=()):
+def build_model(config: PretrainConfig | str | Path | None = None, backend: str = "dense", overrides=(),
+                init: str | Path | None = None):
     """The masked-image-modeling model (encoder + decoder + loss + mask) of ``config`` (see
-    :func:`as_config`) on ``backend``; ``model(images)`` returns (loss, pred [B, L, p*p*3], visible [B, h, w])."""
+    :func:`as_config`) on ``backend``; ``model(images)`` returns (loss, pred [B, L, p*p*3], visible [B, h, w]).
+
+    ``init``: dense weights to start the encoder from (a timm/torchvision/official state dict or timm
+    folder, see :mod:`mimsparse.convert.dense_init`); default the config's ``model.init``, "" for none."""
     from mimsparse.models.build import build_fcmae
 
-    return build_fcmae(as_config(config, overrides), backend)
+    cfg = as_config(config, overrides)
+    return _init(build_fcmae(cfg, backend), cfg, init)
 
 
-def build_encoder(config: PretrainConfig | str | Path | None = None, backend: str = "dense", overrides=()):
-    """The sparse encoder alone: ``encoder(images, visible)`` -> last feature map [B, C, H/32, W/32]."""
+def build_encoder(config: PretrainConfig | str | Path | None = None, backend: str = "dense", overrides=(),
+                  init: str | Path | None = None):
+    """The sparse encoder alone: ``encoder(images, visible)`` -> last feature map [B, C, H/32, W/32];
+    ``init`` as in :func:`build_model`."""
     from mimsparse.models.build import build_encoder as build
 
-    return build(as_config(config, overrides).model, backend)
+    cfg = as_config(config, overrides)
+    return _init(build(cfg.model, backend), cfg, init)
+
+
+def _init(model, cfg: PretrainConfig, init: str | Path | None):
+    from mimsparse.convert.dense_init import init_from_dense
+
+    init = cfg.model.init if init is None else str(init)
+    if init:  # the recorded SHA-256 holds for the config's own file only
+        init_from_dense(model, init, cfg.model.name, cfg.model.init_sha256 if init == cfg.model.init else "")
+    return model
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -46,6 +63,6 @@ def load_checkpoint(path: str | Path) -> dict:
 def load_pretrained(path: str | Path, backend: str = "dense"):
     """The model a pretraining checkpoint holds, with its weights, in eval mode, on ``backend``."""
     ckpt = load_checkpoint(path)
-    model = build_model(config_from_dict(ckpt["config"]), backend)
+    model = build_model(config_from_dict(ckpt["config"]), backend, init="")  # the weights are the checkpoint's
     model.load_state_dict(ckpt["model"], strict=True)
     return model.eval()

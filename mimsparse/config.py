@@ -28,6 +28,9 @@ class ModelConfig:
                                     # | masked_image_dense (ablation: zeroed patches, plain dense encoder, leaks)
     loss: str = "mse"               # mse | l1
     loss_on: str = "masked"         # masked | all (patches the loss averages over)
+    init: str = ""                  # dense weights the encoder starts from: timm/torchvision/official file or timm
+                                    # folder (mimsparse.convert.dense_init); read at a fresh start, never at resume
+    init_sha256: str = ""           # SHA-256 of model.init, recorded by the run; when set, the file must match it
 
 
 @dataclass(frozen=True)

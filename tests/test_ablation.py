@@ -1,13 +1,16 @@
 """The ablation harness (tools/ablate.py) on a tiny budget: result files with their full config,
 skipping of finished work, refusal of a mixed budget, and the summary tables' arithmetic."""
 import json
+import os
+import signal
 import statistics
 import subprocess
 import sys
+import time
 
 import pytest
 
-from mimsparse.evaluate.ablation import CLAIMS, VARIANTS, claim_table
+from mimsparse.evaluate.ablation import CLAIMS, VARIANTS, claim_table, floor_cleared, run_order, segment_ends
 from tests.conftest import ROOT
 
 TINY = ["--data", "lfw-subset", "--img-size", "64", "--steps", "2", "--batch-size", "8", "--probe-train", "40",
@@ -33,6 +36,9 @@ def test_tiny_ablation_runs_records_its_config_and_skips_finished_work(tmp_path)
     assert leaky["pretrain_config"]["model"]["encoder_input"] == "masked_image_dense"
     assert sparse["pretrain_config"]["train"]["max_steps"] == 2 and sparse["pretrain_config"]["data"]["img_size"] == 64
     assert rand["pretrain_config"] is None and rand["budget"]["steps"] == 2
+    for rec in (sparse, rand):  # what each run cost on the shared machine
+        m = rec["machine"]
+        assert 0 < m["cpu_s_this_call"] and len(m["loadavg_start"]) == 3 and m["start_utc"] <= m["end_utc"]
     for rec, v in ((sparse, "sparse-r0.6-grn"), (rand, "random-init")):
         probe = json.loads((out / v / "s0" / "probe" / "results.json").read_text())
         assert rec["probe"]["final_top1"] == probe["final_top1"]
@@ -49,6 +55,10 @@ def test_tiny_ablation_runs_records_its_config_and_skips_finished_work(tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("done, skipped") == 2 and ckpt.stat().st_mtime_ns == before
     assert json.loads((out / "sparse-r0.6-grn" / "s0" / "result.json").read_text())["probe"] == sparse["probe"]
+
+    # --require-floor: the other variants only once the baseline clears random init by the margin.
+    r = _ablate(out, *variants, "--require-floor", "1000")
+    assert r.returncode == 3 and "does not clear 1000 points" in r.stdout and "leaky-r0.6-grn seed" not in r.stdout
 
     # Runs of another budget do not mix into the same tables.
     r = _ablate(out, "--variants", "random-init", "--probe-epochs", "3")
@@ -74,3 +84,54 @@ def test_claim_tables_give_mean_and_sample_std_over_seeds():
     # Every claim's rows are variants the harness runs, and the baseline serves all three tables.
     assert all(name in VARIANTS for c in CLAIMS for name in c.rows)
     assert all("sparse-r0.6-grn" in c.rows for c in CLAIMS)
+
+
+def test_floor_runs_first_and_pretraining_stops_every_segment():
+    order = run_order(["sparse-r0.6-grn", "leaky-r0.6-grn", "sparse-r0.4-grn", "random-init"], [0, 1, 2])
+    assert order[:6] == [("random-init", 0), ("sparse-r0.6-grn", 0), ("random-init", 1), ("sparse-r0.6-grn", 1),
+                         ("random-init", 2), ("sparse-r0.6-grn", 2)]
+    assert order[6:] == [("leaky-r0.6-grn", 0), ("sparse-r0.4-grn", 0), ("leaky-r0.6-grn", 1), ("sparse-r0.4-grn", 1),
+                         ("leaky-r0.6-grn", 2), ("sparse-r0.4-grn", 2)]
+    assert run_order(["leaky-r0.6-grn"], [0, 1]) == [("leaky-r0.6-grn", 0), ("leaky-r0.6-grn", 1)]
+    assert segment_ends(250, 100, 0) == [100, 200, 250]
+    assert segment_ends(250, 100, 150) == [200, 250]      # resumed between two checkpoints
+    assert segment_ends(200, 100, 200) == [] and segment_ends(30, 0, 0) == [30]
+
+
+@pytest.mark.slow
+def test_a_killed_job_resumes_from_its_last_segment(tmp_path):
+    """SIGKILL mid-pretraining (no chance to clean up), then the same command: the pretraining goes on
+    from the last segment's checkpoint and logs every step once."""
+    out = tmp_path / "abl"
+    args = ["--variants", "sparse-r0.6-grn", "--steps", "6", "--segment-steps", "2"]
+    cmd = [sys.executable, str(ROOT / "tools" / "ablate.py"), "--out", str(out), *TINY, *args]
+    pre = out / "sparse-r0.6-grn" / "s0" / "pretrain"
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (pre / "checkpoint-0000002.pth").is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (pre / "checkpoint-0000002.pth").is_file() and not (pre / "checkpoint-0000006.pth").is_file()
+    assert not (out / "sparse-r0.6-grn" / "s0" / "result.json").is_file()
+
+    r = _ablate(out, *args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resum" in r.stdout.lower()
+    rec = json.loads((out / "sparse-r0.6-grn" / "s0" / "result.json").read_text())
+    assert rec["pretrain_config"]["train"]["max_steps"] == 6 and rec["pretrain"]["checkpoint"].endswith("0000006.pth")
+    steps = [json.loads(line)["step"] for line in (pre / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_floor_is_cleared_only_by_the_margin_with_seeds_apart():
+    def results(base, rand):
+        return {"sparse-r0.6-grn": [{"seed": s, "probe": {"final_top1": v / 100}} for s, v in enumerate(base)],
+                "random-init": [{"seed": s, "probe": {"final_top1": v / 100}} for s, v in enumerate(rand)]}
+    ok, text = floor_cleared(results([80, 78, 79], [72, 73, 74]), 5)
+    assert ok and "+6.00 points (s0: +8.00, s1: +5.00, s2: +5.00)" in text and "do not overlap" in text
+    assert not floor_cleared(results([80, 78, 79], [72, 73, 74]), 6.5)[0]          # mean +6 < 6.5
+    ok, text = floor_cleared(results([85, 75], [70, 76]), 5)                      # +7 on average, but 75 < 76
+    assert not ok and "overlap;" in text
+    assert not floor_cleared({"sparse-r0.6-grn": results([90], [1])["sparse-r0.6-grn"]}, 5)[0]

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mimsparse.backends import get_backend
 from mimsparse.models.build import build_fcmae
 from mimsparse.config import ConfigError, load_config
 from mimsparse.models.decoders import FCMAEDecoder, LinearDecoder, SparKDecoder
@@ -138,3 +139,24 @@ def test_bad_objectives_are_refused_by_key():
                        ("model.encoder_input", "zeros")):
         with pytest.raises(ConfigError, match=f"{key} must be one of"):
             _tiny([f"{key}={value}"], config=None)
+
+
+@pytest.mark.parametrize("encoder_input", ["mask_token", "masked_image_dense"])
+def test_dense_inputs_with_a_static_count_run_packed_static_and_equal_dense(encoder_input):
+    """With a dense encoder input every site is active, so a caller's static count (the trainer's
+    ``num_visible``) reaches the encoder as all sites: packed runs its sync-free static mode there too."""
+    decoder = "linear" if encoder_input == "mask_token" else "fcmae"  # linear needs the mask-token input
+    overrides = [f"model.encoder_input={encoder_input}", f"model.decoder={decoder}"]
+    torch.manual_seed(0)
+    model = randomize_(_tiny(overrides), seed=2, std=0.05)
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(7))
+    visible = random_patch_mask(2, (2, 3), 0.5, torch.Generator().manual_seed(7))
+    n = model.visible_count((2, 3))
+    ref = model(x, visible)[0]
+    packed = model.encoder.backend = get_backend("packed")
+    static = []
+    embed = packed.patch_embed
+    packed.patch_embed = lambda *a, **k: static.append(embed(*a, **k).geom.static) or embed(*a, **k)
+    loss = model(x, visible, num_visible=n)[0]
+    assert static == [True]
+    assert rel_err(loss, ref) < 1e-5

@@ -1,10 +1,13 @@
 """The ResNet ops of every backend (masked BatchNorm, strided conv at given output sites, max pool
 over active sites) against independent computations in plain torch, forward and gradients."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mimsparse.backends import Backend
 from mimsparse.models.resnet import sparse_batch_norm
 from tests.helpers import backend_or_skip, backend_param, random_active, rel_err
 
@@ -72,6 +75,57 @@ def test_batch_norm_uses_active_sites_only(backend, momentum):
     ref = rows.new_zeros(3, 7, 9, c).index_put((active,), rows).permute(0, 3, 1, 2)
     assert rel_err(out, ref.detach()) < TOL
     assert torch.equal(bn.running_mean, before) and int(bn.num_batches_tracked) == 2
+
+
+def _bn_pair(c, momentum, track, seed=0):
+    bn = nn.BatchNorm2d(c, momentum=momentum, track_running_stats=track)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(c, generator=g) + 0.5), bn.bias.copy_(torch.randn(c, generator=g))
+        if track:
+            bn.running_mean.copy_(torch.randn(c, generator=g)), bn.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+    return bn, copy.deepcopy(bn)
+
+
+@pytest.mark.parametrize("momentum, track", [(0.1, True), (None, True), (0.1, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_masked_sum_batch_norm_equals_bn_on_the_gathered_rows(momentum, track, dtype):
+    """The masked-dense backend's sync-free BatchNorm (sums with the mask as a multiplier) against the
+    default path, ``bn`` itself on the rows map_rows gathers: outputs, gradients and running statistics
+    over three training steps (one with an all-masked batch: bn counts it and changes nothing), then eval."""
+    dense, c = backend_or_skip("dense"), 5
+    ours, ref = _bn_pair(c, momentum, track)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    g = torch.Generator().manual_seed(3)
+    for step, p_active in enumerate((0.4, 0.0, 0.6)):
+        x = (torch.randn(3, c, 6, 7, generator=g) * 3 + 2).to(dtype)
+        active = random_active(3, 6, 7, p_active, seed=step, empty_sample=1)
+        (x_ours,), (x_ref,) = _leaves(x), _leaves(x)
+        out = dense.to_dense(dense.batch_norm(dense.from_dense(x_ours, active), ours))
+        out_ref = dense.to_dense(Backend.batch_norm(dense, dense.from_dense(x_ref, active), ref))
+        assert out.dtype == dtype and rel_err(out.float(), out_ref.float()) < tol
+        assert out.permute(0, 2, 3, 1)[~active].abs().max() == 0
+        if active.any():
+            _backward(out), _backward(out_ref)
+            assert rel_err(x_ours.grad.float(), x_ref.grad.float()) < tol
+            assert rel_err(ours.weight.grad, ref.weight.grad) < tol and rel_err(ours.bias.grad, ref.bias.grad) < tol
+        for a, b in zip(ours.buffers(), ref.buffers()):
+            assert rel_err(a.float(), b.float()) < 1e-5
+    ours.eval(), ref.eval()
+    out = dense.to_dense(dense.batch_norm(dense.from_dense(x, active), ours))
+    out_ref = dense.to_dense(Backend.batch_norm(dense, dense.from_dense(x, active), ref))
+    assert rel_err(out.float(), out_ref.float()) < tol
+
+
+def test_dense_batch_norm_refuses_a_single_active_site_as_bn_does():
+    dense = backend_or_skip("dense")
+    active = torch.zeros(2, 3, 3, dtype=torch.bool)
+    active[1, 2, 0] = True
+    x = dense.from_dense(torch.randn(2, 4, 3, 3), active)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        Backend.batch_norm(dense, x, nn.BatchNorm2d(4))
+    with pytest.raises(RuntimeError, match="more than 1 active site"):
+        dense.batch_norm(x, nn.BatchNorm2d(4))
 
 
 # ---- strided conv and max pool at given output sites ---------------------------------------------------

@@ -6,15 +6,19 @@ short finetune at a low label fraction and the feature-collapse statistic.
   tools/ablate.py --variants sparse-r0.6-grn leaky-r0.6-grn --seeds 0
   tools/ablate.py --summary-only                    # tables of what has finished
 Resumable: a run whose result.json exists is skipped, an interrupted pretraining resumes from its last
-checkpoint and a finished probe / finetune is not redone. Writes <out>/<variant>/s<seed>/result.json
-(the full pretraining config, the budget and every metric) and <out>/summary.md. Seed 0's runs go
-first, so a partial run still covers every variant once.
+checkpoint (written every --segment-steps steps) and a finished probe / finetune is not redone. Writes
+<out>/<variant>/s<seed>/result.json (the full pretraining config, the budget, every metric, wall and CPU
+time and the load average) and <out>/summary.md. Random init and the baseline run for every seed first
+(the comparison every claim rests on), then the other variants seed-major.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import json
+import math
+import os
+import resource
 import sys
 import time
 from dataclasses import fields
@@ -34,6 +38,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--backend", default="packed", help="sparse backend of the pretraining (default %(default)s)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--segment-steps", type=int, default=100,
+                   help="pretraining checkpoint every N steps, so a killed job loses at most N (0 = only at the end; "
+                        "default %(default)s; does not change the results)")
+    p.add_argument("--require-floor", type=float, default=None, metavar="POINTS",
+                   help="after random init and the baseline of every seed, go on to the other variants only if the "
+                        "baseline beats random init by POINTS probe points (paired mean, seeds not overlapping); "
+                        "otherwise stop with exit status 3 (a budget search tries a larger budget)")
     p.add_argument("--summary-only", action="store_true", help="only write <out>/summary.md from finished runs")
     for f in fields(Budget):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
@@ -51,24 +62,28 @@ def _tool(name: str):
 
 def pretrain(run_dir: Path, variant, seed: int, budget, args) -> tuple[Path, dict]:
     """Pretrains (or resumes) the variant; returns its last checkpoint and a summary of the run."""
+    from mimsparse.evaluate.ablation import segment_ends
     from mimsparse.evaluate.datasets import load_labelled
     from mimsparse.train.checkpoint_manager import latest_checkpoint
 
     out = run_dir / "pretrain"
     n_train = len(load_labelled(budget.data, "train"))
     warmup_epochs = 0.1 * budget.steps * budget.batch_size / n_train  # warm up over the first 10 % of the steps
+    # The cosine spans train.epochs: whole epochs of steps, so a budget of whole epochs decays to the end.
+    epochs = max(1, math.ceil(budget.steps * budget.batch_size / n_train))
     overrides = [f"data.path={budget.data}", f"data.img_size={budget.img_size}", f"train.batch_size={budget.batch_size}",
-                 f"train.max_steps={budget.steps}", f"optim.warmup_epochs={warmup_epochs:.6g}", f"train.seed={seed}",
+                 f"train.epochs={epochs}", f"optim.warmup_epochs={warmup_epochs:.6g}", f"train.seed={seed}",
                  f"train.output_dir={out}", *variant.overrides]
     t0 = time.perf_counter()
     ckpt = latest_checkpoint(out)
-    if ckpt is None or _step_of(ckpt) < budget.steps:
+    for end in segment_ends(budget.steps, args.segment_steps, 0 if ckpt is None else _step_of(ckpt)):
         _tool("pretrain")(["--config", args.config, "--backend", args.backend, "--device", args.device,
-                           "--resume", "auto", "--no-progress", *overrides])
-        ckpt = latest_checkpoint(out)
+                           "--resume", "auto", "--no-progress", *overrides, f"train.max_steps={end}"])
+    ckpt = latest_checkpoint(out)
     losses = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
     losses = [v for v in losses if v is not None]
     tail = losses[-max(1, len(losses) // 5):]
+    overrides.append(f"train.max_steps={budget.steps}")
     return ckpt, {"checkpoint": str(ckpt), "overrides": overrides, "first_loss": losses[0] if losses else None,
                   "final_loss": sum(tail) / len(tail) if tail else None, "wall_s_this_call": time.perf_counter() - t0}
 
@@ -132,7 +147,7 @@ def run_one(out_dir: Path, variant, seed: int, budget, args) -> Path:
         return result_path
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"[ablate] {variant.name} seed {seed}: start", flush=True)
-    t0 = time.perf_counter()
+    t0, cpu0, load0, start = time.perf_counter(), _cpu_s(), os.getloadavg(), _utc()
     record = {"variant": variant.name, "seed": seed, "budget": budget.to_dict(), "backend": args.backend}
     if variant.pretrained:
         ckpt, record["pretrain"] = pretrain(run_dir, variant, seed, budget, args)
@@ -144,6 +159,10 @@ def run_one(out_dir: Path, variant, seed: int, budget, args) -> Path:
     record.update(evaluate(run_dir, weights, seed, budget, args.device))
     record["collapse"] = collapse(ckpt, seed, budget)
     record["wall_s_this_call"] = time.perf_counter() - t0
+    # What this call cost on a shared machine: its CPU share is cpu_s / wall_s.
+    record["machine"] = {"start_utc": start, "end_utc": _utc(), "cpu_s_this_call": _cpu_s() - cpu0,
+                         "loadavg_start": load0, "loadavg_end": os.getloadavg(), "cpus": os.cpu_count(),
+                         "nice": os.nice(0), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
     tmp = result_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1))
     tmp.replace(result_path)  # atomic: a result.json is always a finished run
@@ -152,9 +171,18 @@ def run_one(out_dir: Path, variant, seed: int, budget, args) -> Path:
     return result_path
 
 
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _utc() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    from mimsparse.evaluate.ablation import VARIANTS, Budget, summary_markdown
+    from mimsparse.evaluate.ablation import FLOOR, VARIANTS, Budget, floor_cleared, load_results, run_order, summary_markdown
 
     out_dir = Path(args.out)
     budget = Budget(**{f.name: getattr(args, f.name) for f in fields(Budget)})
@@ -164,10 +192,19 @@ def main(argv=None) -> int:
         if budget_path.is_file() and json.loads(budget_path.read_text()) != budget.to_dict():
             raise ValueError(f"{out_dir} holds runs of another budget ({budget_path}); pass the same budget options "
                              f"or a new --out")
-        budget_path.write_text(json.dumps(budget.to_dict(), indent=1))
-        for seed in args.seeds:  # seed-major: a partial run covers every variant once
-            for name in args.variants:
-                run_one(out_dir, VARIANTS[name], seed, budget, args)
+        tmp = budget_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(budget.to_dict(), indent=1))
+        tmp.replace(budget_path)
+        order = run_order(args.variants, args.seeds)
+        for i, (name, seed) in enumerate(order):
+            if args.require_floor is not None and name not in FLOOR and (i == 0 or order[i - 1][0] in FLOOR):
+                ok, text = floor_cleared(load_results(out_dir), args.require_floor)
+                print(f"[ablate] {text}", flush=True)
+                if not ok:
+                    (out_dir / "summary.md").write_text(summary_markdown(out_dir))
+                    print(f"[ablate] stopped before the other variants (--require-floor {args.require_floor:g})")
+                    return 3
+            run_one(out_dir, VARIANTS[name], seed, budget, args)
     summary = summary_markdown(out_dir)
     (out_dir / "summary.md").write_text(summary)
     print(summary)

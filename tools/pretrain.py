@@ -2,7 +2,7 @@
 """Masked image modeling pretraining of a sparse encoder (ConvNeXt V2 or ResNet; FCMAE, SimMIM or SparK objective).
 
   tools/pretrain.py --config configs/fcmae_atto.yaml --backend dense [--data DIR|SHARDS|fashion-mnist]
-                    [--img-size N|HxW] [--batch-size B] [--output-dir DIR] [key=value ...]
+                    [--img-size N|HxW] [--batch-size B] [--output-dir DIR] [--init PATH] [key=value ...]
   torchrun --standalone --nproc_per_node N tools/pretrain.py ...   (DDP: gloo on CPU, nccl on CUDA)
 """
 from __future__ import annotations
@@ -33,6 +33,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add_img_size(p, None, "training crop, N or HxW (e.g. 192x320), multiples of 32 (= data.img_size)")
     add_batch_size(p, None, "images per process and step (= train.batch_size)")
     add_output_dir(p, None, "where checkpoints and logs go (= train.output_dir)")
+    p.add_argument("--init", default=None, metavar="PATH",
+                   help="start the encoder from dense weights (= model.init): a timm/torchvision .pth/.pt/.bin/"
+                        ".safetensors, a timm model folder, an official ConvNeXt V2 checkpoint or a "
+                        "convert_to_dense.py export; the classifier is ignored, the decoder starts fresh")
     p.add_argument("--resume", default=None,
                    help="checkpoint to resume from, or 'auto' for the newest one in the output dir that verifies")
     p.add_argument("--overwrite", action="store_true",
@@ -69,6 +73,8 @@ def main(argv=None) -> int:
         overrides.append(f"train.batch_size={args.batch_size}")
     if args.output_dir:
         overrides.append(f"train.output_dir={args.output_dir}")
+    if args.init:
+        overrides.append(f"model.init={args.init}")
     cfg = load_config(args.config, overrides)
     env, device = distributed.init_from_env(args.device)
     try:

@@ -109,10 +109,10 @@ def fcmae_to_official(model_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return convert_keys(model_sd, _table(FCMAE_KEYS), True, "official FCMAE layout")
 
 
-def fcmae_from_official(official_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def fcmae_from_official(official_sd: dict[str, torch.Tensor], leftover: dict | None = None) -> dict[str, torch.Tensor]:
     """Official FCMAE state dict -> ours (load it with ``strict=True`` into the model that
-    :func:`official_config` describes)."""
-    return convert_keys(official_sd, _table(FCMAE_KEYS), False, "official FCMAE layout")
+    :func:`official_config` describes); entries no row matches: an error, or into ``leftover``."""
+    return convert_keys(official_sd, _table(FCMAE_KEYS), False, "official FCMAE layout", leftover=leftover)
 
 
 def encoder_to_official_dense(encoder_sd: dict[str, torch.Tensor], num_classes: int | None = None,
@@ -133,10 +133,15 @@ def encoder_to_official_dense(encoder_sd: dict[str, torch.Tensor], num_classes: 
     return out
 
 
-def encoder_from_official_dense(official_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Official ``ConvNeXtV2`` state dict -> our encoder state dict (``norm``/``head`` are dropped)."""
-    body = {k: v for k, v in official_sd.items() if not k.startswith(("norm.", "head."))}
-    return convert_keys(body, _table(DENSE_KEYS), False, "official dense layout")
+OFFICIAL_HEAD = ("norm.", "head.")  # the official ConvNeXtV2's classifier: final LayerNorm + Linear
+
+
+def encoder_from_official_dense(official_sd: dict[str, torch.Tensor],
+                                leftover: dict | None = None) -> dict[str, torch.Tensor]:
+    """Official ``ConvNeXtV2`` state dict -> our encoder state dict (``norm``/``head`` are dropped);
+    entries no row matches: an error, or into ``leftover``."""
+    body = {k: v for k, v in official_sd.items() if not k.startswith(OFFICIAL_HEAD)}
+    return convert_keys(body, _table(DENSE_KEYS), False, "official dense layout", leftover=leftover)
 
 
 def official_config(official_sd: dict[str, torch.Tensor], args: dict | None = None) -> dict:

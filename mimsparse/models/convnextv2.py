@@ -244,11 +244,17 @@ def encoder_to_timm(encoder_sd: dict[str, torch.Tensor], model_name: str) -> dic
                         unexpected="unexpected encoder parameter {key!r}: not part of a {what}")
 
 
-def timm_to_encoder(timm_sd: dict[str, torch.Tensor], model_name: str) -> dict[str, torch.Tensor]:
-    """timm ``model_name`` state dict -> our encoder state dict (the head is dropped)."""
-    body = {k: v for k, v in timm_sd.items() if not k.startswith(("head.", "norm_pre."))}
+# timm's classifier: ``head.norm`` (kept by the FCMAE-pretrained releases) and ``head.fc`` (dropped by them)
+TIMM_HEAD = ("head.", "norm_pre.")
+
+
+def timm_to_encoder(timm_sd: dict[str, torch.Tensor], model_name: str,
+                    leftover: dict | None = None) -> dict[str, torch.Tensor]:
+    """timm ``model_name`` state dict -> our encoder state dict (the head is dropped); the inverse of
+    :func:`encoder_to_timm` through the same table. Entries no row matches: an error, or into ``leftover``."""
+    body = {k: v for k, v in timm_sd.items() if not k.startswith(TIMM_HEAD)}
     return convert_keys(body, _timm_keys(model_name), False, model_name,
-                        unexpected="unexpected timm parameter {key!r} for {what}")
+                        unexpected="unexpected timm parameter {key!r} for {what}", leftover=leftover)
 
 
 def to_timm(encoder_sd: dict[str, torch.Tensor], model_name: str, num_classes: int = 1000,

@@ -88,10 +88,12 @@ class FCMAE(nn.Module):
         encode = self.encoder.forward_hierarchical if self.decoder.hierarchical else self.encoder
         if self.encoder_input == "sparse":
             return encode(images_bchw, visible_bhw, num_visible=num_visible)
-        # Dense inputs: every site is active (visible=None), so each backend computes the plain dense network.
+        # Dense inputs: every site is active (visible=None), so each backend computes the plain dense network;
+        # a static caller's count is then all of them (else packed's general mode would sync on the GPU).
+        all_sites = None if num_visible is None else visible_bhw[0].numel()
         if self.encoder_input == "mask_token":
-            return encode(self.fill_masked(images_bchw, visible_bhw), None)
-        return encode(self.zero_masked(images_bchw, visible_bhw), None)
+            return encode(self.fill_masked(images_bchw, visible_bhw), None, num_visible=all_sites)
+        return encode(self.zero_masked(images_bchw, visible_bhw), None, num_visible=all_sites)
 
     def zero_masked(self, images_bchw, visible_bhw):
         """Images with every masked patch set to zero, once (the leaky dense ablation's input)."""

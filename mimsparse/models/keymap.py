@@ -27,9 +27,11 @@ def _pattern(template: str) -> re.Pattern:
 
 
 def convert_keys(sd: dict[str, torch.Tensor], table, to_theirs: bool, what: str,
-                 unexpected: str = "unexpected parameter {key!r} for the {what}") -> dict[str, torch.Tensor]:
+                 unexpected: str = "unexpected parameter {key!r} for the {what}",
+                 leftover: dict | None = None) -> dict[str, torch.Tensor]:
     """Rename (and reshape) every entry of ``sd`` by ``table``; a key no row matches is an error
-    (``unexpected``, formatted with the key and ``what`` the table describes)."""
+    (``unexpected``, formatted with the key and ``what`` the table describes), or, when a ``leftover``
+    dict is given, goes there unchanged (for a caller that reports every misfit at once)."""
     src, dst = (0, 1) if to_theirs else (1, 0)
     rules = [(_pattern(row[src]), row[dst], row[2][0 if to_theirs else 1]) for row in table]
     out = {}
@@ -40,7 +42,9 @@ def convert_keys(sd: dict[str, torch.Tensor], table, to_theirs: bool, what: str,
                 out[target.format(**match.groupdict())] = layout(value).contiguous()
                 break
         else:
-            raise ConversionError(unexpected.format(key=key, what=what))
+            if leftover is None:
+                raise ConversionError(unexpected.format(key=key, what=what))
+            leftover[key] = value
     return out
 
 

@@ -19,13 +19,16 @@ class ModelFamily:
     to_dense: Callable[..., dict]       # (encoder state dict, model name, num_classes) -> dense state dict
     dense_models: Callable[..., dict]   # (model name, num_classes, in_chans) -> {library: (model, features fn)}
     libraries: tuple[str, ...]          # the libraries whose model loads ``to_dense``'s output (strict=True)
+    from_dense: Callable[..., dict]     # ``to_dense`` reversed: (dense state dict, model name, leftover) -> encoder
+    dense_head: tuple[str, ...]         # key prefixes of the dense model's classifier (never loaded into the encoder)
 
 
 FAMILIES: dict[str, ModelFamily] = {
     "convnextv2": ModelFamily("ConvNeXt V2", convnextv2.SparseConvNeXtV2, convnextv2.CONVNEXTV2_SPECS,
-                              convnextv2.encoder_options, convnextv2.to_timm, convnextv2.dense_models, ("timm",)),
+                              convnextv2.encoder_options, convnextv2.to_timm, convnextv2.dense_models, ("timm",),
+                              convnextv2.timm_to_encoder, convnextv2.TIMM_HEAD),
     "resnet": ModelFamily("ResNet", resnet.SparseResNet, resnet.RESNET_SIZES, resnet.encoder_options, resnet.to_dense,
-                          resnet.dense_models, ("timm", "torchvision")),
+                          resnet.dense_models, ("timm", "torchvision"), resnet.from_dense, resnet.DENSE_HEAD),
 }
 
 

@@ -54,12 +54,13 @@ def _conv(backend: Backend, x, conv: nn.Conv2d, active_out_bhw: torch.Tensor):
 
 
 def sparse_batch_norm(backend: Backend, x, bn: nn.BatchNorm2d):
-    """SparK's sparse BatchNorm: ``bn`` itself runs on the [N, C] rows of all active sites of the batch
-    (as an [N, C, 1, 1] map), so training mode normalises with their mean and biased variance and
-    updates the running statistics exactly as nn.BatchNorm2d does (momentum or cumulative average,
-    unbiased running variance, num_batches_tracked; cross-process after convert_sync_batchnorm);
-    eval mode uses the running statistics. Inactive sites stay zero / absent."""
-    return backend.map_rows(x, lambda feats_nc, _: bn(feats_nc[:, :, None, None]).flatten(1))
+    """SparK's sparse BatchNorm: ``bn`` over the [N, C] rows of all active sites of the batch, so training
+    mode normalises with their mean and biased variance and updates the running statistics exactly as
+    nn.BatchNorm2d does (momentum or cumulative average, unbiased running variance, num_batches_tracked;
+    cross-process after convert_sync_batchnorm); eval mode uses the running statistics. Inactive sites
+    stay zero / absent. The row backends run ``bn`` itself on the rows; the masked-dense one computes the
+    same statistics as masked sums (no gather, so no host sync on a GPU)."""
+    return backend.batch_norm(x, bn)
 
 
 def _relu(backend: Backend, x):
@@ -229,6 +230,16 @@ def to_dense(encoder_sd: dict[str, torch.Tensor], model_name: str, num_classes: 
             fc = nn.Linear(*reversed(ref["fc.weight"].shape))
         sd.update({"fc.weight": fc.weight, "fc.bias": fc.bias})
     return {k: sd[k].detach().clone().contiguous() for k in ref}
+
+
+DENSE_HEAD = ("fc.",)  # the classifier of torchvision's and timm's ResNet
+
+
+def from_dense(dense_sd: dict[str, torch.Tensor], model_name: str,
+               leftover: dict | None = None) -> dict[str, torch.Tensor]:
+    """A torchvision / timm ``model_name`` state dict -> our encoder state dict: the inverse of
+    :func:`to_dense`, the identity without ``fc`` (the keys are the same; a strict load checks them)."""
+    return {k: v for k, v in dense_sd.items() if not k.startswith(DENSE_HEAD)}
 
 
 def torchvision_features(model, x_bchw: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 main_pretrain.py): config checks, data, model (DDP, torch.compile), optimizer, schedule, scaler."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -84,6 +85,32 @@ def build_model(cfg: PretrainConfig, backend: Backend, device: torch.device, dis
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return model, compile_model(train_model, cfg.train.compile)
+
+
+def start_from_dense(cfg: PretrainConfig, model: torch.nn.Module, resumed: bool,
+                     run_record: dict | None) -> tuple[PretrainConfig, dict | None, str | None]:
+    """``model.init``: at a fresh start, the encoder from those dense weights (strict; the decoder stays
+    fresh). Returns (the config with the file's absolute path and SHA-256, the record for
+    run.json, the line to print). A resumed run has its weights from its own checkpoint: the file is
+    not read again (it may be gone); the run's record (``run_record``, its run.json) stays the truth."""
+    from mimsparse.convert.dense_init import init_from_dense
+
+    m = cfg.model
+    if resumed:
+        record = (run_record or {}).get("init")
+        if record:
+            model_cfg = dataclasses.replace(m, init=record["path"], init_sha256=record["sha256"])
+            cfg = dataclasses.replace(cfg, model=model_cfg)
+        line = None
+        if m.init:
+            started = f"; the run started from {record['path']}" if record else ""
+            line = f"init: {m.init} not read: a resumed run has its weights from its checkpoint{started}"
+        return cfg, record, line
+    if not m.init:
+        return cfg, None, None
+    report = init_from_dense(model, m.init, m.name, m.init_sha256)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(m, init=report.path, init_sha256=report.sha256))
+    return cfg, report.record(), report.line()
 
 
 def build_optimization(cfg: PretrainConfig, model: torch.nn.Module, lr: float, steps_per_epoch: int,

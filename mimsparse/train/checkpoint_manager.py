@@ -105,6 +105,12 @@ class CheckpointManager:
                 f"choose another folder with --output-dir DIR, or replace it with --overwrite")
         return theirs
 
+    def note(self, key: str, value) -> None:
+        """Keep ``value`` under ``key`` in run.json (after :meth:`claim`), e.g. the file the run started from."""
+        if self.record.get(key) != value:
+            self.record[key] = value
+            self._write_record()
+
     def _write_record(self) -> None:
         try:
             write_text_atomic(self.run_file, json.dumps(self.record, indent=1) + "\n")

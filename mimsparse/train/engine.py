@@ -21,7 +21,8 @@ from mimsparse.backends import Backend, get_backend
 from mimsparse.config import PretrainConfig
 from mimsparse.errors import CheckpointError, DataError, OutputError, TrainingError
 from mimsparse.train import distributed
-from mimsparse.train.build import build_dataset, build_model, build_optimization, check_train_config
+from mimsparse.train.build import (build_dataset, build_model, build_optimization, check_train_config,
+                                   start_from_dense)
 from mimsparse.train.checkpoint import (check_model_matches, check_writable_dir, remove_stale_temp_files,
                                         require_training_checkpoint, rng_state, set_rng_state, versions,
                                         write_text_atomic)
@@ -116,6 +117,11 @@ class Pretrainer:
         self.resumed_from = None
         if resume:
             self.load(resume)
+        resumed = self.resumed_from is not None
+        self.cfg, self.init_record, line = start_from_dense(self.cfg, self.model, resumed,
+                                                            self.checkpoints.read_record() if resumed else None)
+        if line:
+            self.say(line)
 
     @property
     def scaler(self) -> torch.amp.GradScaler:
@@ -262,6 +268,8 @@ class Pretrainer:
             self.checkpoints.check_can_start(self.resumed_from is not None, self.overwrite)
         if self.dist.is_main:
             self.claim_output_dir()
+            if self.init_record:
+                self.checkpoints.note("init", self.init_record)  # the dense weights the run started from
             remove_stale_temp_files(self.out_dir)
             self.write_config()
         self.logger.start(st.step)  # one record per step: drop what a killed run logged after its checkpoint
