@@ -102,8 +102,9 @@ CASES = [  # (encoder, decoder, backend, static mode)
     *[(enc, dec, "dense", False) for enc in ("convnextv2_atto", "resnet18") for dec in ("fcmae", "linear", "spark")],
     ("resnet50", "spark", "dense", False),  # the bottleneck block
     # packed: static mode only (its general mode reads per-sample counts on the host, which a fake
-    # tensor has not); the ResNet has no static mode yet (its strided convs pick sites from the masks)
+    # tensor has not); the ResNet's stem, strided convs and max pool then take their sites from the geometry
     *[("convnextv2_atto", dec, "packed", True) for dec in ("fcmae", "linear", "spark")],
+    ("resnet18", "spark", "packed", True), ("resnet50", "spark", "packed", True),
 ]
 
 
