@@ -547,10 +547,11 @@ def test_static_strided_ops_refuse_output_sites_other_than_the_next_stage():
 
 def test_gather_conv_window_tables_are_built_once_per_geometry():
     """The 3x3 convs of a stage share one pair of window tables, and a block's strided conv and its 1x1
-    shortcut share one output geometry (what ``add`` needs, and fewer index builds)."""
+    shortcut share one output geometry (what ``add`` needs, and fewer index builds). The inverse table,
+    which only the input gradient reads, is built only for inputs that need one."""
     vis = random_patch_mask(2, (2, 2), 0.5, torch.Generator().manual_seed(0))
     backend = PackedBackend(conv_impl="gather")
-    t = backend.from_dense(torch.randn(2, 8, 16, 16), upsample_mask(vis, 8), 4)
+    t = backend.from_dense(torch.randn(2, 8, 16, 16, requires_grad=True), upsample_mask(vis, 8), 4)
     w3 = torch.randn(8, 8, 3, 3)
     a, b = backend.conv(t, w3, None), backend.conv(t, w3, None)
     assert a.geom is t.geom and {k for k in t.geom._cache if k[0] in ("win", "inv")} == {("win", 3, 1, 1),
@@ -559,3 +560,6 @@ def test_gather_conv_window_tables_are_built_once_per_geometry():
     main = backend.strided_conv(b, w3, None, 2, padding=1, active_out_bhw=out_mask)
     short = backend.strided_conv(t, torch.randn(8, 8, 1, 1), None, 2, padding=0, active_out_bhw=out_mask)
     assert main.geom is short.geom and backend.add(main, short).feats.shape == main.feats.shape
+    image = backend.from_dense(torch.randn(2, 3, 16, 16), upsample_mask(vis, 8), 4)  # no gradient wanted
+    backend.conv(image, torch.randn(8, 3, 3, 3), None)
+    assert ("win", 3, 1, 1) in image.geom._cache and ("inv", 3, 1, 1) not in image.geom._cache
