@@ -157,7 +157,8 @@ class Backend(ABC):
             names = ", ".join(dtype_name(d) for d in supported)
             raise UnsupportedDtype(
                 f"the {self.name} backend does not support {dtype_name(dtype)} on "
-                f"{torch.device(device).type}; supported: {names} (use --amp none or another backend)"
+                f"{torch.device(device).type}; supported: {names} (compute in float32: train.amp=none in "
+                f"pretraining, --amp none in tools/benchmark.py; or use another backend)"
             )
 
     def __repr__(self) -> str:

@@ -19,14 +19,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mimsparse.backends import BackendUnavailable, get_backend
+from mimsparse.backends import BackendUnavailable, backend_names, get_backend
+from mimsparse.errors import ConfigError
 from mimsparse.models.decoders import FCMAEDecoder
 from mimsparse.models.build import build_encoder
 from mimsparse.config import ModelConfig
 from mimsparse.train.precision import AMP_DTYPES
 from mimsparse.models.fcmae import FCMAE
 from mimsparse.models.loss import masked_reconstruction_loss, pixel_targets
-from mimsparse.masking import random_patch_mask
+from mimsparse.masking import num_masked, random_patch_mask
 
 MEASURES = ("enc_fwd", "enc_fwd_bwd", "train_step")
 TIMM_DENSE = "timm-dense"
@@ -39,6 +40,7 @@ class Case:
     backend: str
     mask_ratio: float
     compiled: bool = False
+    effective_mask_ratio: float | None = None  # masked patches / patches at this image size (None: = mask_ratio)
     samples_ms: dict = field(default_factory=lambda: {m: [] for m in MEASURES})
     saved_activation_mb: float = 0.0
     peak_cuda_mb: float | None = None
@@ -168,6 +170,11 @@ def run_benchmark(model: str = "convnextv2_atto", backends=("dense", "packed"), 
     if height == width:
         img = height  # recorded as one number, as before
     images = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed)).to(dev)
+    unknown = [name for name in backends if name not in backend_names()]
+    if unknown:
+        raise ConfigError(f"unknown backend(s) {', '.join(map(repr, unknown))} in --backends; the backends are "
+                          f"{', '.join(backend_names())}")
+    effective = {float(r): effective_mask_ratio(float(r), height, width) for r in mask_ratios}
     skipped, runners, cases, usable = {}, {}, [], []
     for name in backends:
         try:
@@ -182,9 +189,9 @@ def run_benchmark(model: str = "convnextv2_atto", backends=("dense", "packed"), 
     for r in mask_ratios:  # ratio-major: under a deadline every backend gets the first ratio
         for name in usable:
             if not (compile_model and name in COMPILABLE and name in compiled_only):
-                cases.append(Case(name, float(r)))
+                cases.append(Case(name, float(r), effective_mask_ratio=effective[float(r)]))
             if compile_model and name in COMPILABLE:
-                cases.append(Case(name, float(r), compiled=True))
+                cases.append(Case(name, float(r), compiled=True, effective_mask_ratio=effective[float(r)]))
     cases.insert(0, Case(TIMM_DENSE, 0.0))
     if compile_model:
         cases.insert(1, Case(TIMM_DENSE, 0.0, compiled=True))
@@ -255,7 +262,8 @@ def summarize(cases: list[Case], skipped: dict, settings: dict) -> dict:
     rows = []
     for c in cases:
         ref_median = refs.get(c.compiled, {})  # compiled rows against the compiled reference only
-        row = {"backend": c.backend, "mask_ratio": c.mask_ratio, "compiled": c.compiled,
+        masked = c.mask_ratio if c.effective_mask_ratio is None else c.effective_mask_ratio
+        row = {"backend": c.backend, "mask_ratio": c.mask_ratio, "effective_mask_ratio": masked, "compiled": c.compiled,
                "saved_activation_mb": c.saved_activation_mb, "peak_cuda_mb": c.peak_cuda_mb, "samples_ms": c.samples_ms}
         for m in MEASURES:
             s = c.samples_ms[m]
@@ -264,7 +272,7 @@ def summarize(cases: list[Case], skipped: dict, settings: dict) -> dict:
                 continue
             med = statistics.median(s)
             ref = ref_median.get(m)  # None: that reference was not measured (time budget)
-            ideal = None if ref is None else ref * (1.0 - c.mask_ratio)
+            ideal = None if ref is None else ref * (1.0 - masked)  # the share of patches really kept
             row[m] = {"median_ms": med, "min_ms": min(s), "max_ms": max(s),
                       "images_per_s": settings["batch"] / (med / 1e3),
                       "ratio_to_dense": None if ref is None else med / ref,
@@ -299,13 +307,30 @@ def markdown_table(result: dict) -> str:
     for r in result["rows"]:
         f, fb, ts = (r[m] or {**nm, "median_ms": float("nan")} for m in MEASURES)  # nan: not measured
         spread = "" if fb["min_ms"] is None else f" ({fb['min_ms']:.0f}–{fb['max_ms']:.0f})"
-        lines.append(f"| {label(r)} | {r['mask_ratio']:.2f} | {ms(f['median_ms'])} | "
+        lines.append(f"| {label(r)} | {ratio_text(r)} | {ms(f['median_ms'])} | "
                      f"{ms(fb['median_ms'])}{spread} | {fmt(fb['ratio_to_dense'])} | "
                      f"{fmt(fb['ratio_to_ideal'])} | {ms(ts['median_ms'])} | {fmt(ts['ratio_to_dense'])} | "
                      f"{fmt(ts['ratio_to_ideal'])} | {fmt(ts['images_per_s'])} | {r['saved_activation_mb']:.0f} |")
     for name, why in result["skipped"].items():
         lines.append(f"| {name} | skipped: {why} | | | | | | | | | |")
     return "\n".join(lines)
+
+
+def effective_mask_ratio(ratio: float, height: int, width: int, patch: int = 32) -> float:
+    """The share of patches a mask of ``ratio`` really removes at this size (round(r x L) of L); a ratio
+    that leaves no patch visible is refused: there is nothing to encode, and x ideal would divide by 0."""
+    patches = (height // patch) * (width // patch)
+    masked = num_masked(ratio, patches)
+    if patches and masked >= patches:
+        raise ConfigError(f"mask ratio {ratio:g} at {height}x{width} masks all {patches} patches of {patch}x{patch} "
+                          f"(none visible); use a ratio below {(patches - 0.5) / patches:.3g} or a larger --img-size")
+    return masked / patches if patches else ratio
+
+
+def ratio_text(row: dict) -> str:
+    """The mask ratio column: the effective ratio, with the one asked for when rounding changed it."""
+    asked, real = row["mask_ratio"], row.get("effective_mask_ratio", row["mask_ratio"])
+    return f"{real:.2f}" if abs(real - asked) < 5e-3 else f"{real:.2f} (asked {asked:.2f})"
 
 
 def label(row: dict) -> str:

@@ -15,12 +15,26 @@ def run_cli(main) -> int:
     try:
         return main()
     except MimsparseError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        _error_line(one_line(e))
         return 2
     except OSError as e:  # the project's code names its own files (OutputError); this is the rest
         where = f"{str(e.filename)!r}: " if e.filename else ""
-        print(f"error: {where}{one_line(e.strerror or e)}", file=sys.stderr)
+        _error_line(f"{where}{one_line(e.strerror or e)}")
         return 2
+
+
+def _error_line(message: str) -> None:
+    """``error: message`` and its newline in one write: the ranks of a torchrun job share a stderr, and
+    print's two writes could interleave their lines."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+
+
+def interactive() -> bool:
+    """Output goes to a terminal (stdout for the lines, stderr for a progress bar): a bar that redraws in
+    place is readable there; in a log file (``> log``, ``nohup``, a cluster job, CI) each redraw would
+    stay, so tools print plain lines instead."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
 
 
 def one_line(e: BaseException) -> str:
@@ -37,6 +51,28 @@ def parse_with_overrides(parser: argparse.ArgumentParser, argv=None) -> argparse
     overrides = list(getattr(args, "overrides", None) or []) + rest
     bad = [a for a in overrides if a.startswith("-") or "=" not in a]
     if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)} (config overrides look like section.key=value)")
+        options = [a for a in bad if a.startswith("-")]
+        near = nearest_option(parser, options[0]) if options else None
+        hint = f"; did you mean {near}?" if near else " (config overrides look like section.key=value)"
+        parser.error(f"unrecognized arguments: {' '.join(bad)}{hint}")
     args.overrides = overrides
     return args
+
+
+def nearest_option(parser: argparse.ArgumentParser, option: str) -> str | None:
+    """The option or config key ``option`` most resembles (``--mask_ratio`` -> ``--mask-ratio``,
+    ``--base-lr`` -> ``optim.base_lr=VALUE``), or None."""
+    import difflib
+
+    from mimsparse.config import PretrainConfig
+
+    candidates = {s: s for a in parser._actions for s in a.option_strings if a.help != argparse.SUPPRESS}
+    for section, values in PretrainConfig().to_dict().items():
+        for name in values:
+            for spelling in (f"--{name}", f"--{section}.{name}", f"--{section}-{name}"):
+                candidates.setdefault(spelling.replace("_", "-"), f"{section}.{name}=VALUE")
+    name = option.split("=", 1)[0].replace("_", "-")
+    if name in candidates and candidates[name] != name:
+        return candidates[name]
+    near = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.7)
+    return candidates[near[0]] if near else None

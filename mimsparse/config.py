@@ -1,9 +1,9 @@
 """Pretraining configuration: frozen dataclasses are the truth; YAML files and ``key=value``
 command-line overrides only change fields, and unknown keys or wrong types are refused by name."""
 from __future__ import annotations
-from mimsparse.errors import ConfigError
 
 import dataclasses
+import difflib
 import math
 import typing
 from dataclasses import dataclass, field
@@ -69,6 +69,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     base_lr: float = 1.5e-4     # lr = base_lr * batch_size / 256
+    lr: float = 0.0             # absolute peak lr, used as given instead of base_lr's scaling (0 = off)
     weight_decay: float = 0.05
     beta1: float = 0.9
     beta2: float = 0.95
@@ -94,6 +95,7 @@ class TrainConfig:
     vis_every: int = 0          # every N steps write vis/step-N.png: original | masked | reconstruction | pasted (0 = off)
     tensorboard: bool = True    # also log to <output_dir>/tensorboard when the tensorboard package is installed
     wandb: bool = False         # also log to Weights & Biases (offline unless WANDB_MODE says otherwise)
+    stop_signals: str = "SIGTERM,SIGINT,SIGUSR1"  # stop after the step in progress with a checkpoint, exit 75 ("" = none)
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,9 @@ class PretrainConfig:
 
     def lr(self, world_size: int = 1) -> float:
         """The one place the learning rate is derived (as MAE): base_lr x effective batch / 256, where
-        an optimizer step sees batch_size x accum_steps x processes images."""
+        an optimizer step sees batch_size x accum_steps x processes images; ``optim.lr`` when set."""
+        if self.optim.lr > 0:
+            return self.optim.lr
         return self.optim.base_lr * self.train.batch_size * self.train.accum_steps * world_size / 256
 
     def to_dict(self) -> dict:
@@ -143,7 +147,9 @@ def _apply(obj, updates: dict, prefix: str = ""):
         name = f"{prefix}{key}"
         if key not in hints:
             known = ", ".join(f"{prefix}{k}" for k in hints)
-            raise ConfigError(f"unknown config key {name!r}; known keys here: {known}")
+            near = difflib.get_close_matches(key, list(hints), n=1)
+            hint = f"did you mean {prefix + near[0]!r}? " if near else ""
+            raise ConfigError(f"unknown config key {name!r}; {hint}known keys here: {known}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):

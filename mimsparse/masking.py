@@ -19,7 +19,7 @@ def check_image_size(height: int, width: int, patch_size: int) -> tuple[int, int
         raise ConfigError(
             f"image size {height}x{width} is not divisible by the patch size {patch_size} "
             f"(the encoder's total stride); resize or crop to a multiple of {patch_size}, "
-            f"e.g. --img {max(patch_size, round(height / patch_size) * patch_size)}"
+            f"e.g. --img-size {max(patch_size, round(height / patch_size) * patch_size)}"
         )
     return height // patch_size, width // patch_size
 

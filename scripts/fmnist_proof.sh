@@ -28,10 +28,10 @@ for seed in $SEEDS; do
   for init in pre rand; do
     if [ $init = pre ]; then W=(--checkpoint "$CKPT"); else W=(--checkpoint random --model convnextv2_atto); fi
     [ -f "$OUT/probe-$init-s$seed/results.json" ] || $PY tools/linear_probe.py "${W[@]}" --data fashion-mnist \
-        --img-size 96 --train-limit 10000 --epochs 30 --seed "$seed" --no-progress --output-dir "$OUT/probe-$init-s$seed"
+        --img-size 96 --train-limit 10000 --epochs 30 --seed "$seed" --no-progress --overwrite --output-dir "$OUT/probe-$init-s$seed"
     [ -f "$OUT/finetune-$init-s$seed/results.json" ] || $PY tools/finetune.py "${W[@]}" --data fashion-mnist \
         --img-size 96 --label-fraction 0.1 --epochs 5 --warmup-epochs 1 --batch-size 64 --eval-limit 2000 \
-        --seed "$seed" --no-progress --output-dir "$OUT/finetune-$init-s$seed"
+        --seed "$seed" --no-progress --resume auto --output-dir "$OUT/finetune-$init-s$seed"
   done
 done
 
@@ -45,7 +45,7 @@ pretrain pretrain-grn-5ep train.epochs=5
 CKPT_5EP=$(ls "$OUT"/pretrain-grn-5ep/checkpoint-[0-9]*.pth | tail -n 1)
 for seed in $SEEDS; do
   [ -f "$OUT/probe-pre5ep-s$seed/results.json" ] || $PY tools/linear_probe.py --checkpoint "$CKPT_5EP" --data fashion-mnist \
-      --img-size 96 --train-limit 10000 --epochs 30 --seed "$seed" --no-progress --output-dir "$OUT/probe-pre5ep-s$seed"
+      --img-size 96 --train-limit 10000 --epochs 30 --seed "$seed" --no-progress --overwrite --output-dir "$OUT/probe-pre5ep-s$seed"
 done
 
 $PY tools/compare_results.py -o "$OUT/summary.md" \

@@ -62,7 +62,8 @@ def test_tiny_ablation_runs_records_its_config_and_skips_finished_work(tmp_path)
 
     # Runs of another budget do not mix into the same tables.
     r = _ablate(out, "--variants", "random-init", "--probe-epochs", "3")
-    assert r.returncode != 0 and "holds runs of another budget" in r.stderr
+    assert r.returncode == 2 and f"error: output folder '{out}' holds the files of another run (5: budget.json, " \
+        f"summary.md, " in r.stderr
 
 
 def test_claim_tables_give_mean_and_sample_std_over_seeds():

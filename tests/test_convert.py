@@ -46,7 +46,8 @@ def test_converter_cli_errors(tmp_path):
     assert proc.returncode == 2 and "does not exist" in proc.stderr
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     proc = run_tool("convert_to_dense.py", str(tmp_path / "junk.pth"), check=False)
-    assert proc.returncode == 2 and "truncated or not a torch checkpoint" in proc.stderr
+    assert proc.returncode == 2 and "is not a torch checkpoint (neither a zip nor a pickle file)" in proc.stderr
+    assert "earlier checkpoint" not in proc.stderr  # there is none to use: it is another kind of file
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pth")
     proc = run_tool("convert_to_dense.py", str(tmp_path / "other.pth"), check=False)
     assert proc.returncode == 2 and "not a mimsparse pretraining checkpoint" in proc.stderr

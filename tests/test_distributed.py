@@ -105,7 +105,7 @@ def test_a_torchrun_job_refuses_another_runs_folder_on_every_rank(photo_dir, tmp
            str(ROOT / "tools" / "pretrain.py"), "--no-progress", *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode != 0
-    refused = [line for line in proc.stderr.splitlines() if "holds the checkpoints of another run" in line]
+    refused = [line for line in proc.stderr.splitlines() if "holds the files of another run" in line]
     assert len(refused) == 2 and all(line.startswith("error: output folder") for line in refused), proc.stderr
     assert {p.name: p.read_bytes() for p in out.glob("checkpoint-*.pth")} == before
 

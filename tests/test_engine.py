@@ -69,8 +69,10 @@ def test_checkpoint_of_another_model_is_refused(photo_dir, tmp_path):
 
 
 def test_config_errors_name_the_key():
-    with pytest.raises(ConfigError, match="unknown config key 'optim.lr'"):
-        config_from_dict({"optim": {"lr": 1.0}})
+    with pytest.raises(ConfigError, match="unknown config key 'optim.learning_rate'"):
+        config_from_dict({"optim": {"learning_rate": 1.0}})
+    with pytest.raises(ConfigError, match="unknown config key 'train.epoch'; did you mean 'train.epochs'"):
+        load_config(None, ["train.epoch=3"])
     with pytest.raises(ConfigError, match="'train.batch_size' must be int"):
         load_config(None, ["train.batch_size=big"])
     with pytest.raises(ConfigError, match="not found"):

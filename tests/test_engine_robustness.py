@@ -48,7 +48,7 @@ def _nan_loss_at(model, calls):
 # ---- sizes and mask ratios ------------------------------------------------------------------------
 def test_image_size_must_be_a_multiple_of_32(photo_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"data.img_size=200: image size 200x200 is not divisible by the patch "
-                                          r"size 32.*--img 192"):
+                                          r"size 32.*--img-size 192"):
         Pretrainer(_cfg(tmp_path, photo_dir, **{"data.img_size": 200}), "dense", show_progress=False)
 
 
@@ -453,5 +453,5 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_do(photo_dir, tmp_path
     overrides = tiny_overrides(tmp_path / "run", **{"train.epochs": 1, "data.repeat": 1})  # 6 photos, batch 4: 1 step
     run_tool("pretrain.py", "--data", str(photo_dir), "--no-progress", *overrides)
     proc = run_tool("pretrain.py", "--data", str(photo_dir), "--no-progress", "--resume", "auto", *overrides)
-    assert "nothing to do: the run already finished all 1 steps" in proc.stdout
+    assert "nothing to do: the run already did its 1 steps (raise --epochs to go on)" in proc.stdout
     assert str(tmp_path / "run" / "checkpoint-0000001.pth") in proc.stdout

@@ -93,7 +93,10 @@ def test_timm_folder_loads_offline_through_pretrained_cfg(pretrained, tmp_path, 
                     "-o", str(folder))
     config = __import__("json").loads((folder / "config.json").read_text())
     assert config["architecture"] == "convnextv2_atto" and config["num_classes"] == 4
-    assert config["pretrained_cfg"]["num_classes"] == 4 and config["pretrained_cfg"]["input_size"] == [3, 224, 224]
+    # the size the run pretrained at, not timm's default 224 for the architecture
+    size = torch.load(pretrained["ckpt"], weights_only=True)["config"]["data"]["img_size"]
+    assert config["pretrained_cfg"]["num_classes"] == 4 and config["pretrained_cfg"]["input_size"] == [3, size, size]
+    assert size != 224
     sd, meta = load_weights_file(folder / "model.safetensors")
     assert meta["model_name"] == "convnextv2_atto"
     models = run_load_lines(proc.stdout)

@@ -133,7 +133,7 @@ def test_half_precision_is_refused_clearly():
     for dtype in (torch.bfloat16, torch.float16):
         for device in ("cpu", "cuda"):
             with pytest.raises(TypeError, match=rf"minkowski backend does not support {str(dtype)[6:]} on {device}; "
-                                                r"supported: float32, float64 \(use --amp none or another backend\)"):
+                                                r"supported: float32, float64 \(compute in float32: train.amp=none in pretraining"):
                 mink.check_dtype(dtype, torch.device(device))
         with pytest.raises(TypeError, match=rf"minkowski backend does not support {str(dtype)[6:]} on cpu"):
             mink.from_dense(x.to(dtype), active)

@@ -20,6 +20,7 @@ from mimsparse.cli import parse_with_overrides, run_cli
 from mimsparse.config import PretrainConfig, load_config
 from mimsparse.train.engine import Pretrainer
 from mimsparse.errors import (CheckpointError, ConfigError, DataError, MimsparseError, OutputError, TrainingError)
+from mimsparse.train.run_folder import LOCK_NAME
 from mimsparse.train.run_log import RunLog
 from tests.conftest import ROOT, run_tool, tiny_overrides
 
@@ -66,9 +67,13 @@ def test_fresh_run_refuses_a_folder_with_another_runs_checkpoints(photo_dir, tmp
 
     shorter = Pretrainer(_cfg(run, photo_dir, **{"train.max_steps": 1, "train.keep_last": 1}), "dense",
                          show_progress=False)
-    with pytest.raises(CheckpointError, match=r"output folder '.*run' holds the checkpoints of another run \(3 file"
-                                              r"\(s\).*--resume auto.*--output-dir DIR.*--overwrite"):
+    with pytest.raises(CheckpointError) as refused:
         shorter.run()
+    # the refusal names exactly the files it counts
+    assert str(refused.value) == (
+        f"output folder '{run}' holds the files of another run (5: checkpoint-0000003.pth, checkpoint-0000006.pth, "
+        f"checkpoint-best.pth, log.jsonl, tensorboard/); a new run there would mix with or delete them. Continue "
+        f"that run with --resume auto, choose another folder with --output-dir DIR, or replace it with --overwrite")
     # nothing of the other run changed: checkpoints, best, log
     assert {p.name: p.read_bytes() for p in run.glob("checkpoint-*.pth")} == before
     assert (run / "log.jsonl").read_text() == log_before
@@ -77,13 +82,15 @@ def test_fresh_run_refuses_a_folder_with_another_runs_checkpoints(photo_dir, tmp
     tool = _tool("pretrain")
     args = ["--data", str(photo_dir), "--no-progress", *tiny_overrides(run, **{"train.max_steps": 1})]
     err = _one_line_error(capsys, lambda: tool.main(args))
-    assert "holds the checkpoints of another run" in err
+    assert "holds the files of another run (5: " in err
 
     # an import of official weights is a fresh start too (see test_official_import_into_a_used_folder)
     # --overwrite replaces the other run (its checkpoints and log), and says so
     assert tool.main([*args, "--overwrite"]) == 0
     out = capsys.readouterr().out
-    assert "--overwrite: deleted the previous run's 3 checkpoint(s) and log" in out
+    assert (f"--overwrite: deleted the previous run's 7 file(s) in {run}: checkpoint-0000003.pth, "
+            f"checkpoint-0000006.pth, checkpoint-best.pth, log.jsonl, tensorboard/, run.json, config.yaml") in out
+    assert len(list((run / "tensorboard").iterdir())) == 1  # this run's event file alone: no mixed curves
     assert sorted(p.name for p in run.glob("checkpoint-*.pth")) == ["checkpoint-0000001.pth", "checkpoint-best.pth"]
     assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [1]
 
@@ -127,7 +134,7 @@ def test_official_import_into_a_used_folder_is_refused(photo_dir, tmp_path, caps
     args = ["import", str(tmp_path / "official.pth"), "--output-dir", str(run), "--data", str(photo_dir),
             *tiny_overrides(run)]
     err = _one_line_error(capsys, lambda: tool.main(args))
-    assert "holds the checkpoints of another run" in err
+    assert "holds the files of another run" in err
     assert {p.name: p.read_bytes() for p in run.glob("checkpoint-*.pth")} == before
     assert tool.main([*args, "--overwrite"]) == 0
     assert sorted(p.name for p in run.glob("checkpoint-*.pth")) == ["checkpoint-0000000.pth"]
@@ -345,7 +352,7 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(p
                    f"previous checkpoint '{tmp_path / 'checkpoint-0000003.pth'}' is kept. Free disk space or choose "
                    f"another output path")
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".", "checkpoint"))) == \
-        ["checkpoint-0000003.pth", "checkpoint-best.pth"]  # no temporary file left
+        [LOCK_NAME, "checkpoint-0000003.pth", "checkpoint-best.pth"]  # no temporary file left
     monkeypatch.undo()
     Pretrainer(_cfg(tmp_path, photo_dir), "dense", resume="auto", show_progress=False)  # still resumable
 

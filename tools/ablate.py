@@ -46,6 +46,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "baseline beats random init by POINTS probe points (paired mean, seeds not overlapping); "
                         "otherwise stop with exit status 3 (a budget search tries a larger budget)")
     p.add_argument("--summary-only", action="store_true", help="only write <out>/summary.md from finished runs")
+    p.add_argument("--overwrite", action="store_true", help="replace the runs of another budget in --out (without it "
+                   "such a start is refused; the same budget always resumes)")
     for f in fields(Budget):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
                        help=f"budget (default %(default)s)")
@@ -57,7 +59,16 @@ def _tool(name: str):
     spec = importlib.util.spec_from_file_location(f"_ablate_{name}", ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.main
+
+    def main(argv) -> int:
+        from mimsparse.train.stop_signal import STOP_EXIT_STATUS
+
+        status = module.main(argv)
+        if status == STOP_EXIT_STATUS:  # a signal stopped the step with a checkpoint: the ablation stops too
+            raise SystemExit(STOP_EXIT_STATUS)
+        return status
+
+    return main
 
 
 def pretrain(run_dir: Path, variant, seed: int, budget, args) -> tuple[Path, dict]:
@@ -100,12 +111,12 @@ def evaluate(run_dir: Path, weights: list[str], seed: int, budget, device: str) 
     out = {}
     probe_dir, ft_dir = run_dir / "probe", run_dir / "finetune"
     if not (probe_dir / "results.json").is_file():
-        _tool("linear_probe")([*common, "--train-limit", str(budget.probe_train), "--epochs", str(budget.probe_epochs),
+        _tool("linear_probe")([*common, "--overwrite", "--train-limit", str(budget.probe_train), "--epochs", str(budget.probe_epochs),
                                "--warmup-epochs", str(max(1, budget.probe_epochs // 10)), "--output-dir", str(probe_dir)])
     if not (ft_dir / "results.json").is_file():
         _tool("finetune")([*common, "--label-fraction", str(budget.finetune_fraction), "--epochs",
                            str(budget.finetune_epochs), "--warmup-epochs", "0.5", "--batch-size", str(budget.finetune_batch), "--blr", str(budget.finetune_blr),
-                           "--output-dir", str(ft_dir)])
+                           "--resume", "auto", "--output-dir", str(ft_dir)])
     for name, folder in (("probe", probe_dir), ("finetune", ft_dir)):
         r = json.loads((folder / "results.json").read_text())
         out[name] = {k: r[k] for k in ("final_top1", "best_top1", "best_epoch", "args", "data", "wall_time_s") if k in r}
@@ -184,29 +195,33 @@ def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     from mimsparse.evaluate.ablation import FLOOR, VARIANTS, Budget, floor_cleared, load_results, run_order, summary_markdown
 
+    from mimsparse.train.checkpoint import write_text_atomic
+    from mimsparse.train.run_folder import clear_run_files, held, refuse_other_run
+
     out_dir = Path(args.out)
     budget = Budget(**{f.name: getattr(args, f.name) for f in fields(Budget)})
-    out_dir.mkdir(parents=True, exist_ok=True)
-    budget_path = out_dir / "budget.json"
-    if not args.summary_only:
-        if budget_path.is_file() and json.loads(budget_path.read_text()) != budget.to_dict():
-            raise ValueError(f"{out_dir} holds runs of another budget ({budget_path}); pass the same budget options "
-                             f"or a new --out")
-        tmp = budget_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(budget.to_dict(), indent=1))
-        tmp.replace(budget_path)
-        order = run_order(args.variants, args.seeds)
-        for i, (name, seed) in enumerate(order):
-            if args.require_floor is not None and name not in FLOOR and (i == 0 or order[i - 1][0] in FLOOR):
-                ok, text = floor_cleared(load_results(out_dir), args.require_floor)
-                print(f"[ablate] {text}", flush=True)
-                if not ok:
-                    (out_dir / "summary.md").write_text(summary_markdown(out_dir))
-                    print(f"[ablate] stopped before the other variants (--require-floor {args.require_floor:g})")
-                    return 3
-            run_one(out_dir, VARIANTS[name], seed, budget, args)
-    summary = summary_markdown(out_dir)
-    (out_dir / "summary.md").write_text(summary)
+    with held(out_dir, "ablate.py") as folder:  # one ablation per folder at a time; the runs inside lock their own
+        budget_path = out_dir / "budget.json"
+        if not args.summary_only:
+            # the same budget resumes; another budget's runs are another ablation's
+            if budget_path.is_file() and json.loads(budget_path.read_text()) != budget.to_dict():
+                theirs = [budget_path, out_dir / "summary.md", *(out_dir / name for name in VARIANTS)]
+                clear_run_files(out_dir, refuse_other_run(out_dir, theirs, False, args.overwrite, resumable=False,
+                                                          folder_flag="--out"))
+            write_text_atomic(budget_path, json.dumps(budget.to_dict(), indent=1))
+            folder.started = True
+            order = run_order(args.variants, args.seeds)
+            for i, (name, seed) in enumerate(order):
+                if args.require_floor is not None and name not in FLOOR and (i == 0 or order[i - 1][0] in FLOOR):
+                    ok, text = floor_cleared(load_results(out_dir), args.require_floor)
+                    print(f"[ablate] {text}", flush=True)
+                    if not ok:
+                        write_text_atomic(out_dir / "summary.md", summary_markdown(out_dir))
+                        print(f"[ablate] stopped before the other variants (--require-floor {args.require_floor:g})")
+                        return 3
+                run_one(out_dir, VARIANTS[name], seed, budget, args)
+        summary = summary_markdown(out_dir)
+        write_text_atomic(out_dir / "summary.md", summary)
     print(summary)
     return 0
 

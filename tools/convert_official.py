@@ -36,14 +36,21 @@ def import_official(args) -> int:
     # the architecture comes from the checkpoint; mask.ratio / norm_pix_loss from its args unless given
     updates, notes = import_config(user, official_config(official_sd, official_args))
     cfg = config_from_dict(updates)
+    # the folder is held (locked) and guarded like a pretraining run's (mimsparse.train.run_folder)
     trainer = Pretrainer(cfg, "dense", "cpu", show_progress=False, overwrite=args.overwrite)
-    trainer.model.load_state_dict(fcmae_from_official(official_sd), strict=True)
-    path = trainer.save()
+    try:
+        trainer.model.load_state_dict(fcmae_from_official(official_sd), strict=True)
+        path = trainer.save()
+    except BaseException:
+        trainer.folder.abandon()  # nothing was imported: no folder left behind that this start created
+        raise
     config_path = Path(args.output_dir) / "config.yaml"
     try:
         write_text_atomic(config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     except OSError as e:
         raise OutputError(f"cannot write {str(config_path)!r} ({e.strerror or e}); {path} was written") from e
+    finally:
+        trainer.folder.release()
     m = cfg.model
     print(f"imported {args.checkpoint}: {m.name}, decoder {m.decoder_dim}x{m.decoder_depth}, "
           f"mask ratio {cfg.mask.ratio}, norm_pix_loss {m.norm_pix_loss} ({len(official_sd)} tensors)")

@@ -46,11 +46,17 @@ def main(argv=None) -> int:
 
     import mimsparse
     from mimsparse.convert import convert_checkpoint
-    from mimsparse.convert.export import export_format, load_lines, save_timm_folder, save_weights
+    from mimsparse.convert.export import SUFFIXES, export_format, load_lines, save_timm_folder, save_weights
+    from mimsparse.config import config_from_dict
+    from mimsparse.train.resume import recorded_config
     from mimsparse.models.registry import family_of
     from mimsparse.train.checkpoint import load_checkpoint
 
     fmt = args.format or ("timm" if args.output and args.output.endswith("/") else None)
+    suffix = Path(args.output).suffix if args.output else ""
+    if fmt is None and suffix and suffix not in SUFFIXES:  # no suffix at all: safetensors, as documented
+        p.error(f"-o {args.output}: the suffix {suffix!r} names no format this tool writes; use .safetensors, "
+                f".pth (.pt, .bin), a folder ending in / (timm folder), or --format")
     fmt = fmt or export_format(args.output or "x.safetensors")
     out = Path(args.output) if args.output else default_output(checkpoint, fmt)
     ckpt = load_checkpoint(checkpoint)
@@ -60,7 +66,9 @@ def main(argv=None) -> int:
                 "head": "fresh (drawn from seed 0 at conversion)" if args.num_classes else "none (encoder only)",
                 "libraries": list(family_of(name).libraries), "mimsparse_version": mimsparse.__version__}
     if fmt == "timm":
-        save_timm_folder(sd, out, name, args.num_classes, metadata)
+        cfg = config_from_dict(recorded_config(ckpt, checkpoint))  # the size it was pretrained at
+        save_timm_folder(sd, out, name, args.num_classes, metadata,
+                         input_size=(cfg.model.in_chans, *cfg.data.size_hw))
         lines, what = load_lines(name, args.num_classes, out, folder=True), "timm folder (config.json + model.safetensors)"
     else:
         save_weights(sd, out, metadata, fmt)

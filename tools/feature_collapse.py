@@ -54,7 +54,8 @@ def main(argv=None) -> int:
     images = analysis_images(args.images, args.img_size, args.num_images)
     curves, names = {}, set()
     for label, path in zip(labels, args.checkpoints):
-        model, name = load_timm_model(load_weights_file(path)[0], args.model)
+        state, metadata = load_weights_file(path)  # an export's header names its model
+        model, name = load_timm_model(state, args.model or metadata.get("model_name"))
         names.add(name)
         curves[label] = rows = feature_collapse(model, images, exclude_self=args.exclude_self, where=args.where)
         for r in rows:

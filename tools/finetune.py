@@ -21,6 +21,7 @@ import sys
 
 def get_args_parser() -> argparse.ArgumentParser:
     from mimsparse.evaluate.finetune import weights_and_data_args
+    from mimsparse.train.stop_signal import DEFAULT_SIGNALS
 
     p = argparse.ArgumentParser("finetune", description=__doc__, parents=[weights_and_data_args()],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,6 +49,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, metavar="auto|PATH", help="continue from <output-dir>/last.pth (auto) "
                    "or PATH: weights, optimizer, epoch, RNGs; a larger --epochs extends a finished run, its schedule "
                    "recomputed for the new length")
+    p.add_argument("--overwrite", action="store_true", help="start a new run in an output dir that holds another "
+                   "run's files, deleting them (without it such a start is refused)")
+    p.add_argument("--stop-signals", default=DEFAULT_SIGNALS, help="signals that stop the run after the step in "
+                   "progress, with last.pth at that step; the exit status is then 75 (default %(default)s; '' = none)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (smoke tests); the "
                    "schedule still spans --epochs")
     return p
@@ -61,8 +66,10 @@ def main(argv=None) -> int:
     resolve_checkpoint(p, args)
     from mimsparse.evaluate.finetune import main as finetune
 
-    finetune(args)
-    return 0
+    from mimsparse.train.stop_signal import STOP_EXIT_STATUS
+
+    results = finetune(args)
+    return STOP_EXIT_STATUS if results["stopped_by"] else 0  # stopped: requeue, then --resume auto
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-lr", type=float, default=0.0, help="lr at the end of the cosine")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0, help="training subset, head init, batch order")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of another probe in --output-dir "
+                   "(without it such a start is refused; a probe is short: it has no --resume)")
     p.add_argument("--extract-batch-size", type=int, default=64, help="images per forward pass of the encoder")
     return p
 

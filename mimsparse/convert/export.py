@@ -88,9 +88,11 @@ def load_weights_file(path: str | Path) -> tuple[dict, dict[str, str]]:
 
 
 def save_timm_folder(state_dict: dict[str, torch.Tensor], folder: str | Path, model_name: str, num_classes: int,
-                     metadata: dict | None = None, label_names: list[str] | None = None) -> Path:
+                     metadata: dict | None = None, label_names: list[str] | None = None,
+                     input_size: tuple[int, int, int] | None = None) -> Path:
     """``folder/config.json`` (timm's ``pretrained_cfg`` of ``model_name``, as ``timm.models.save_for_hf``
-    writes it) + ``folder/model.safetensors``; the state dict is checked by a strict load first."""
+    writes it) + ``folder/model.safetensors``; the state dict is checked by a strict load first.
+    ``input_size``: (C, H, W) the weights were trained at (default: timm's for ``model_name``)."""
     import timm
     from timm.models._hub import save_config_for_hf
 
@@ -101,7 +103,7 @@ def save_timm_folder(state_dict: dict[str, torch.Tensor], folder: str | Path, mo
     config = {"pretrained_cfg": {"tag": "mimsparse", "license": None}}
     if label_names:
         config["label_names"] = list(label_names)
-    data = {"input_size": (model.pretrained_cfg.get("input_size") or (3, 224, 224)),
+    data = {"input_size": input_size or model.pretrained_cfg.get("input_size") or (3, 224, 224),
             "crop_pct": model.pretrained_cfg.get("crop_pct", 0.875)}
     write_file_atomic(folder / "config.json",
                  lambda tmp: save_config_for_hf(model, tmp, model_config=config, data_config=data))

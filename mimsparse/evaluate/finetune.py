@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -32,12 +31,13 @@ import torch
 from tqdm import tqdm
 
 from mimsparse.convert.export import conversion_head, load_lines, load_weights_file, save_weights
-from mimsparse.train.checkpoint import CheckpointError, check_writable_dir, write_file_atomic
+from mimsparse.train.checkpoint import CheckpointError, write_file_atomic, write_text_atomic
 from mimsparse.evaluate.loaders import (check_fraction, check_img_size, eval_loader, limit_subset, stratified_subset,
                                      top1_correct, train_loader)
 from mimsparse.convert import ConversionError, convert_checkpoint
 from mimsparse.train.data import DataError
-from mimsparse.errors import ConfigError
+from mimsparse.cli import interactive
+from mimsparse.errors import ConfigError, OutputError
 from mimsparse.train.run_log import json_safe
 from mimsparse.evaluate.datasets import LabelledImages, has_test_split, load_labelled
 
@@ -64,7 +64,7 @@ def weights_and_data_args() -> argparse.ArgumentParser:
     add_checkpoint(p, "pretraining checkpoint, timm state dict (.safetensors or .pth), or 'random'")
     p.add_argument("--data", required=True, help="ImageFolder, or fashion-mnist | lfw-subset | foolbox-imagenet")
     p.add_argument("--model", default=None, help="timm model name, e.g. convnextv2_atto (default: the one a "
-                   "pretraining checkpoint names; required for a timm state dict and for random)")
+                   "pretraining checkpoint or an export's header names; required for random and a bare state dict)")
     add_img_size(p, 224, "input size, a multiple of 32; smaller images are resized up (default %(default)s)",
                  type=int)
     p.add_argument("--val-fraction", type=float, default=0.2, help="a folder without train/ and test/: hold out "
@@ -74,7 +74,8 @@ def weights_and_data_args() -> argparse.ArgumentParser:
                    "same whatever --seed (default: all)")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar (none either when the output is not "
+                   "a terminal)")
     return p
 
 
@@ -103,8 +104,14 @@ def load_weights(ckpt: str, model_name: str | None, num_classes: int) -> Weights
         check = f"max relative error vs the sparse encoder {error:.1e}" if error is not None else "not verified"
         return Weights(sd, name, f"pretraining checkpoint {ckpt} converted to timm {name} ({check})", fresh_head=True)
     if is_state_dict(state):
+        recorded = metadata.get("model_name")  # tools/convert_to_dense.py and finetune exports record it
+        if model_name is not None and recorded and model_name != recorded:
+            raise CheckpointError(f"{ckpt} holds {recorded!r} (its header says so) but --model asks for "
+                                  f"{model_name!r}; drop --model or pass --model {recorded}")
+        model_name = model_name or recorded
         if model_name is None:
-            raise ConfigError(f"{ckpt} is a timm state dict: pass --model NAME (e.g. --model convnextv2_atto)")
+            raise ConfigError(f"{ckpt} is a timm state dict that does not name its model: pass --model NAME "
+                              f"(e.g. --model convnextv2_atto)")
         fresh = metadata.get("head", "").startswith("fresh")  # written by tools/convert_to_dense.py
         return Weights(state, model_name, f"timm state dict {ckpt}", fresh_head=fresh)
     raise CheckpointError(f"{ckpt} is neither a mimsparse pretraining checkpoint (keys 'model' and 'config') nor a "
@@ -213,16 +220,21 @@ def max_lr(optimizer) -> float:
 
 # ---- one epoch, evaluation -------------------------------------------------------------------------
 def train_one_epoch(model, criterion, loader, optimizer, scheduler, device, step: int, max_steps: int = 0,
-                    mixup=None, desc: str = "", show_progress: bool = True) -> dict:
-    """Trains over ``loader`` from global step ``step`` (stops at ``max_steps`` if > 0).
-    Returns {"step": the next step, "loss": mean training loss, "lr": last lr, "images", "unreadable"}."""
+                    mixup=None, desc: str = "", show_progress: bool = True, stop=None, part: dict | None = None) -> dict:
+    """Trains over ``loader`` from global step ``step`` (stops at ``max_steps`` if > 0, or after the
+    step in progress when ``stop`` (a :class:`~mimsparse.train.stop_signal.StopSignal`) was signalled).
+    ``part``: the sums of the part of this epoch a stopped run did. Returns {"step": the next step,
+    "loss": mean training loss, "lr": last lr, "images", "unreadable", "batches_done" (loader batches
+    of the epoch done, ``part``'s included), "stopped" (the signal's name or None), "part"}."""
     from mimsparse.errors import TrainingError
 
     model.train()
-    loss_sum, batches, images_seen, unreadable, lr = 0.0, 0, 0, 0, max_lr(optimizer)
+    part = part or {"loss_sum": 0.0, "batches": 0, "images": 0, "unreadable": 0, "batches_done": 0}
+    loss_sum, batches, images_seen, unreadable = part["loss_sum"], part["batches"], part["images"], part["unreadable"]
+    done, stopped, lr = part["batches_done"], None, max_lr(optimizer)
     bar = tqdm(loader, desc=desc, disable=not show_progress, dynamic_ncols=True, leave=False)
     for images, labels, n_bad in bar:
-        unreadable += n_bad
+        unreadable, done = unreadable + n_bad, done + 1
         if max_steps and step >= max_steps:
             break
         if mixup is not None and len(images) % 2:
@@ -243,9 +255,14 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, device, step
         step += 1
         loss_sum, batches, images_seen = loss_sum + loss.item(), batches + 1, images_seen + len(images)
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
+        if stop is not None and stop.requested():
+            stopped = stop.reason()
+            break
     bar.close()
     return {"step": step, "loss": loss_sum / batches if batches else None, "lr": lr, "images": images_seen,
-            "unreadable": unreadable}
+            "unreadable": unreadable, "batches_done": done, "stopped": stopped,
+            "part": {"loss_sum": loss_sum, "batches": batches, "images": images_seen, "unreadable": unreadable,
+                     "batches_done": done}}
 
 
 @torch.no_grad()
@@ -269,14 +286,25 @@ def evaluate(model, loader, device) -> dict:
 # ---- run -------------------------------------------------------------------------------------------
 def write_json(path: Path, obj) -> None:
     """Written to a temporary file and renamed: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(json_safe(obj), indent=2, default=str, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(json_safe(obj), indent=2, default=str, allow_nan=False) + "\n"
+    _output(path, lambda: write_text_atomic(path, text))
 
 
 def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")  # NaN/inf -> null: valid JSON
+    def append():
+        with open(path, "a") as f:
+            f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")  # NaN/inf -> null: valid JSON
+
+    _output(path, append)
+
+
+def _output(path: Path, write) -> None:
+    """A small output file of a finetune or probe run; a failed write is one line saying what is kept."""
+    try:
+        write()
+    except OSError as e:
+        raise OutputError(f"cannot write {str(path)!r} ({e.strerror or e}); the other files in {str(path.parent)!r} "
+                          f"are kept. Free disk space, then run again (finetuning: --resume auto)") from e
 
 
 def peak_lr(lr: float | None, blr: float, batch_size: int) -> float:
@@ -322,6 +350,12 @@ def held_out_split(data: LabelledImages, fraction: float) -> tuple[LabelledImage
     return data.subset(torch.nonzero(keep).flatten()), data.subset(val)
 
 
+def split_name(spec: str) -> str:
+    """What the evaluation set of ``spec`` is called in printed lines: its test split, or the validation
+    split held out of its training images (the JSON keys stay ``test_*`` for either)."""
+    return "test" if has_test_split(spec) else "val"
+
+
 def load_splits(spec: str, val_fraction: float = 0.2) -> tuple[LabelledImages, LabelledImages, str]:
     """(train, evaluation set, what the evaluation set is). A folder without train/ and test/ gets a
     held-out validation split instead of being tested on its own training images."""
@@ -359,11 +393,13 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_resume_state(path: Path, weights: dict, optimizer, epoch: int, step: int, history: list, best: dict,
-                      name: str, classes) -> None:
+                      name: str, classes, part: dict | None = None) -> None:
     """Everything ``--resume`` needs, written atomically (mode 0644): the run continues exactly as if it
-    had not stopped (data order and augmentation derive from (seed, epoch); the RNGs are restored)."""
+    had not stopped (data order and augmentation derive from (seed, epoch); the RNGs are restored).
+    ``part``: where a signal stopped the epoch ``epoch`` (see :func:`train_one_epoch`)."""
     state = {"model": weights, "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
-             "history": history, "best": best, "model_name": name, "classes": list(classes), "rng": rng_state()}
+             "history": history, "best": best, "model_name": name, "classes": list(classes), "rng": rng_state(),
+             "part": part}
     write_file_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
@@ -394,14 +430,37 @@ def load_data(spec: str, label_fraction: float, eval_limit: int,
     return train, limit_subset(test, eval_limit, EVAL_SUBSET_SEED), total
 
 
+RUN_FILES = ("last.pth", "best.safetensors", "results.json", "log.jsonl")  # what makes a folder a finetune run
+
+
 def main(args) -> dict:
-    """Finetunes as ``tools/finetune.py`` describes; returns the results also written to results.json."""
+    """Finetunes as ``tools/finetune.py`` describes; returns the results also written to results.json
+    (``results["stopped_by"]``: the signal that stopped it early, see :mod:`mimsparse.train.stop_signal`).
+    The output folder is held (locked) while it runs; a start that fails before its first step
+    removes the folder it created."""
+    from mimsparse.train.run_folder import held
+    from mimsparse.train.stop_signal import DEFAULT_SIGNALS, StopSignal
+
+    check_args(args)
+    stop = StopSignal(getattr(args, "stop_signals", DEFAULT_SIGNALS))
+    with held(args.output_dir, "finetune.py") as folder, stop:
+        return _finetune(args, folder, stop)
+
+
+def _finetune(args, folder, stop) -> dict:
     from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy
 
+    from mimsparse.train.run_folder import clear_run_files, refuse_other_run
+    from mimsparse.train.stop_signal import STOP_EXIT_STATUS
+
     start = time.perf_counter()
-    check_args(args)
-    out_dir = check_writable_dir(args.output_dir)
+    out_dir = folder.folder
+    log_path, best_path, last_path = out_dir / "log.jsonl", out_dir / "best.safetensors", out_dir / "last.pth"
+    resume = resume_path(getattr(args, "resume", None), last_path)
+    nothing_to_resume = getattr(args, "resume", None) == "auto" and not best_path.exists()  # a requeued job starts
+    theirs = refuse_other_run(out_dir, [out_dir / f for f in RUN_FILES], resume is not None,
+                              getattr(args, "overwrite", False) or nothing_to_resume)
     device = torch.device(args.device)
     train, test, train_total = load_data(args.data, args.label_fraction, args.eval_limit, args.seed,
                                          args.val_fraction)
@@ -430,36 +489,47 @@ def main(args) -> dict:
     test_loader = eval_loader(test, args.img_size, args.batch_size, args.num_workers)
 
     lr_source = f"--lr {args.lr:g}" if args.lr is not None else f"--blr {args.blr:g} x {args.batch_size}/256"
+    split = split_name(args.data)
     for note in notes:
         print(note)
     print(f"model {name} | {args.data}: {num_classes} classes, {len(train)}/{train_total} training images "
-          f"(--label-fraction {args.label_fraction:g}), {len(test)} test images | lr {lr:.3g} ({lr_source}) | "
+          f"(--label-fraction {args.label_fraction:g}), {len(test)} {split} images | lr {lr:.3g} ({lr_source}) | "
           f"{total_steps} steps | output {out_dir}")
 
-    log_path, best_path, last_path = out_dir / "log.jsonl", out_dir / "best.safetensors", out_dir / "last.pth"
-    history, best, step, first_epoch = [], None, 0, 0
-    resume = resume_path(getattr(args, "resume", None), last_path)
+    history, best, step, first_epoch, part = [], None, 0, 0, None
     if resume is not None:
         state = load_resume_state(resume, name, train.classes)
         model.load_state_dict(state["model"], strict=True)
         optimizer.load_state_dict(state["optimizer"])
         history, best, step, first_epoch = state["history"], state["best"], state["step"], state["epoch"]
+        part = state.get("part")
         set_rng_state(state["rng"])
-        print(f"resumed from {resume}: epoch {first_epoch}, step {step}; the schedule now spans {args.epochs} epochs "
-              f"({total_steps} steps), next lr {scheduled_lr(scheduler, optimizer, step):.2e}")
+        where = f", batch {part['batches_done']}" if part else ""
+        print(f"resumed from {resume}: epoch {first_epoch}{where}, step {step}; the schedule now spans {args.epochs} "
+              f"epochs ({total_steps} steps), next lr {scheduled_lr(scheduler, optimizer, step):.2e}")
         if first_epoch >= args.epochs:
             print(f"the run already finished its {first_epoch} epochs; pass --epochs N > {first_epoch} to continue")
     else:
-        log_path.unlink(missing_ok=True)  # one run per folder: the log describes this run only
+        clear_run_files(out_dir, theirs)  # --overwrite (or --resume auto with nothing to resume): a new run
     meta = {"model_name": name, "num_classes": num_classes, "class_names": list(train.classes),
             "img_size": args.img_size, "source_checkpoint": str(args.checkpoint), "data": str(args.data)}
+    stopped_by = None
     for epoch in range(first_epoch, args.epochs):
         t0 = time.perf_counter()
-        stats = train_one_epoch(model, criterion, train_loader(train, args.img_size, args.batch_size, args.seed, epoch,
-                                                               args.num_workers),
-                                optimizer, scheduler, device, step, args.max_steps, mixup, f"epoch {epoch}",
-                                not args.no_progress)
-        step = stats["step"]
+        loader = train_loader(train, args.img_size, args.batch_size, args.seed, epoch, args.num_workers,
+                              part["batches_done"] if part else 0)
+        folder.started = True
+        stats = train_one_epoch(model, criterion, loader, optimizer, scheduler, device, step, args.max_steps, mixup,
+                                f"epoch {epoch}", not args.no_progress and interactive(), stop, part)
+        step, part = stats["step"], None
+        if stats["stopped"]:  # the epoch is not over: no evaluation, no log record; its sums go with last.pth
+            stopped_by = stats["stopped"]
+            weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            save_resume_state(last_path, weights, optimizer, epoch, step, history, best, name, train.classes,
+                              stats["part"])
+            print(f"stopped by {stopped_by} at step {step} (epoch {epoch}, batch {stats['batches_done']}): "
+                  f"checkpoint {last_path}; continue with --resume auto (exit status {STOP_EXIT_STATUS})", flush=True)
+            break
         result = evaluate(model, test_loader, device)
         record = {"epoch": epoch, "step": step, "train_loss": stats["loss"], "lr": stats["lr"],
                   "test_top1": result["top1"], "test_loss": result["loss"], "test_correct": result["correct"],
@@ -473,10 +543,17 @@ def main(args) -> dict:
         append_jsonl(log_path, record)
         save_resume_state(last_path, weights, optimizer, epoch + 1, step, history, best, name, train.classes)
         train_loss = f"{stats['loss']:.4f}" if stats["loss"] is not None else "-"
-        print(f"epoch {epoch}: step {step} | train loss {train_loss} | lr {stats['lr']:.2e} | test top-1 "
+        print(f"epoch {epoch}: step {step} | train loss {train_loss} | lr {stats['lr']:.2e} | {split} top-1 "
               f"{result['top1']:.2%} ({result['correct']}/{result['total']}) | best {best['test_top1']:.2%}")
         if args.max_steps and step >= args.max_steps:
             break
+        if stop.requested():  # signalled while evaluating or saving: last.pth has this whole epoch
+            stopped_by = stop.reason()
+            print(f"stopped by {stopped_by} after epoch {epoch} (step {step}): checkpoint {last_path}; continue "
+                  f"with --resume auto (exit status {STOP_EXIT_STATUS})", flush=True)
+            break
+    if stopped_by:
+        return {"stopped_by": stopped_by, "steps": step, "last_checkpoint": str(last_path), "history": history}
     if not history:
         raise DataError("no epoch ran: nothing to report")
 
@@ -486,7 +563,7 @@ def main(args) -> dict:
                "lr": lr, "steps": step, "best_top1": best["test_top1"], "best_epoch": best["epoch"],
                "final_top1": history[-1]["test_top1"], "best_checkpoint": str(best_path),
                "last_checkpoint": str(last_path), "classes": list(train.classes), "history": history,
-               "args": vars(args), "wall_time_s": time.perf_counter() - start}
+               "args": vars(args), "wall_time_s": time.perf_counter() - start, "stopped_by": None}
     write_json(out_dir / "results.json", results)
     print(f"best top-1 {results['best_top1']:.2%} (epoch {results['best_epoch']}), final {results['final_top1']:.2%}; "
           f"wrote {best_path} (weights + class names; tools/predict.py {best_path} IMAGES), {last_path} (--resume), "

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from mimsparse.train.checkpoint import check_writable_dir
+from mimsparse.train.run_folder import RunFolder, clear_run_files, held, refuse_other_run
 from mimsparse.evaluate.loaders import check_img_size, eval_loader, limit_subset, top1_correct
 from mimsparse.train.data import DataError
+from mimsparse.cli import interactive
 from mimsparse.errors import ConfigError
 from mimsparse.evaluate.finetune import (EVAL_SUBSET_SEED, append_jsonl, build_model, create_scheduler, load_splits,
                                          max_lr, peak_lr, warmup_steps, write_json)
@@ -115,15 +116,28 @@ def check_args(args) -> None:
         raise ConfigError("the learning rate must be positive (--lr or --blr)")
 
 
+RUN_FILES = ("results.json", "log.jsonl")  # what makes a folder a probe run
+
+
 def main(args) -> dict:
-    """Linear probe as ``tools/linear_probe.py`` describes; returns the results also written to results.json."""
-    start = time.perf_counter()
+    """Linear probe as ``tools/linear_probe.py`` describes; returns the results also written to results.json.
+    The output folder is held (locked) while it runs and guarded like every run folder
+    (:mod:`mimsparse.train.run_folder`): another run's results need ``--overwrite``."""
     check_args(args)
-    out_dir = check_writable_dir(args.output_dir)
+    with held(args.output_dir, "linear_probe.py") as folder:
+        theirs = refuse_other_run(folder.folder, [folder.folder / f for f in RUN_FILES], False,
+                                  getattr(args, "overwrite", False), resumable=False)
+        return _probe(args, folder, theirs)
+
+
+def _probe(args, folder: RunFolder, theirs: list) -> dict:
+    start = time.perf_counter()
+    out_dir = folder.folder
     device = torch.device(args.device)
     train_all, test, what = load_splits(args.data, args.val_fraction)
     if what != "test":
         print(f"{args.data} has no train/ and test/ folders: evaluating on a {what}")
+    split = "test" if what == "test" else "val"
     train = limit_subset(train_all, args.train_limit, args.seed)
     test = limit_subset(test, args.eval_limit, EVAL_SUBSET_SEED)
     num_classes = len(train.classes)
@@ -135,26 +149,27 @@ def main(args) -> dict:
     for note in notes:
         print(note)
     t0 = time.perf_counter()
-    show = not args.no_progress
+    show = not args.no_progress and interactive()
     train_feats = extract_features(model, eval_loader(train, args.img_size, args.extract_batch_size, args.num_workers),
                                    device, "train features", show)
     test_feats = extract_features(model, eval_loader(test, args.img_size, args.extract_batch_size, args.num_workers),
-                                  device, "test features", show)
+                                  device, f"{split} features", show)
     extract_s = time.perf_counter() - t0
     dim = train_feats[0].shape[1]
     batch_size = min(args.batch_size, len(train_feats[1]))  # train_probe's cap, so the lr scales with the real batch
     lr = peak_lr(args.lr, args.blr, batch_size)
     lr_source = f"--lr {args.lr:g}" if args.lr is not None else f"--blr {args.blr:g} x {batch_size}/256"
     print(f"model {name} (frozen) | {args.data}: {num_classes} classes, {len(train_feats[1])}/{len(train_all)} "
-          f"training images, {len(test_feats[1])} test images | features [{dim}] in {extract_s:.1f} s | "
+          f"training images, {len(test_feats[1])} {split} images | features [{dim}] in {extract_s:.1f} s | "
           f"lr {lr:.3g} ({lr_source}) | output {out_dir}")
 
     log_path = out_dir / "log.jsonl"
-    log_path.unlink(missing_ok=True)  # one run per folder: the log describes this run only
+    clear_run_files(out_dir, theirs)  # --overwrite: the log and results describe this run only
+    folder.started = True
 
     def report(record: dict) -> None:
         append_jsonl(log_path, record)
-        print(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} | lr {record['lr']:.2e} | test top-1 "
+        print(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} | lr {record['lr']:.2e} | {split} top-1 "
               f"{record['test_top1']:.2%} ({record['test_correct']}/{record['test_total']})")
 
     torch.manual_seed(args.seed)

@@ -81,13 +81,17 @@ class LabelledSamples(SeededImages):
 
 
 def train_loader(data: LabelledImages, img_size: int, batch_size: int, seed: int, epoch: int,
-                 num_workers: int = 0) -> DataLoader:
+                 num_workers: int = 0, start_batch: int = 0) -> DataLoader:
     """One epoch of full batches (images [B, 3, S, S], labels int64 [B], number dropped as unreadable),
-    shuffled and augmented from (seed, epoch)."""
-    sampler = EpochSampler(len(data), seed, epoch, batch_size=batch_size)
+    shuffled and augmented from (seed, epoch), from batch ``start_batch`` on (a resume mid-epoch)."""
+    sampler = EpochSampler(len(data), seed, epoch, start=start_batch * batch_size, batch_size=batch_size)
+    # its own generator: the loader's seed draw leaves the global one (drop path) to the training steps,
+    # so a run resumed mid-epoch draws what the uninterrupted run drew
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     # collate_skip_bad stacks the second item of each sample: here the label, not a seed
     return DataLoader(LabelledSamples(data, train_transform(img_size)), batch_size=batch_size, sampler=sampler,
-                      drop_last=True, num_workers=num_workers, collate_fn=collate_skip_bad, worker_init_fn=seed_worker)
+                      drop_last=True, num_workers=num_workers, collate_fn=collate_skip_bad, worker_init_fn=seed_worker,
+                      generator=generator)
 
 
 def eval_loader(data: LabelledImages, img_size: int, batch_size: int, num_workers: int = 0) -> DataLoader:

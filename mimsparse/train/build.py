@@ -17,7 +17,7 @@ from mimsparse.masking import check_image_size
 from mimsparse.models.build import build_fcmae
 from mimsparse.train.compile import compile_model
 from mimsparse.train.data import FileSource, SeededImages, bundled_photo_paths, list_images, pretrain_transform
-from mimsparse.train.optim import param_groups, warmup_cosine
+from mimsparse.train.optim import lr_scheduler, param_groups
 from mimsparse.train.shards import ShardImages, is_shard_spec
 
 
@@ -119,11 +119,13 @@ def build_optimization(cfg: PretrainConfig, model: torch.nn.Module, lr: float, s
     scaler that only fp16 needs (a pass-through otherwise)."""
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=lr,
                                   betas=(cfg.optim.beta1, cfg.optim.beta2))
-    warmup = max(1, round(cfg.optim.warmup_epochs * steps_per_epoch))
-    min_ratio = cfg.optim.min_lr / lr if lr > 0 else 0.0
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup, total_steps, min_ratio))
+    scheduler = lr_scheduler(optimizer, lr, warmup_steps(cfg, steps_per_epoch), total_steps, cfg.optim.min_lr)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     return optimizer, scheduler, scaler
+
+
+def warmup_steps(cfg: PretrainConfig, steps_per_epoch: int) -> int:
+    return max(1, round(cfg.optim.warmup_epochs * steps_per_epoch))
 
 
 def build_run(cfg: PretrainConfig, backend: Backend | str = "dense", device: str = "cpu",

@@ -5,6 +5,7 @@ import hashlib
 import os
 import platform
 import random
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -65,7 +66,7 @@ def write_file_atomic(path: str | Path, write, kept: str | None = None) -> Path:
             if kept is None:
                 kept = (f"the previous {path.name} is kept unchanged" if path.is_file()
                         else "nothing was written")
-            reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+            reason = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
             raise OutputError(f"cannot write {str(path)!r} ({reason}); {kept}. Free disk space or choose "
                               f"another output path") from e
         raise
@@ -81,7 +82,12 @@ def _replace_atomically(path: Path, write) -> Path:
             raise IsADirectoryError(21, "a folder of that name is in the way", str(path))
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
-        write(tmp)
+        try:
+            write(tmp)
+        except Exception as e:  # noqa: BLE001 (writers report a failed write in their own types)
+            if isinstance(e, OSError) or not _is_write_failure(e):
+                raise
+            raise WriteFailed(_failed_write_reason(e, path.parent)) from e
         os.chmod(tmp, default_file_mode())  # after writing: some writers replace the file they are given
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -94,10 +100,34 @@ def _replace_atomically(path: Path, write) -> Path:
     return path
 
 
+class WriteFailed(OSError):
+    """A writer library (torch's zip writer, safetensors) failed to write its file."""
+
+
+# How writer libraries word a failed write: torch's zip writer (a RuntimeError from inline_container.cc,
+# e.g. "unexpected pos 42747712 vs 42747604" on a full disk), safetensors (SafetensorError: IoError(...)).
+_WRITE_FAILURES = ("PytorchStreamWriter failed writing", "file write failed", "inline_container.cc",
+                   "unexpected pos", "IoError", "No space left on device")
+
+
 def _is_write_failure(e: BaseException) -> bool:
-    """torch's zip writer reports a failed write as a RuntimeError from inline_container.cc."""
-    return isinstance(e, RuntimeError) and ("PytorchStreamWriter failed writing" in str(e) or
-                                            "file write failed" in str(e))
+    return ((isinstance(e, RuntimeError) or type(e).__name__ == "SafetensorError")
+            and any(s in str(e) for s in _WRITE_FAILURES))
+
+
+def _failed_write_reason(e: BaseException, folder: Path) -> str:
+    """What a user can act on: a full disk said as such (the writers' own words are positions and
+    internal codes); otherwise the writer's first line. Checked while the partial file still fills
+    the disk."""
+    text = str(e)
+    if any(s in text for s in ("No space left on device", "os error 28", "StorageFull")):
+        return "No space left on device"
+    try:
+        if shutil.disk_usage(folder).free < (1 << 20):
+            return "No space left on device"
+    except OSError:
+        pass
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -186,6 +216,13 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _looks_like_torch_file(path: Path) -> bool:
+    """torch.save writes a zip (``PK``) or, before torch 1.6, a pickle (protocol 2+: ``0x80``)."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return head == b"PK" or head[:1] == b"\x80"
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", sha256: str | None = None) -> dict:
     """Verify (:func:`verify_checkpoint`), then ``torch.load(weights_only=True)``; any failure is one
     :class:`CheckpointError` naming the file."""
@@ -196,6 +233,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     except Exception as e:  # torch raises several types for torn or foreign files
         first = (str(e).strip().splitlines() or [""])[0][:200]
         why = f"{type(e).__name__}: {first}" if first else type(e).__name__
+        if not _looks_like_torch_file(path):  # a config, an image, a log: no earlier checkpoint will help
+            raise CheckpointError(f"{str(path)!r} is not a torch checkpoint (neither a zip nor a pickle file); pass a "
+                                  f".pth checkpoint written by tools/pretrain.py (checkpoint-NNNNNNN.pth in its "
+                                  f"output folder)") from e
         raise CheckpointError(f"checkpoint {str(path)!r} is truncated or not a torch checkpoint ({why}); use an "
                               f"earlier checkpoint from the same folder") from e
     if not isinstance(ckpt, dict):

@@ -4,7 +4,8 @@ A run folder holds ``run.json`` (the owning run's id and the SHA-256 of every ch
 ``checkpoint-NNNNNNN.pth`` (step checkpoints, the newest ``train.keep_last`` kept) and
 ``checkpoint-best.pth``. Rules, each against a way of losing data:
 
-- a fresh run refuses a folder that holds another run's checkpoints (resume it, or say ``--overwrite``);
+- a fresh run refuses a folder that holds another run's files (resume it, or say ``--overwrite``; see
+  :mod:`mimsparse.train.run_folder`);
 - rotation deletes only step checkpoints this run recorded in ``run.json``, matched by the exact name
   (never ``checkpoint-0000004-mybackup.pth`` or a file another run wrote);
 - a checkpoint is verified on load (zip CRCs, and the recorded SHA-256), and ``--resume auto`` falls back
@@ -26,9 +27,12 @@ import torch
 
 from mimsparse.train.checkpoint import all_finite, file_sha256, load_checkpoint, save_checkpoint, write_text_atomic
 from mimsparse.errors import CheckpointError, OutputError, TrainingError
+from mimsparse.train.run_folder import clear_run_files, refuse_other_run
 
 RUN_FILE = "run.json"
 BEST_NAME = "checkpoint-best.pth"
+RUN_FILES = (BEST_NAME, "log.jsonl", "tensorboard", "vis")  # besides the step checkpoints
+EXTRA_FILES = (RUN_FILE, "config.yaml", "wandb")  # also deleted by --overwrite, but no run by themselves
 STEP_NAME = re.compile(r"^checkpoint-(\d{7})\.pth$")
 
 
@@ -73,37 +77,31 @@ class CheckpointManager:
 
     def claim(self, resuming: bool, overwrite: bool = False, say: Callable[[str], None] = print) -> str:
         """Make this run the owner of the folder and return its id. A resumed run keeps the folder's
-        record (its checkpoints stay its own); a fresh run refuses a folder with another run's
-        checkpoints unless ``overwrite``, which first deletes that run's checkpoints and log."""
+        record (its checkpoints stay its own); a fresh run refuses a folder with another run's files
+        unless ``overwrite``, which first deletes everything of that run."""
         if self.record is not None:
             return self.record["run_id"]
         record = self.read_record() if resuming else None
-        if not resuming:
-            theirs = self.check_can_start(resuming, overwrite)
-            if theirs:
-                for p in theirs + [self.folder / "log.jsonl", self.run_file]:
-                    p.unlink(missing_ok=True)
-                say(f"--overwrite: deleted the previous run's {len(theirs)} checkpoint(s) and log in {self.folder}")
+        if not resuming and self.check_can_start(resuming, overwrite):
+            clear_run_files(self.folder, self.run_files() + [self.folder / name for name in EXTRA_FILES], say)
         if record is None:
             record = {"run_id": uuid.uuid4().hex, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checkpoints": {}}
         self.record = record
         self._write_record()
         return record["run_id"]
 
+    def run_files(self) -> list[Path]:
+        """What makes the folder another run's: its checkpoints, log, TensorBoard events, pictures."""
+        return step_checkpoints(self.folder) + [self.folder / name for name in RUN_FILES]
+
     def check_can_start(self, resuming: bool, overwrite: bool = False) -> list[Path]:
         """Read-only part of :meth:`claim` (every process of a torchrun job runs it, so all stop
-        together): raise unless this start may own the folder; returns the other run's checkpoints
+        together): raise unless this start may own the folder; returns the other run's files
         that ``overwrite`` will replace."""
-        if resuming:
-            return []
-        theirs = step_checkpoints(self.folder) + [p for p in [self.folder / BEST_NAME] if p.is_file()]
-        if theirs and not overwrite:
-            names = ", ".join(p.name for p in theirs[-3:])
-            raise CheckpointError(
-                f"output folder {str(self.folder)!r} holds the checkpoints of another run ({len(theirs)} file(s): "
-                f"{names}); a new run there would mix with or delete them. Continue that run with --resume auto, "
-                f"choose another folder with --output-dir DIR, or replace it with --overwrite")
-        return theirs
+        return refuse_other_run(self.folder, self.run_files(), resuming, overwrite)
+
+    def has_checkpoints(self) -> bool:
+        return bool(step_checkpoints(self.folder)) or (self.folder / BEST_NAME).is_file()
 
     def note(self, key: str, value) -> None:
         """Keep ``value`` under ``key`` in run.json (after :meth:`claim`), e.g. the file the run started from."""

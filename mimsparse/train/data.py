@@ -38,6 +38,9 @@ def bundled_photo_paths() -> list[Path]:
 def list_images(root: str | Path) -> list[Path]:
     """All image files below ``root`` (an ImageFolder's class folders or a flat folder), sorted."""
     root = Path(root)
+    if root.is_file():
+        raise DataError(f"--data {str(root)!r} is a file; pass a folder of images (an ImageFolder or a flat folder), "
+                        f"e.g. the folder that holds it: --data {str(root.parent)!r}")
     if not root.is_dir():
         raise DataError(f"data folder {str(root)!r} does not exist; pass --data with a folder of images")
     paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())

@@ -18,19 +18,22 @@ import torch
 from torch.utils.data import DataLoader
 
 from mimsparse.backends import Backend, get_backend
-from mimsparse.config import PretrainConfig
+from mimsparse.config import PretrainConfig, config_from_dict
 from mimsparse.errors import CheckpointError, DataError, OutputError, TrainingError
 from mimsparse.train import distributed
 from mimsparse.train.build import (build_dataset, build_model, build_optimization, check_train_config,
-                                   start_from_dense)
-from mimsparse.train.checkpoint import (check_model_matches, check_writable_dir, remove_stale_temp_files,
+                                   start_from_dense, warmup_steps)
+from mimsparse.train.checkpoint import (check_model_matches, remove_stale_temp_files,
                                         require_training_checkpoint, rng_state, set_rng_state, versions,
                                         write_text_atomic)
 from mimsparse.train.checkpoint_manager import CheckpointManager, checkpoint_size_estimate
 from mimsparse.train.compile import check_compile_mode
 from mimsparse.train.data import EpochSampler, collate_skip_bad, seed_worker
 from mimsparse.train.logger import RunLogger
-from mimsparse.train.optim import GradientStep
+from mimsparse.train.optim import GradientStep, lr_scheduler, set_hyperparameters
+from mimsparse.train.resume import changes_history, check_changes, config_changes, describe, recorded_config
+from mimsparse.train.run_folder import hold
+from mimsparse.train.stop_signal import STOP_EXIT_STATUS, StopSignal
 from mimsparse.train.shards import ShardImages
 from mimsparse.train.precision import check_amp
 
@@ -56,6 +59,8 @@ class RunState:
     batch_in_epoch: int = 0  # batches of the current epoch done (per process)
     best_loss: float = float("inf")
     skipped_steps: int = 0  # non-finite steps skipped so far (train.skip_nonfinite)
+    epoch_loss_sum: float = 0.0  # losses of the epoch in progress before a stop on a signal (its mean picks best)
+    epoch_loss_count: int = 0
 
 
 @dataclass
@@ -95,8 +100,17 @@ class Pretrainer:
         check_compile_mode(cfg.train.compile)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise TrainingError("--device cuda but CUDA is not available; use --device cpu")
-        check_writable_dir(self.out_dir)
+        self.stop = StopSignal(cfg.train.stop_signals)
+        # the main process holds the folder from here to the end of run() (see mimsparse.train.run_folder)
+        self.folder = hold(self.out_dir, _command(), self.dist.is_main, self.dist.enabled, self.device)
+        try:
+            self._build(cfg, resume, show_progress)
+        except BaseException:
+            if self.folder is not None:
+                self.folder.abandon()
+            raise
 
+    def _build(self, cfg: PretrainConfig, resume, show_progress: bool) -> None:
         self.dataset, self.steps_per_epoch = build_dataset(cfg, self.dist.world_size)
         self.batches_per_epoch = self.steps_per_epoch * cfg.train.accum_steps  # per process
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
@@ -115,6 +129,10 @@ class Pretrainer:
                                 cfg.train.tensorboard, cfg.to_dict() if cfg.train.wandb else None)
         self.last_checkpoint = None
         self.resumed_from = None
+        self.resume_auto = False
+        self.stopped_by: str | None = None  # the signal that stopped run() early
+        self.config_changes: dict[str, tuple] = {}  # on resume: key -> (checkpoint's value, this run's)
+        self.schedule_offset = 0
         if resume:
             self.load(resume)
         resumed = self.resumed_from is not None
@@ -149,16 +167,27 @@ class Pretrainer:
     def claim_output_dir(self) -> str:
         """Make this run the owner of the output folder before its first write (a fresh start refuses
         another run's checkpoints unless ``overwrite``); returns the run id."""
-        return self.checkpoints.claim(self.resumed_from is not None, self.overwrite, say=self.say)
+        return self.checkpoints.claim(self.resumed_from is not None, self._may_replace(), say=self.say)
+
+    def _may_replace(self) -> bool:
+        """``--overwrite``, or ``--resume auto`` in a folder without a checkpoint to resume (what a run
+        killed before its first checkpoint left there is replaced: a requeued job must start)."""
+        return self.overwrite or (self.resume_auto and not self.checkpoints.has_checkpoints())
 
     def save(self, is_best: bool = False) -> Path:
         self.claim_output_dir()
         return self.checkpoints.save(self.checkpoint_state(), self.state.step, is_best)
 
-    def load(self, path: str | Path) -> None:
+    def load(self, path: str | Path | tuple[Path, dict]) -> None:
         """Resume from ``path``, or with ``"auto"`` from the newest checkpoint of the output folder that
-        verifies (none there: a fresh start)."""
-        if str(path) == "auto":
+        verifies (none there: a fresh start); ``(path, checkpoint)`` when the caller loaded it already.
+        ``self.cfg`` is the config to continue under: every key that differs from the checkpoint's is
+        said, refused where it changes what the weights mean (:mod:`mimsparse.train.resume`), and the
+        lr schedule is rebuilt from it at the step reached."""
+        if isinstance(path, tuple):
+            path, ckpt = path
+        elif str(path) == "auto":
+            self.resume_auto = True
             found = self.checkpoints.load_latest(self.device, say=self.say)
             if found is None:
                 return
@@ -167,13 +196,15 @@ class Pretrainer:
             ckpt = self.checkpoints.load(path, self.device)
         require_training_checkpoint(ckpt, path, ("model", "config", "optimizer", "scheduler", "run", "rng"))
         check_model_matches(ckpt, self.cfg.model.name, path)
+        run = ckpt["run"] if isinstance(ckpt["run"], dict) else {}
+        self.config_changes = config_changes(config_from_dict(recorded_config(ckpt, path)), self.cfg)
+        check_changes(self.config_changes, path, run.get("batch_in_epoch", 0), run.get("epoch", 0))
         try:
             self.model.load_state_dict(ckpt["model"], strict=True)
         except RuntimeError as e:
             raise CheckpointError(f"{path} does not match this model: {str(e).splitlines()[1:3]}") from e
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.scheduler.load_state_dict(ckpt["scheduler"])
             if ckpt.get("scaler"):
                 self.scaler.load_state_dict(ckpt["scaler"])
             self.state = RunState(**ckpt["run"])
@@ -182,8 +213,34 @@ class Pretrainer:
             raise CheckpointError(f"{path}: cannot restore the training state ({type(e).__name__}: "
                                   f"{(str(e).splitlines() or [''])[0][:200]}); start a new run from its weights "
                                   f"instead (tools/convert_to_dense.py) or use a checkpoint of this config") from e
+        self._continue_schedule()
+        for line in describe(self.config_changes):
+            self.say(f"resume: {line}")
         self.resumed_from = Path(path)
         self.checkpoints.last_good = Path(path)
+
+    def _continue_schedule(self) -> None:
+        """The schedule of this config, at the step reached (the checkpoint's scheduler state holds the
+        old base lr and length; its optimizer, the lr of its last step: neither is used). When the steps
+        per epoch changed (batch size, data), the schedule continues from the epoch position reached."""
+        cfg, st = self.cfg, self.state
+        position = st.epoch * self.steps_per_epoch + st.batch_in_epoch // cfg.train.accum_steps
+        self.schedule_offset = position - st.step
+        self.total_steps = self.steps_per_epoch * cfg.train.epochs - self.schedule_offset
+        set_hyperparameters(self.optimizer, cfg.optim.weight_decay, (cfg.optim.beta1, cfg.optim.beta2))
+        self.scheduler = lr_scheduler(self.optimizer, self.lr, warmup_steps(cfg, self.steps_per_epoch),
+                                      self.steps_per_epoch * cfg.train.epochs, cfg.optim.min_lr, done=st.step,
+                                      offset=self.schedule_offset)
+        self.gradient_step.scheduler = self.scheduler
+
+    @property
+    def progress(self) -> float:
+        """Share of the run's schedule done (progressive masking)."""
+        return (self.state.step + self.schedule_offset) / max(1, self.total_steps + self.schedule_offset)
+
+    def finished(self) -> bool:
+        cfg, st = self.cfg, self.state
+        return st.epoch >= cfg.train.epochs or (bool(cfg.train.max_steps) and st.step >= cfg.train.max_steps)
 
     # ---- one batch -----------------------------------------------------------------------------
     def loader(self, epoch: int, start_batch: int) -> DataLoader:
@@ -214,7 +271,7 @@ class Pretrainer:
         run began. ``sync=False`` keeps DDP from averaging gradients (not the last micro-batch of an
         accumulation window). Returns (loss, detached; visible mask)."""
         cfg = self.cfg
-        progress = self.state.step / max(1, self.total_steps)
+        progress = self.progress
         visible = self.make_mask(images, seeds, progress=progress)
         # compiled: the masks' fixed count makes every packed shape static (see mimsparse.train.compile)
         count = self.model.visible_count(visible.shape[1:], progress) if cfg.train.compile != "off" else None
@@ -261,13 +318,33 @@ class Pretrainer:
 
     # ---- the run -------------------------------------------------------------------------------
     def run(self) -> dict:
-        """Train to the end (or ``train.max_steps``), writing a checkpoint every
-        ``train.save_every_epochs`` epochs and at the end; checkpoint-best is the lowest epoch-mean loss."""
+        """Train to the end (or ``train.max_steps``, or a stop signal: see
+        :mod:`mimsparse.train.stop_signal`), writing a checkpoint every ``train.save_every_epochs``
+        epochs and at the end; checkpoint-best is the lowest epoch-mean loss. The output folder is
+        let go at the end (removed when this start created it and failed before its first step)."""
+        first_step = self.state.step
+        try:
+            with self.stop:
+                return self._run()
+        except BaseException:
+            if self.folder is not None and self.state.step == first_step and self.last_checkpoint is None:
+                self.folder.abandon()
+            raise
+        finally:
+            if self.folder is not None:
+                self.folder.release()
+
+    def _run(self) -> dict:
         cfg, st = self.cfg, self.state
+        if self.resumed_from is not None and self.finished():  # nothing to do: nothing written, not even a log
+            return {"history": [], "checkpoint": None, "state": st, "stopped_by": None}
         if self.checkpoints.record is None:  # every process: all refuse another run's folder together
-            self.checkpoints.check_can_start(self.resumed_from is not None, self.overwrite)
+            self.checkpoints.check_can_start(self.resumed_from is not None, self._may_replace())
         if self.dist.is_main:
             self.claim_output_dir()
+            if self.config_changes:
+                self.checkpoints.note("config_changes", changes_history(self.checkpoints.record, st.step,
+                                                                        self.config_changes, self.command()))
             if self.init_record:
                 self.checkpoints.note("init", self.init_record)  # the dense weights the run started from
             remove_stale_temp_files(self.out_dir)
@@ -275,7 +352,7 @@ class Pretrainer:
         self.logger.start(st.step)  # one record per step: drop what a killed run logged after its checkpoint
         history = []
         self.train_model.train()
-        stop = bool(cfg.train.max_steps) and st.step >= cfg.train.max_steps
+        stop = self.finished()
         while st.epoch < cfg.train.epochs and not stop:
             records, stop = train_one_epoch(self)
             history += records
@@ -284,26 +361,41 @@ class Pretrainer:
             if not distributed.replicas_agree(self.model.parameters()):
                 raise TrainingError(f"the processes' parameters differ at step {st.step}; this is a bug, please "
                                     f"report it")
-            losses = [r["loss"] for r in records if r["loss"] is not None]
-            mean = sum(losses) / len(losses) if losses else float("inf")
-            is_best = mean < st.best_loss
-            st.best_loss = min(st.best_loss, mean)
+            total, count = st.epoch_loss_sum, st.epoch_loss_count  # the part before a signal stopped the epoch
+            for r in records:
+                if r["loss"] is not None:
+                    total, count = total + r["loss"], count + 1
+            if self.stopped_by:  # a partial epoch: best waits for the epoch's end, after the resume
+                st.epoch_loss_sum, st.epoch_loss_count, is_best = total, count, False
+            else:
+                st.epoch_loss_sum, st.epoch_loss_count = 0.0, 0
+                mean = total / count if count else float("inf")
+                is_best = mean < st.best_loss
+                st.best_loss = min(st.best_loss, mean)
             if self.dist.is_main and (stop or st.epoch % cfg.train.save_every_epochs == 0 or st.epoch == cfg.train.epochs):
                 self.last_checkpoint = self.save(is_best)
+            if self.stopped_by:
+                self.say(f"stopped by {self.stopped_by} at step {st.step} (epoch {st.epoch}, batch {st.batch_in_epoch}"
+                         f"): checkpoint {self.last_checkpoint}; continue with --resume auto (exit status "
+                         f"{STOP_EXIT_STATUS})", flush=True)
         self.logger.close()
         if self.dist.enabled:
             torch.distributed.barrier()  # rank 0 has finished writing before any process leaves
-        return {"history": history, "checkpoint": self.last_checkpoint, "state": st}
+        return {"history": history, "checkpoint": self.last_checkpoint, "state": st, "stopped_by": self.stopped_by}
 
     def write_config(self) -> Path:
         """``config.yaml`` in the run folder: the resolved config (``--config`` of a later run reads it
         back) under a comment with the command line that started this part of the run."""
         import yaml
 
-        command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "(library call)"
         start = f"resumed at step {self.state.step}" if self.resumed_from else "started"
-        header = f"# mimsparse run {start}: {command}\n"
+        header = f"# mimsparse run {start}: {self.command()}\n"
         return write_text_atomic(self.out_dir / "config.yaml", header + yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+
+    @staticmethod
+    def command() -> str:
+        """The command line that started this part of the run."""
+        return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "(library call)"
 
     def visualize(self, images: torch.Tensor, visible: torch.Tensor, path: Path) -> Path:
         """Reconstruction grid of (up to 4 of) the given images with their training masks."""
@@ -319,6 +411,14 @@ class Pretrainer:
                               f"Free disk space or turn the pictures off with train.vis_every=0") from e
         self.logger.image(grid, self.state.step)
         return path
+
+
+def _command() -> str:
+    """Who holds a run folder, for the refusal a second process gets."""
+    if not (sys.argv and sys.argv[0]):
+        return "a library call"
+    script = Path(sys.argv[0])
+    return f"python -m {script.parent.name}" if script.name == "__main__.py" else script.name
 
 
 def train_one_epoch(run: Pretrainer) -> tuple[list[dict], bool]:
@@ -343,7 +443,7 @@ def train_one_epoch(run: Pretrainer) -> tuple[list[dict], bool]:
         run.logger.batch_done()
         if not last_of_window:
             continue
-        progress = st.step / max(1, run.total_steps)
+        progress = run.progress
         record = run.optimizer_step(window)
         windows += 1
         if record is not None:
@@ -357,6 +457,9 @@ def train_one_epoch(run: Pretrainer) -> tuple[list[dict], bool]:
         window, t0, compute = _Window(), time.perf_counter(), 0.0
         if cfg.train.max_steps and st.step >= cfg.train.max_steps:
             stop = True
+            break
+        if run.stop.requested(run.device):  # every process, after every step: all stop at the same step
+            run.stopped_by, stop = run.stop.reason(), True
             break
     run.logger.epoch_done()
     if dist.enabled:

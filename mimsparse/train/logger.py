@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from mimsparse.errors import OutputError
 from mimsparse.train.run_log import RunLog
 
 SCALARS = ("loss", "lr", "grad_norm", "images_per_s", "mask_ratio", "data_time", "compute_time")
@@ -53,7 +54,7 @@ class RunLogger:
         if self.main:
             self.log.start(step)
             if self.tensorboard:
-                self.writer = tensorboard_writer(self.out_dir / "tensorboard")
+                self.writer = self._tensorboard(lambda: tensorboard_writer(self.out_dir / "tensorboard"))
             if self.wandb_config is not None:
                 self.wandb = wandb_run(self.out_dir, self.wandb_config)
 
@@ -72,8 +73,11 @@ class RunLogger:
         every = record["step"] % self.log_every == 0
         scalars = {f"train/{key}": record[key] for key in SCALARS if record.get(key) is not None}
         if self.writer is not None:
-            for tag, value in scalars.items():
-                self.writer.add_scalar(tag, value, record["step"])
+            def add_scalars():
+                for tag, value in scalars.items():
+                    self.writer.add_scalar(tag, value, record["step"])
+
+            self._tensorboard(add_scalars)
         if self.wandb is not None:
             self.wandb.log(scalars, step=record["step"])
         if self.show_progress:
@@ -86,7 +90,7 @@ class RunLogger:
         if self.writer is not None:
             import numpy as np
 
-            self.writer.add_image("reconstruction", np.asarray(grid), step, dataformats="HWC")
+            self._tensorboard(lambda: self.writer.add_image("reconstruction", np.asarray(grid), step, dataformats="HWC"))
         if self.wandb is not None:
             import wandb
 
@@ -95,8 +99,20 @@ class RunLogger:
     def epoch_done(self) -> None:
         self.bar.close()
 
+    def _tensorboard(self, write):
+        """TensorBoard's writer reports a failed write (full disk) from its background thread at a later
+        call: any OSError of it is one line naming the folder."""
+        try:
+            return write()
+        except OSError as e:
+            self.writer = None
+            folder = self.out_dir / "tensorboard"
+            raise OutputError(f"cannot write the TensorBoard events in {str(folder)!r} ({e.strerror or e}); the "
+                              f"checkpoints in {str(self.out_dir)!r} are kept. Free disk space, then resume with "
+                              f"--resume auto (or set train.tensorboard=false)") from e
+
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            self._tensorboard(self.writer.close)
         if self.wandb is not None:
             self.wandb.finish()

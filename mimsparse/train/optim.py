@@ -28,6 +28,27 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def lr_scheduler(optimizer, lr: float, warmup_steps: int, total_steps: int, min_lr: float, done: int = 0,
+                 offset: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warm-up + cosine per step from peak ``lr``, positioned after ``done`` steps (a resume: the
+    optimizer's lr is set for step ``done`` now, never left at what the checkpoint's schedule ended on).
+    ``offset``: schedule steps (in this run's step size) that precede step 0 of the step counter's
+    current scale (non-zero only when a resume changed the steps per epoch)."""
+    for group in optimizer.param_groups:
+        group["initial_lr"] = lr
+    min_ratio = min_lr / lr if lr > 0 else 0.0
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s + offset, warmup_steps, total_steps, min_ratio), last_epoch=done - 1)
+
+
+def set_hyperparameters(optimizer, weight_decay: float, betas: tuple[float, float]) -> None:
+    """Apply the config's AdamW settings to an optimizer whose state came from a checkpoint (its
+    groups carry the values they were saved with): group 0 decays, group 1 does not (:func:`param_groups`)."""
+    for group in optimizer.param_groups:
+        group["betas"] = betas
+    optimizer.param_groups[0]["weight_decay"] = weight_decay
+
+
 class GradientStep:
     """One optimizer step from accumulated gradients: unscale (fp16), total gradient norm, clipping,
     the non-finite policy (skip up to ``skip_nonfinite`` steps without an update, else stop with the
