@@ -55,7 +55,9 @@ class Backend(ABC):
     @abstractmethod
     def to_sparse(self, t: Native) -> SparseBatch: ...
 
-    def from_dense(self, x_bchw: torch.Tensor, active_bhw: torch.Tensor, stride: int = 1) -> Native:
+    def from_dense(self, x_bchw: torch.Tensor, active_bhw: torch.Tensor, stride: int = 1,
+                   rows_per_sample: int | None = None, block: int = 1) -> Native:
+        """The map's active sites. ``rows_per_sample``, ``block``: as for :meth:`patch_embed`."""
         return self.from_sparse(SparseBatch.from_dense(x_bchw, active_bhw, stride))
 
     def to_dense(self, t: Native) -> torch.Tensor:

@@ -38,7 +38,7 @@ class MaskedDenseBackend(Backend):
         sb.validate()  # to_dense would silently merge duplicates and fail on bounds
         return self.from_dense(sb.to_dense(), sb.active_mask(), sb.stride)
 
-    def from_dense(self, x_bchw, active_bhw, stride=1):
+    def from_dense(self, x_bchw, active_bhw, stride=1, rows_per_sample=None, block=1):
         # channels_last: convs keep it, and per-site ops then see contiguous [..., C] rows
         # (faster on CPU than NCHW: BENCHMARKS.md, "Depthwise 7×7 on sparse rows").
         x_bchw = x_bchw.contiguous(memory_format=torch.channels_last)

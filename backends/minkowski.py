@@ -2,7 +2,9 @@
 
 Native tensor: ``MinkowskiTensor`` = an ``ME.SparseTensor`` (features [N, C], coordinates
 (b, y, x) in its coordinate manager) plus what ME does not keep: batch_size (a sample may have no
-site at all), spatial_shape (H, W) of the current grid and the stride in image pixels.
+site at all), spatial_shape (H, W) of the current grid and the stride in image pixels. This file holds
+the backend's ops; minkowski_tensor.py the tensor and its coordinate-map caches; minkowski_layout.py the
+kernel layouts.
 
 What ME gives and what this module adds (scripts/build_minkowski.sh builds it; README, "Backends"):
 
@@ -54,10 +56,7 @@ NotImplementedError deep inside ME); the backend refuses them, and autocast to t
 """
 from __future__ import annotations
 
-import ctypes
 import os
-import warnings
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -67,94 +66,11 @@ from mimsparse.sparse import SparseBatch
 
 from .checks import add_bias, check_conv_weight, check_strided_conv, check_window_op, is_block_conv, sites_reached
 from .minkowski_layout import channelwise_kernel, me_kernel
+from .minkowski_tensor import ME, ConvolutionMode, MinkowskiTensor, new_tensor
 from .rows import RowBackend, dwconv_by_offsets, dwconv_via_dense, window_max, window_rows
-
-with warnings.catch_warnings():
-    # a CPU-only build warns at every import that it is one
-    warnings.filterwarnings("ignore", message="The MinkowskiEngine was compiled with CPU_ONLY flag")
-    import MinkowskiEngine as ME
-    from MinkowskiEngineBackend._C import ConvolutionMode, CoordinateMapType
 
 DWCONV_IMPLS = ("dense", "kernel_map")
 _DTYPES = (torch.float32, torch.float64)
-
-
-def _limit_blas_threads() -> None:
-    """One thread for the OpenBLAS that ME's CPU convolutions call, unless OPENBLAS_NUM_THREADS says
-    otherwise. Its gemms here are small (the strided convs) and run while torch's OpenMP workers may
-    still be spinning; a second pool of busy threads would only oversubscribe the cores. No-op where
-    ME was linked against another BLAS."""
-    if "OPENBLAS_NUM_THREADS" in os.environ or not hasattr(os, "RTLD_NOLOAD"):
-        return
-    try:
-        lib = ctypes.CDLL("libopenblas.so.0", mode=os.RTLD_NOLOAD)  # the copy ME loaded, never a new one
-        lib.openblas_set_num_threads(1)
-    except (OSError, AttributeError):
-        pass
-
-
-_limit_blas_threads()
-
-
-@dataclass(eq=False)
-class MinkowskiTensor:
-    """The backend's native tensor: an ``ME.SparseTensor`` plus what it cannot tell.
-
-    st:            ME tensor; coordinates (b, y * ts, x * ts) with ts = its tensor stride.
-    batch_size:    B (samples without sites included).
-    spatial_shape: (H, W) of this grid.
-    stride:        image pixels per site.
-    cache:         per set of sites: index tensors and kernel maps derived from the coordinates.
-                   ``with_feats`` shares it; ``downsample`` starts a new one.
-    """
-
-    st: ME.SparseTensor
-    batch_size: int
-    spatial_shape: tuple[int, int]
-    stride: int = 1
-    cache: dict = field(default_factory=dict, repr=False)
-
-    @property
-    def feats(self) -> torch.Tensor:
-        """Feature rows [N, C] (ME's ``F``), named as every backend's tensor names them."""
-        return self.st.F
-
-    @property
-    def key(self):
-        return self.st.coordinate_map_key
-
-    @property
-    def manager(self) -> ME.CoordinateManager:
-        return self.st.coordinate_manager
-
-    @property
-    def tensor_stride(self) -> int:
-        return int(self.st.tensor_stride[0])
-
-    def replace(self, feats: torch.Tensor) -> "MinkowskiTensor":
-        st = ME.SparseTensor(feats, coordinate_map_key=self.key, coordinate_manager=self.manager)
-        return MinkowskiTensor(st, self.batch_size, self.spatial_shape, self.stride, self.cache)
-
-    def grid_coords(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """int64 (b, y, x) of each row, in units of this grid."""
-        if "bxy" not in self.cache:
-            c = self.manager.get_coordinates(self.key).to(self.feats.device).long()
-            ts = self.tensor_stride
-            self.cache["bxy"] = (c[:, 0], torch.div(c[:, 1], ts, rounding_mode="floor"),
-                                 torch.div(c[:, 2], ts, rounding_mode="floor"))
-        return self.cache["bxy"]
-
-    def flat_index(self) -> torch.Tensor:
-        """int64 [N]: (b * H + y) * W + x of each row."""
-        if "flat" not in self.cache:
-            b, y, x = self.grid_coords()
-            h, w = self.spatial_shape
-            self.cache["flat"] = (b * h + y) * w + x
-        return self.cache["flat"]
-
-    def __repr__(self) -> str:
-        return (f"MinkowskiTensor(sites={self.feats.shape[0]}, channels={self.feats.shape[1]}, batch={self.batch_size}, "
-                f"spatial_shape={self.spatial_shape}, stride={self.stride}, tensor_stride={self.tensor_stride})")
 
 
 # ---- the backend ------------------------------------------------------------------------------------
@@ -175,7 +91,6 @@ class MinkowskiBackend(RowBackend):
     def __repr__(self) -> str:
         return f"MinkowskiBackend(dwconv={self.dwconv_impl!r})"
 
-    # ---- capabilities -----------------------------------------------------------------------------
     def supported_dtypes(self, device):
         # ME 0.5.4 dispatches its kernels (CPU and CUDA) on float and double only.
         return _DTYPES
@@ -191,26 +106,13 @@ class MinkowskiBackend(RowBackend):
             raise ConfigError("this MinkowskiEngine build is CPU-only (scripts/build_minkowski.sh builds "
                              "a CUDA one where a GPU is present); use --device cpu or another backend")
         sb.validate()  # ME would merge duplicate coordinates and accept any bound
-        return self._new_tensor(sb.feats, sb.coords, sb.batch_size, sb.spatial_shape, sb.stride)
-
-    @staticmethod
-    def _new_tensor(feats, coords, batch_size, spatial_shape, stride, tensor_stride=1) -> MinkowskiTensor:
-        """A tensor on a coordinate map of its own (``coords``: int32 (b, y, x) * tensor_stride)."""
-        manager = ME.CoordinateManager(
-            D=2, num_threads=torch.get_num_threads(),  # ME otherwise resets torch's thread count
-            coordinate_map_type=CoordinateMapType.CUDA if feats.is_cuda else CoordinateMapType.CPU)
-        # contiguous: ME refuses the column-major tensors that nonzero() returns
-        st = ME.SparseTensor(feats, coordinates=coords.contiguous(), tensor_stride=tensor_stride,
-                             coordinate_manager=manager)
-        # ME keeps each coordinate's first row (unique_index) and may store them in another order
-        # than given: the caches read the coordinates back from ME, so either is fine.
-        return MinkowskiTensor(st, batch_size, spatial_shape, stride)
+        return new_tensor(sb.feats, sb.coords, sb.batch_size, sb.spatial_shape, sb.stride)
 
     def to_sparse(self, t: MinkowskiTensor) -> SparseBatch:
         b, y, x = t.grid_coords()
         coords = torch.stack([b, y, x], 1).to(torch.int32)
         feats = t.feats
-        order = self._raster_order(t)
+        order = t.raster_order()
         if order is not None:
             coords, feats = coords.index_select(0, order), feats.index_select(0, order)
         return SparseBatch(coords, feats, t.batch_size, t.spatial_shape, t.stride)
@@ -220,15 +122,6 @@ class MinkowskiBackend(RowBackend):
         shape = torch.Size([t.batch_size, t.feats.shape[1], h, w])
         origin = torch.zeros(2, dtype=torch.int32, device=t.feats.device)
         return t.st.dense(shape=shape, min_coordinate=origin, contract_stride=True)[0]
-
-    @staticmethod
-    def _raster_order(t: MinkowskiTensor) -> torch.Tensor | None:
-        """Permutation to (batch, raster) order, or None when the rows already are in it."""
-        if "order" not in t.cache:
-            flat = t.flat_index()
-            ordered = flat.numel() < 2 or bool((flat[1:] > flat[:-1]).all())
-            t.cache["order"] = None if ordered else flat.argsort()
-        return t.cache["order"]
 
     # ---- RowBackend ----------------------------------------------------------------------------
     def feats(self, t):
@@ -277,7 +170,7 @@ class MinkowskiBackend(RowBackend):
             if not bool(keep.any()):
                 # no site in a complete block: no output site (ME's pruning would print a warning)
                 out = add_bias(F.linear(feats[:0], weight[:, :, 0, 0]), bias)
-                return self._new_tensor(out, feats.new_zeros(0, 3, dtype=torch.int32), t.batch_size, out_shape,
+                return new_tensor(out, feats.new_zeros(0, 3, dtype=torch.int32), t.batch_size, out_shape,
                                         t.stride * k, t.tensor_stride * k)
             if not bool(keep.all()):
                 in_key = ME.CoordinateMapKey(in_key.get_coordinate_size())
@@ -292,7 +185,7 @@ class MinkowskiBackend(RowBackend):
 
     def _centred_strided_conv(self, t, weight, bias, stride, active_out_bhw):
         kh, kw = weight.shape[-2:]
-        out_key, _ = self._out_sites(t, stride, active_out_bhw)
+        out_key, _ = t.out_sites(stride, active_out_bhw)
         # ME centres an odd kernel on the output coordinate and steps by the input's tensor stride:
         # output (i, j) reads input (stride*i + dy - k//2, stride*j + dx - k//2), as torchvision's convs
         out = self._me_conv(t.feats, weight, kh, kw, stride, t.key, out_key, t.manager)
@@ -303,30 +196,11 @@ class MinkowskiBackend(RowBackend):
         """The max over the active sites of each window, gathered from the rows (ME's max pooling
         has no notion of an output site whose window is empty)."""
         check_window_op("max_pool", kernel, stride, t.batch_size, t.spatial_shape, active_out_bhw)
-        out_key, out_coords = self._out_sites(t, stride, active_out_bhw)
+        out_key, out_coords = t.out_sites(stride, active_out_bhw)
         sb = SparseBatch(torch.stack(t.grid_coords(), 1).to(torch.int32), t.feats, t.batch_size, t.spatial_shape)
         out = window_max(t.feats, window_rows(sb, out_coords, kernel, stride, kernel // 2))
         st = ME.SparseTensor(out, coordinate_map_key=out_key, coordinate_manager=t.manager)
         return MinkowskiTensor(st, t.batch_size, tuple(active_out_bhw.shape[1:]), t.stride * stride)
-
-    @staticmethod
-    def _out_sites(t: MinkowskiTensor, stride: int, active_out_bhw: torch.Tensor):
-        """(key, int32 (b, y, x) [M, 3] in the map's row order) of a coordinate map in t's manager
-        holding the sites ``active_out_bhw`` at tensor stride t.tensor_stride * stride. Reused while
-        the same mask comes back for t's sites: a strided block's conv and its shortcut then land
-        on one map, whose rows line up for ``add``."""
-        key = ("out_sites", stride)
-        hit = t.cache.get(key)
-        if hit is not None and torch.equal(hit[0], active_out_bhw):
-            return hit[1]
-        ts = t.tensor_stride * stride
-        coords = active_out_bhw.nonzero().to(torch.int32)
-        coords[:, 1:] *= ts
-        out_key, (unique, _) = t.manager.insert_and_map(coords.contiguous(), [ts, ts], "mimsparse")
-        coords = coords.index_select(0, unique.to(coords.device).long())  # the map's row order
-        coords[:, 1:] //= ts
-        t.cache[key] = (active_out_bhw, (out_key, coords))
-        return out_key, coords
 
     def dwconv(self, t, weight, bias):
         c = t.feats.shape[1]
@@ -337,34 +211,16 @@ class MinkowskiBackend(RowBackend):
         elif self.dwconv_impl == "dense":
             out = dwconv_via_dense(t.feats, t.flat_index(), t.batch_size, t.spatial_shape, weight)
         else:
-            out = self._dwconv_kernel_map(t, weight, kh, kw)
+            out = dwconv_by_offsets(t.feats.new_zeros(t.feats.shape), t.feats, channelwise_kernel(weight),
+                                    t.kernel_map(kh, kw))
         return t.replace(add_bias(out, bias))
-
-    def _dwconv_kernel_map(self, t: MinkowskiTensor, weight: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
-        """MinkowskiChannelwiseConvolution's computation: per kernel offset, gather the input rows,
-        scale by that offset's taps, add into the output rows (functional index_add, not ME's
-        in-place ``out[idx] +=``, which is twice as slow in backward)."""
-        return dwconv_by_offsets(t.feats.new_zeros(t.feats.shape), t.feats, channelwise_kernel(weight), self._kernel_map(t, kh, kw))
-
-    def _kernel_map(self, t: MinkowskiTensor, kh: int, kw: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-        """ME's stride-1 kernel map of t's sites onto themselves: (offset, in rows, out rows)."""
-        key = ("kernel_map", kh, kw)
-        if key not in t.cache:
-            kmap = t.manager.kernel_map(t.key, t.key, 1, [kh, kw], 1)
-            t.cache[key] = [(k, m[0].long().to(t.feats.device), m[1].long().to(t.feats.device))
-                            for k, m in sorted(kmap.items()) if m.shape[1] > 0]
-        return t.cache[key]
-
-    # ---- ME calls ---------------------------------------------------------------------------------
-    def _kernel_generator(self, kh: int, kw: int, stride: int) -> ME.KernelGenerator:
-        key = (kh, kw, stride)
-        if key not in self._kernel_generators:
-            self._kernel_generators[key] = ME.KernelGenerator(kernel_size=[kh, kw], stride=stride, dilation=1,
-                                                              dimension=2)
-        return self._kernel_generators[key]
 
     def _me_conv(self, feats, weight, kh, kw, stride, in_key, out_key, manager) -> torch.Tensor:
         """``MinkowskiConvolutionFunction`` (no bias) from in_key's sites to out_key's."""
+        gen = (kh, kw, stride)
+        if gen not in self._kernel_generators:
+            self._kernel_generators[gen] = ME.KernelGenerator(kernel_size=[kh, kw], stride=stride, dilation=1,
+                                                              dimension=2)
         return ME.MinkowskiConvolutionFunction.apply(
-            feats.contiguous(), me_kernel(weight), self._kernel_generator(kh, kw, stride),
+            feats.contiguous(), me_kernel(weight), self._kernel_generators[gen],
             ConvolutionMode.DEFAULT, in_key, out_key, manager)

@@ -160,6 +160,67 @@ def test_strided_conv_at_the_sites_it_reaches_equals_conv2d(lib, k, stride, padd
         assert rel_err(grad, ref_grad) < TOL
 
 
+@pytest.mark.parametrize("k,stride,padding", [(7, 2, 3), (3, 2, 1), (1, 2, 0), (3, 1, 1)])
+@pytest.mark.parametrize("lib", ALL)
+def test_strided_conv_at_given_sites_equals_conv2d(lib, k, stride, padding):
+    """A ResNet's strided convs (7x7 stem, 3x3 and 1x1 stride 2) evaluated at the output sites the
+    caller gives, any pattern (some with no active input in their window, some active inputs read by
+    no output), forward and all three gradients."""
+    backend = _backend(lib)
+    x = torch.randn(3, 4, 11, 14)
+    active = random_active(3, 11, 14, 0.4, seed=k, empty_sample=1)
+    out_shape = ((11 + 2 * padding - k) // stride + 1, (14 + 2 * padding - k) // stride + 1)
+    active_out = random_active(3, *out_shape, 0.5, seed=k + 20, empty_sample=2)
+    weight, b = torch.randn(6, 4, k, k), torch.randn(6)
+
+    def op(be, t, w, bias):
+        return be.strided_conv(t, w, bias, stride, padding=padding, active_out_bhw=active_out)
+
+    t, out, ref, grads = _run_both(op, backend, x, active, weight, b)
+    _check_native(lib, t, stride)
+    assert torch.equal(backend.to_sparse(t).active_mask(), active_out)
+    expect = _masked(F.conv2d(_masked(x, active), weight, b, stride=stride, padding=padding), active_out)
+    assert rel_err(out, expect) < TOL and rel_err(out, ref) < TOL
+    for grad, ref_grad in grads:
+        assert rel_err(grad, ref_grad) < TOL
+
+
+@pytest.mark.parametrize("lib", ALL)
+def test_max_pool_at_given_sites_equals_dense(lib):
+    """3x3 stride-2 max over the active inputs of each window, at the given output sites (0 where a
+    window holds no active input), and its gradient to the winning rows."""
+    backend = _backend(lib)
+    x = torch.randn(3, 5, 12, 9)
+    active = random_active(3, 12, 9, 0.4, seed=3, empty_sample=0)
+    active_out = random_active(3, 6, 5, 0.6, seed=4)
+    leaves = [x.clone().requires_grad_() for _ in range(2)]
+    outs = [be.to_dense(be.max_pool(be.from_dense(leaf, active), 3, 2, active_out))
+            for be, leaf in ((backend, leaves[0]), (dense, leaves[1]))]
+    masked = x.masked_fill(~active.unsqueeze(1), float("-inf"))
+    expect = _masked(F.max_pool2d(masked, 3, 2, padding=1).nan_to_num(0.0, neginf=0.0), active_out)
+    assert rel_err(outs[0], expect) < TOL and rel_err(outs[0], outs[1]) < TOL
+    g = torch.randn(outs[1].shape, generator=torch.Generator().manual_seed(5))
+    for out in outs:
+        (out * g).sum().backward()
+    assert rel_err(leaves[0].grad, leaves[1].grad) < TOL
+
+
+@pytest.mark.parametrize("impl", ["gather", "dense"])
+@pytest.mark.parametrize("k", [3, 5])
+def test_packed_conv_implementations_equal_conv2d(impl, k):
+    """Both of packed's k x k conv implementations (gather-GEMM, dense map), whichever density picks."""
+    from mimsparse.backends.packed import PackedBackend
+
+    x = torch.randn(2, 6, 10, 13)
+    active = random_active(2, 10, 13, 0.7, seed=k, empty_sample=1)
+    w, b = torch.randn(5, 6, k, k), torch.randn(5)
+    _, out, ref, grads = _run_both("conv", PackedBackend(conv_impl=impl), x, active, w, b)
+    assert rel_err(out, _masked(F.conv2d(_masked(x, active), w, b, padding=k // 2), active)) < TOL
+    assert rel_err(out, ref) < TOL
+    for grad, ref_grad in grads:
+        assert rel_err(grad, ref_grad) < TOL
+
+
 @pytest.mark.parametrize("lib", ALL)
 def test_downsample_of_sites_only_in_a_partial_block_is_empty(lib, capfd):
     backend = _backend(lib)

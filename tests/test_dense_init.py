@@ -12,7 +12,7 @@ from mimsparse.api import build_model
 from mimsparse.convert.dense_init import init_from_dense
 from mimsparse.errors import CheckpointError, ConversionError
 from mimsparse.models.registry import family_of, model_names
-from mimsparse.models.resnet import torchvision_features
+from mimsparse.models.resnet import SparseResNet, torchvision_features
 from tests.conftest import run_tool
 from tests.helpers import backend_or_skip, backend_param, randomize_, rel_err
 
@@ -23,7 +23,7 @@ BACKENDS = [backend_param(name) for name in ("dense", "packed", "spconv", "minko
 def random_dense(name: str, seed: int = 0):
     """(the dense model, its last-feature-map function) with random weights everywhere, BatchNorm running
     statistics included (fresh ones are 0 / 1 and would hide a statistic that did not load)."""
-    if name.startswith("resnet"):
+    if family_of(name).encoder is SparseResNet:
         model = torchvision.models.get_model(name, num_classes=10)
         features = lambda x: torchvision_features(model, x)  # noqa: E731
     else:

@@ -23,10 +23,9 @@ from torch.utils._pytree import tree_leaves
 
 from mimsparse.backends import get_backend
 from mimsparse.masking import PatchMasker, block_patch_mask
-from mimsparse.models.convnextv2 import SparseConvNeXtV2
 from mimsparse.models.fcmae import FCMAE
 from mimsparse.models.loss import pixel_targets, reconstruction_loss
-from mimsparse.models.resnet import SparseResNet
+from mimsparse.models.registry import family_of
 
 B, H, W = 2, 64, 96  # non-square: a 2 x 3 patch grid
 
@@ -69,7 +68,7 @@ def autocast_on_fake(device_type: str, dtype: torch.dtype):
 
 def _model(encoder: str, backend, decoder: str) -> FCMAE:
     torch.manual_seed(0)
-    cls = SparseConvNeXtV2 if encoder.startswith("convnextv2") else SparseResNet
+    cls = family_of(encoder).encoder
     # SimMIM's linear head needs the mask-token input; the others take the sparse one
     encoder_input = "mask_token" if decoder == "linear" else "sparse"
     return FCMAE(cls.from_name(encoder, backend=backend), decoder=decoder, decoder_dim=64, mask_ratio=0.5,
@@ -102,8 +101,9 @@ CASES = [  # (encoder, decoder, backend, static mode)
     *[(enc, dec, "dense", False) for enc in ("convnextv2_atto", "resnet18") for dec in ("fcmae", "linear", "spark")],
     ("resnet50", "spark", "dense", False),  # the bottleneck block
     # packed: static mode only (its general mode reads per-sample counts on the host, which a fake
-    # tensor has not); the ResNet has no static mode yet (its strided convs pick sites from the masks)
+    # tensor has not); the ResNet's stem, strided convs and max pool then take their sites from the geometry
     *[("convnextv2_atto", dec, "packed", True) for dec in ("fcmae", "linear", "spark")],
+    ("resnet18", "spark", "packed", True), ("resnet50", "spark", "packed", True),
 ]
 
 

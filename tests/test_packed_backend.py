@@ -503,3 +503,63 @@ def test_batch_without_any_site():
         return downsample(be, grn(be.dwconv(t, dw, None), be), down, None)
 
     check_fwd_bwd(x, mask, op, (dw, grn.weight, grn.bias, down))
+
+
+# ---- SparK's ResNet: sparse-cost convs and static mode ------------------------------------------------
+def test_static_resnet_equals_the_general_path_in_float64():
+    """resnet18 with ``num_visible`` (every geometry static: the stem's pixel sites, the strided convs'
+    and max pool's output sites from the geometry's own downsampling, BatchNorm over the rows) gives
+    the general path's stages, gradients and BatchNorm running statistics, in training mode."""
+    from mimsparse.models.resnet import SparseResNet
+
+    torch.manual_seed(0)
+    general = SparseResNet.from_name("resnet18", backend="packed").double()
+    static = copy.deepcopy(general)
+    x = torch.randn(2, 3, 64, 96, dtype=torch.float64)
+    vis = random_patch_mask(2, (2, 3), 0.5, torch.Generator().manual_seed(1))
+    outs = []
+    for model, n in ((general, None), (static, int(vis[0].sum()))):
+        feats = model.forward_hierarchical(x, vis, num_visible=n)
+        sum((f * torch.linspace(-1, 1, f.numel(), dtype=f.dtype).view_as(f)).sum() for f in feats).backward()
+        outs.append(feats)
+    for a, b in zip(*outs):
+        assert_close(a, b, 1e-12, "stage")
+    for (name, p), q in zip(static.named_parameters(), general.parameters()):
+        assert_close(p.grad, q.grad, 1e-10, name)
+    for (name, buf), ref in zip(static.named_buffers(), general.buffers()):
+        assert_close(buf.double(), ref.double(), 1e-12, name)
+
+
+def test_static_strided_ops_refuse_output_sites_other_than_the_next_stage():
+    """In static mode a strided op's output sites come from the geometry; a caller's mask that differs
+    is refused by the device-side check (an error at the next sync), a wrong grid at once."""
+    vis = random_patch_mask(2, (2, 2), 0.5, torch.Generator().manual_seed(0))
+    geom = PackedGeometry.from_mask_static(upsample_mask(vis, 8), 4, int(vis[0].sum()) * 64, block=8)
+    t = PackedTensor(torch.randn(geom.num_rows, 3), geom)
+    backend, weight = PackedBackend(), torch.randn(4, 3, 3, 3)
+    right = upsample_mask(vis, 4)
+    assert torch.equal(backend.to_sparse(backend.max_pool(t, 3, 2, right)).active_mask(), right)
+    with pytest.raises(RuntimeError, match="the output sites of a strided op must be the next stage's patches"):
+        backend.strided_conv(t, weight, None, 2, padding=1, active_out_bhw=~right)
+    with pytest.raises(ValueError, match=r"output mask \(2, 9, 9\) does not match the output grid \(2, 8, 8\)"):
+        backend.max_pool(t, 3, 2, torch.ones(2, 9, 9, dtype=torch.bool))
+
+
+def test_gather_conv_window_tables_are_built_once_per_geometry():
+    """The 3x3 convs of a stage share one pair of window tables, and a block's strided conv and its 1x1
+    shortcut share one output geometry (what ``add`` needs, and fewer index builds). The inverse table,
+    which only the input gradient reads, is built only for inputs that need one."""
+    vis = random_patch_mask(2, (2, 2), 0.5, torch.Generator().manual_seed(0))
+    backend = PackedBackend(conv_impl="gather")
+    t = backend.from_dense(torch.randn(2, 8, 16, 16, requires_grad=True), upsample_mask(vis, 8), 4)
+    w3 = torch.randn(8, 8, 3, 3)
+    a, b = backend.conv(t, w3, None), backend.conv(t, w3, None)
+    assert a.geom is t.geom and {k for k in t.geom._cache if k[0] in ("win", "inv")} == {("win", 3, 1, 1),
+                                                                                        ("inv", 3, 1, 1)}
+    out_mask = upsample_mask(vis, 4)
+    main = backend.strided_conv(b, w3, None, 2, padding=1, active_out_bhw=out_mask)
+    short = backend.strided_conv(t, torch.randn(8, 8, 1, 1), None, 2, padding=0, active_out_bhw=out_mask)
+    assert main.geom is short.geom and backend.add(main, short).feats.shape == main.feats.shape
+    image = backend.from_dense(torch.randn(2, 3, 16, 16), upsample_mask(vis, 8), 4)  # no gradient wanted
+    backend.conv(image, torch.randn(8, 3, 3, 3), None)
+    assert ("win", 3, 1, 1) in image.geom._cache and ("inv", 3, 1, 1) not in image.geom._cache

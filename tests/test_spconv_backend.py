@@ -6,7 +6,7 @@ import torch
 pytest.importorskip("spconv.pytorch", reason="spconv is not installed (pip install spconv-cu120, or `make setup`)")
 
 from mimsparse.backends import get_backend  # noqa: E402
-from mimsparse.backends import spconv as spconv_backend  # noqa: E402
+from mimsparse.backends import spconv_rules  # noqa: E402  (where spconv.pytorch.ops is called)
 from mimsparse.backends.spconv import ConvAlgo, SpconvBackend  # noqa: E402
 from mimsparse.models.convnextv2 import SparseConvNeXtV2  # noqa: E402
 from tests.helpers import random_active  # noqa: E402
@@ -19,13 +19,13 @@ rulebook = SpconvBackend(dwconv="rulebook")
 
 def test_rule_tables_are_built_once_per_stage(monkeypatch):
     calls = []
-    original = spconv_backend.spops.get_indice_pairs
+    original = spconv_rules.spops.get_indice_pairs
 
     def counting(indices, batch_size, shape, algo, ksize, stride, padding, dilation, out_padding, subm, *a, **kw):
         calls.append((tuple(shape), ksize[0], subm))
         return original(indices, batch_size, shape, algo, ksize, stride, padding, dilation, out_padding, subm, *a, **kw)
 
-    monkeypatch.setattr(spconv_backend.spops, "get_indice_pairs", counting)
+    monkeypatch.setattr(spconv_rules.spops, "get_indice_pairs", counting)
     enc = SparseConvNeXtV2.from_name("convnextv2_atto", backend=rulebook)
     visible = torch.ones(2, 2, 2, dtype=torch.bool)
     with torch.no_grad():

@@ -2,12 +2,12 @@
 """The GPU check: CUDA tests, then the GPU benchmark; JSON + markdown into OUT_DIR, a one-line
 summary last. Normally started by scripts/gpu_check.sh (which prepares the environment offline).
 
-  tools/gpu_check.py OUT_DIR                # on a GPU: pytest -m cuda, then tiny/base/atto, B=64, 224, bf16
+  tools/gpu_check.py OUT_DIR                # on a GPU: pytest -m cuda, then tiny/base/resnet50/atto, B=64, 224, bf16
   tools/gpu_check.py OUT_DIR --cpu-smoke    # the same code path on CPU at toy size (tests skip, no compile)
 
 The whole check keeps to --budget-s (default 420 s on a GPU, so that it fits a machine lent for ten
 minutes): the tests get at most --test-timeout of it, the models share the rest in order (the targets,
-tiny and base, first), and a row not started in time is listed as skipped ("time budget"), never
+tiny and base, first; then resnet50, SparK's encoder; atto last), and a row not started in time is listed as skipped ("time budget"), never
 silently dropped.
 
 Benchmark rows per model (train step img/s and peak memory, r = 0.6 and 0.75): timm dense eager and
@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # train step only: every compiled row compiles one graph per measure (~0.5-1 min each), 5 per model
-GPU = dict(models=("convnextv2_tiny", "convnextv2_base", "convnextv2_atto"), batch=64, img=224, amp="bf16",
+GPU = dict(models=("convnextv2_tiny", "convnextv2_base", "resnet50", "convnextv2_atto"), batch=64, img=224, amp="bf16",
            compile=True, repeats=3, warmup=2, measures=("train_step",), budget_s=420)
 CPU_SMOKE = dict(models=("convnextv2_atto",), batch=2, img=64, amp="bf16", compile=False, repeats=1, warmup=0,
                  measures=("enc_fwd_bwd", "train_step"), budget_s=None)

@@ -14,7 +14,11 @@ Sparsity (SparK): the active sites of every stage are the visible patches upsamp
 grid. Convs read active sites only (masked ones count as zero), strided convs and the max pool are
 evaluated at the next stage's active sites only, and BatchNorm statistics come from active sites
 only. A strided conv is not allowed to "dilate" the active set (every output whose window touches
-an active site), so no information leaks into masked patches, however deep the network.
+an active site), so no information leaks into masked patches, however deep the network. The stem is
+the same rule at stride 1: the visible pixels enter as a sparse map and the 7x7 stride-2 conv is
+evaluated at the visible sites of its grid. With ``num_visible`` (every sample the same count) every
+stage's sites follow from that count, so a backend can run the whole encoder without a host sync
+(packed's static mode; ``torch.compile(fullgraph=True)``).
 """
 from __future__ import annotations
 
@@ -171,17 +175,17 @@ class SparseResNet(SparseEncoder):
 
     def forward_sparse(self, image_bchw: torch.Tensor, visible_bhw: torch.Tensor, return_stages: bool = False,
                        num_visible: int | None = None):
-        """image: [B, C, H, W]; visible: bool [B, H/32, W/32] (True = kept); num_visible is not used (the
-        strided convs pick their output sites from the masks, which has no static form yet).
+        """image: [B, C, H, W]; visible: bool [B, H/32, W/32] (True = kept); num_visible: see
+        SparseEncoder.forward_sparse (every stage's sites, and the strided convs' and max pool's output
+        sites, then follow from it without a host sync: packed's static mode).
         Returns the backend's native tensor of the last stage (or a list of all four, finest first)."""
         self.check_mask(image_bchw, visible_bhw)
-        backend = self.backend
-        # Stem: the image is dense with few channels, so its 7x7 conv runs densely on the image with
-        # masked pixels zeroed (exactly what a sparse conv reading visible pixels only computes) and
-        # is kept at the visible sites of the stride-2 grid.
-        pixels = upsample_mask(visible_bhw, self.patch_size).unsqueeze(1)
-        stem = F.conv2d(image_bchw * pixels.to(image_bchw.dtype), self.conv1.weight, None, stride=2, padding=3)
-        x = backend.from_dense(stem, upsample_mask(visible_bhw, self.patch_size // 2), stride=2)
+        backend, p = self.backend, self.patch_size
+        # Stem: the visible pixels enter as a sparse map (masked pixels absent, i.e. zero), and the 7x7
+        # stride-2 conv is evaluated at the visible sites of the stride-2 grid only.
+        static = {} if num_visible is None else {"rows_per_sample": num_visible * p * p, "block": p}
+        x = backend.from_dense(image_bchw, upsample_mask(visible_bhw, p), stride=1, **static)
+        x = _conv(backend, x, self.conv1, upsample_mask(visible_bhw, p // 2))
         x = _relu(backend, sparse_batch_norm(backend, x, self.bn1))
         masks = self.stage_masks(visible_bhw)
         x = backend.max_pool(x, 3, 2, masks[0])
