@@ -26,7 +26,7 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert all(r["train_step"]["images_per_s"] > 0 for r in rows)
     assert "spconv" in report["benchmarks"][0]["skipped"]  # no bf16 in spconv: listed, not silently dropped
     md = (out / "gpu_check.md").read_text()
-    assert "| packed | 0.60 |" in md and md.strip().endswith(last)
+    assert "| packed | 0.50 (asked 0.60) |" in md and md.strip().endswith(last)  # 64²: 2 of 4 patches masked
 
 
 def _write_wheel(path, module: str, value: int):
