@@ -20,7 +20,7 @@ from mimsparse.config import ModelConfig, PretrainConfig
 from mimsparse.models.convnextv2 import GRN, SparseConvNeXtV2
 from mimsparse.masking import random_patch_mask, upsample_mask
 from mimsparse.sparse import SparseBatch
-from tests.helpers import downsample
+from tests.helpers import downsample, random_active, rel_err
 
 TOL = 1e-4
 DENSE = MaskedDenseBackend()
@@ -563,3 +563,83 @@ def test_gather_conv_window_tables_are_built_once_per_geometry():
     image = backend.from_dense(torch.randn(2, 3, 16, 16), upsample_mask(vis, 8), 4)  # no gradient wanted
     backend.conv(image, torch.randn(8, 3, 3, 3), None)
     assert ("win", 3, 1, 1) in image.geom._cache and ("inv", 3, 1, 1) not in image.geom._cache
+
+
+# ---- halo tiles for full k x k convs (tile_conv.py) -------------------------------------------------
+def _conv_against_conv2d(backend, x, active, w, b, stride, padding, active_out=None):
+    """Forward and the three gradients of ``backend``'s conv (stride 1) or strided conv at
+    ``active_out`` against F.conv2d on the masked input, masked at the output sites."""
+    leaves = [x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()]
+    t = backend.from_dense(leaves[0], active)
+    y = (backend.conv(t, leaves[1], leaves[2]) if active_out is None else
+         backend.strided_conv(t, leaves[1], leaves[2], stride, padding=padding, active_out_bhw=active_out))
+    out = backend.to_dense(y)
+    ref_leaves = [v.detach().clone().requires_grad_() for v in leaves]
+    mask_out = active if active_out is None else active_out
+    ref = F.conv2d(ref_leaves[0] * active[:, None], ref_leaves[1], ref_leaves[2], stride=stride,
+                   padding=padding) * mask_out[:, None]
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3))
+    (out * g).sum().backward()
+    (ref * g).sum().backward()
+    assert torch.equal(backend.to_sparse(y).active_mask(), mask_out)
+    assert rel_err(out, ref) < TOL
+    for a, r in zip(leaves, ref_leaves):
+        assert rel_err(a.grad, r.grad) < TOL
+    return y
+
+
+@pytest.mark.parametrize("k,stride,padding", [(3, 1, 1), (5, 1, 2), (3, 2, 1), (7, 2, 3)])
+def test_tile_conv_equals_conv2d_on_patch_masks(k, stride, padding):
+    """ResNet's convs on a patch mask (4x4 output blocks, a map that is not a whole number of blocks,
+    an all-masked sample): ``auto`` takes halo tiles on CPU, and they equal F.conv2d forward and backward."""
+    vis = random_patch_mask(3, (3, 4), 0.5, torch.Generator().manual_seed(k))
+    vis[1] = False
+    h, w = 12 * stride, 15 * stride
+    active = upsample_mask(vis, 4 * stride)[:, :h, :w]     # partial blocks at the right border
+    x, wt, b = torch.randn(3, 5, h, w), torch.randn(6, 5, k, k), torch.randn(6)
+    active_out = None if stride == 1 else upsample_mask(vis, 4)[:, :12, :15]
+    g_out = PackedGeometry.from_mask(active if active_out is None else active_out, stride)
+    assert PACKED.conv_plan(PackedGeometry.from_mask(active, 1), g_out, k, stride) == ("tiles", 4)
+    _conv_against_conv2d(PACKED, x, active, wt, b, stride, padding, active_out)
+
+
+@pytest.mark.parametrize("s", [1, 2, 4])
+@pytest.mark.parametrize("k,stride,padding", [(3, 1, 1), (3, 2, 1)])
+def test_tile_conv_is_exact_for_any_sites(s, k, stride, padding):
+    """tile_conv itself on scattered sites (partly filled tiles, windows reaching into empty tiles and
+    past the border), for any tile size, against F.conv2d."""
+    from mimsparse.backends.packed.tile_conv import conv_tile_index, tile_conv
+
+    active = random_active(2, 9, 13, 0.4, seed=s)
+    ho, wo = (9 + 2 * padding - k) // stride + 1, (13 + 2 * padding - k) // stride + 1
+    active_out = random_active(2, ho, wo, 0.5, seed=s + 10) if stride > 1 else active
+    x, w, b = torch.randn(2, 4, 9, 13, requires_grad=True), torch.randn(3, 4, k, k, requires_grad=True), torch.randn(3)
+    g_in, g_out = PackedGeometry.from_mask(active, 1), PackedGeometry.from_mask(active_out, stride)
+    rows = g_in.gather(x)
+    out = tile_conv(rows, w, b, conv_tile_index(g_in, g_out, s, k, stride, padding), s, stride)
+    ref = F.conv2d(x * active[:, None], w, b, stride=stride, padding=padding)
+    ref_rows = g_out.gather(ref)
+    assert rel_err(out, ref_rows) < TOL
+    gy = torch.randn(out.shape)
+    gx, gw = torch.autograd.grad((out * gy).sum(), (x, w))
+    rx, rw = torch.autograd.grad((ref_rows * gy).sum(), (x, w))
+    assert rel_err(gx, rx) < TOL and rel_err(gw, rw) < TOL
+
+
+def test_conv_plan_chooses_by_block_size_and_impl():
+    """Auto on CPU: tiles for blocks spanning >= 4 input sites, the gather below (1x1 and 2x2 blocks),
+    the gather for strided 1x1 convs; scattered sites never fill tiles; forced impls are honoured."""
+    vis = random_patch_mask(2, (4, 4), 0.5, torch.Generator().manual_seed(0))
+    g8, g2 = (PackedGeometry.from_mask(upsample_mask(vis, s), 1) for s in (8, 2))
+    assert PACKED.conv_plan(g8, g8, 3, 1) == ("tiles", 8)
+    assert PACKED.conv_plan(g2, g2, 3, 1) == ("gather", None)
+    assert PACKED.conv_plan(g8, g2, 3, 2) == ("tiles", 2)        # 2x2 output blocks span 4 inputs
+    assert PACKED.conv_plan(g8, g2, 1, 2) == ("gather", None)
+    scattered = PackedGeometry.from_mask(random_active(2, 32, 32, 0.3, seed=1), 1)
+    assert PACKED.conv_plan(scattered, scattered, 3, 1) == ("gather", None)
+    assert PackedBackend(conv_impl="tiles").conv_plan(g2, g2, 3, 1) == ("tiles", 2)
+    assert PackedBackend(conv_impl="gather").conv_plan(g8, g8, 3, 1) == ("gather", None)
+    assert PackedBackend(conv_impl="dense").conv_plan(g8, g8, 3, 1) == ("dense", None)
+    assert PackedBackend(conv_impl="dense").conv_plan(g8, g2, 3, 2) == ("gather", None)
+    static = PackedGeometry.from_mask_static(upsample_mask(vis, 8), 1, 8 * 64, block=8)
+    assert PACKED.conv_plan(static, static, 3, 1) == ("tiles", 8)

@@ -14,6 +14,7 @@ from .dwconv import depthwise
 from .gather_conv import gather_conv
 from .geometry import PackedGeometry, PackedTensor
 from .subm_conv import dense_map_conv
+from .tile_conv import choose_conv_tile, conv_tile_index, tile_conv
 from .tiles import TILE_CHUNK_FLOATS, choose_tile, choose_tile_static
 from .windows import output_geometry, windows
 
@@ -27,9 +28,11 @@ class PackedBackend(RowBackend):
 
     def __init__(self, dw_tiles="auto", tile_compute_weight: float = 1.0,
                  tile_chunk_floats: int = TILE_CHUNK_FLOATS, conv_impl: str = "auto"):
-        if conv_impl not in ("auto", "gather", "dense"):
-            raise ValueError(f"conv_impl must be auto, gather or dense, got {conv_impl!r}")
-        self.conv_impl = conv_impl  # k x k convs: "gather" (sparse cost), "dense" (dense map), "auto" by density
+        if conv_impl not in ("auto", "tiles", "gather", "dense"):
+            raise ValueError(f"conv_impl must be auto, tiles, gather or dense, got {conv_impl!r}")
+        # k x k convs: "tiles" (halo tiles where the blocks allow, else the gather), "gather" (sparse
+        # cost), "dense" (dense map; strided convs at given sites then gather), "auto" (conv_plan)
+        self.conv_impl = conv_impl
         self.dw_tiles = dw_tiles
         self.tile_compute_weight = tile_compute_weight
         self.tile_chunk_floats = tile_chunk_floats
@@ -86,15 +89,32 @@ class PackedBackend(RowBackend):
         kh, kw = check_conv_weight(weight, t.feats.shape[1], "conv")
         if kh == 1 and kw == 1:
             return t.replace(F.linear(t.feats, weight.flatten(1), bias))
-        if kh == kw and self.conv_gathers(t.geom):
+        impl, s = self.conv_plan(t.geom, t.geom, kh, 1) if kh == kw else ("dense", None)
+        if impl == "tiles":
+            return t.replace(tile_conv(t.feats, weight, bias, conv_tile_index(t.geom, t.geom, s, kh, 1, kh // 2), s, 1))
+        if impl == "gather":
             return t.replace(gather_conv(t.feats, weight, bias, *windows(t.geom, t.geom, kh, 1, kh // 2, t.feats.requires_grad)))
         return t.replace(dense_map_conv(t.feats, weight, bias, t.geom))
 
-    def conv_gathers(self, geom: PackedGeometry) -> bool:
-        """Gather-GEMM, else the dense map: forced, or on CPU up to GATHER_MAX_DENSITY (GPU: cuDNN, unmeasured)."""
-        if self.conv_impl != "auto":
-            return self.conv_impl == "gather"
-        return geom.device.type == "cpu" and geom.num_rows <= GATHER_MAX_DENSITY * geom.num_sites
+    def conv_plan(self, g_in: PackedGeometry, g_out: PackedGeometry, k: int, stride: int) -> tuple[str, int | None]:
+        """How a k x k conv from ``g_in`` to ``g_out`` runs: ("tiles", block size), ("gather", None) or
+        ("dense", None; stride 1 only). Auto: on CPU halo tiles where the output blocks allow
+        (tile_conv.choose_conv_tile), else the gather-GEMM up to GATHER_MAX_DENSITY, else the dense map;
+        on a GPU (unmeasured) the dense map (cuDNN), the gather for strided convs at given sites. A strided
+        1x1 conv always gathers (its window is one row)."""
+        impl = "gather" if k == 1 else self.conv_impl
+        if impl == "auto":
+            if g_in.device.type != "cpu":
+                impl = "dense"
+            else:
+                s = choose_conv_tile(g_out, stride)
+                if s is not None:
+                    return "tiles", s
+                impl = "gather" if stride > 1 or g_in.num_rows <= GATHER_MAX_DENSITY * g_in.num_sites else "dense"
+        if impl == "tiles":
+            s = choose_conv_tile(g_out, stride, min_span=2)
+            return ("tiles", s) if s is not None else ("gather", None)
+        return ("gather", None) if impl == "dense" and stride > 1 else (impl, None)
 
     def dwconv(self, t, weight, bias):
         kh, kw = check_conv_weight(weight, t.feats.shape[1], "dwconv", depthwise=True)
@@ -115,8 +135,12 @@ class PackedBackend(RowBackend):
     def strided_conv(self, t, weight, bias, stride, *, padding, active_out_bhw=None):
         k, _ = check_strided_conv(weight, t.feats.shape[1], stride, padding, t.batch_size, t.spatial_shape,
                                   active_out_bhw)
-        if active_out_bhw is not None:  # the given sites (ResNet): gather-GEMM over each output's window
+        if active_out_bhw is not None:  # the given sites (ResNet): halo tiles or gather-GEMM (conv_plan)
             out = output_geometry(t.geom, stride, active_out_bhw)
+            impl, s = self.conv_plan(t.geom, out, k, stride)
+            if impl == "tiles":
+                return PackedTensor(tile_conv(t.feats, weight, bias, conv_tile_index(t.geom, out, s, k, stride, padding),
+                                              s, stride), out)
             return PackedTensor(gather_conv(t.feats, weight, bias, *windows(t.geom, out, k, stride, padding,
                                                                           t.feats.requires_grad)), out)
         if not is_block_conv(k, stride, padding, active_out_bhw):

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .scatter import _pad_row
+from .tile_conv import occupied_tile_origins, tile_input_rows
 
 if TYPE_CHECKING:
     from .geometry import PackedGeometry
@@ -147,18 +148,9 @@ class TilePlan:
         out_idx = ((chunk * sh + ly) * sw + lx) * ch + local    # layout (chunk, sy, sx, tile)
         int_idx = torch.full((nchunk * sh * sw * ch,), n, dtype=torch.int64, device=dev)
         int_idx = int_idx.index_copy(0, out_idx, torch.arange(n, device=dev))
-        # input windows (halo included) of every tile, read from the dense row map; the occupied
-        # tile ids in rank order, by a stable sort (no nonzero: sync-free for a static geometry)
-        tiles = (rank >= p).to(torch.int32).argsort(stable=True)[:p]
-        tb = torch.div(tiles, nty * ntx, rounding_mode="floor")
-        rem = tiles - tb * (nty * ntx)
-        t_y = torch.div(rem, ntx, rounding_mode="floor") * sh - ph
-        t_x = (rem % ntx) * sw - pw
-        yy = t_y[:, None] + torch.arange(th, device=dev)        # [P, th]
-        xx = t_x[:, None] + torch.arange(tw, device=dev)        # [P, tw]
-        valid = ((yy >= 0) & (yy < h))[:, :, None] & ((xx >= 0) & (xx < w))[:, None, :]
-        pos = (tb[:, None, None] * h + yy.clamp(0, h - 1)[:, :, None]) * w + xx.clamp(0, w - 1)[:, None, :]
-        rows = torch.where(valid, g.dense_to_row()[pos], n)     # [P, th, tw]
+        # input windows (halo included) of every tile, read from the dense row map
+        tb, ty, tx = occupied_tile_origins(g, sh, sw)
+        rows = tile_input_rows(g, tb, ty - ph, tx - pw, th, tw)  # [P, th, tw]
         if nchunk * ch > p:
             rows = torch.cat([rows, rows.new_full((nchunk * ch - p, th, tw), n)])
         in_idx = rows.view(nchunk, ch, th, tw).permute(0, 2, 3, 1).reshape(-1)

@@ -1,0 +1,103 @@
+"""k x k convolutions (any stride) over halo tiles: the output sites are covered by the s x s blocks that
+hold them (the mask's patches at that stage), each block's input window (its ``(s - 1) * stride + k``
+square, halo included, zero where inactive or outside the map) is gathered from the rows, and one oneDNN
+conv with padding 0 over all tiles gives exactly the blocks' outputs. Compute is the active area; the
+memory read is the tile input, 1.56x the active area for ResNet-50's stage-1 3x3 (8x8 blocks), against
+the gather-GEMM's k*k = 9x (gather_conv.py). Plain differentiable torch (index_select, conv2d), so
+autograd and static mode under ``torch.compile`` need nothing more; the index tables are cached on the
+output geometry and built without host syncs for a static geometry.
+
+Where it pays was measured per conv shape (BENCHMARKS.md, "halo tiles for full convs"): large blocks
+(stage 1 and 2, the stem, the strided conv into stage 2) win up to 2x over the gather-GEMM; 2x2 and 1x1
+blocks lose (oneDNN on 2x2 outputs), so ``choose_conv_tile`` only takes tiles whose input span is
+at least ``TILE_MIN_SPAN`` sites.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from .scatter import _pad_row
+
+if TYPE_CHECKING:
+    from .geometry import PackedGeometry
+
+# Tiles only where an output block spans at least this many input sites (s * stride): at 8 they are
+# 2x faster than the gather-GEMM (ResNet-50 stage 1), at 4 even, at 2 35 % slower (CPU, BENCHMARKS.md).
+TILE_MIN_SPAN = 4
+# A general (non-static) geometry takes the largest block size whose occupied tiles are at least this
+# full: patch-aligned masks fill their patches completely, scattered sites fill nothing.
+TILE_MIN_FILL = 0.75
+
+
+def choose_conv_tile(g_out: "PackedGeometry", stride: int, min_span: int = TILE_MIN_SPAN) -> int | None:
+    """Output block size s for ``tile_conv`` at this output geometry, or None (use the gather-GEMM):
+    blocks that span at least ``min_span`` input sites and are (nearly) full."""
+    if g_out.num_rows == 0:
+        return None
+    if g_out.static:  # the promised blocks are whole tiles: no count, no sync
+        s = g_out.block
+        return s if s > 1 and s * stride >= min_span else None
+
+    def fill(s):
+        return g_out.num_rows / (g_out.tiles(s, s)[2] * s * s)
+
+    key = ("conv_tile", stride, min_span)
+    if key not in g_out._cache:
+        h, w = g_out.spatial_shape
+        sizes = [s for s in (16, 8, 4, 2) if s <= max(h, w) and s * stride >= min_span]
+        g_out._cache[key] = next((s for s in sizes if fill(s) >= TILE_MIN_FILL), None)
+    return g_out._cache[key]
+
+
+def tile_input_rows(g_in: "PackedGeometry", tile_b, tile_y0, tile_x0, th: int, tw: int) -> torch.Tensor:
+    """int64 [P, th, tw]: the input row at each position of the th x tw windows whose top-left input
+    sites are (tile_y0, tile_x0) in sample tile_b, ``N`` where inactive or outside the map."""
+    h, w = g_in.spatial_shape
+    dev = g_in.device
+    yy = tile_y0[:, None] + torch.arange(th, device=dev)    # [P, th]
+    xx = tile_x0[:, None] + torch.arange(tw, device=dev)    # [P, tw]
+    valid = ((yy >= 0) & (yy < h))[:, :, None] & ((xx >= 0) & (xx < w))[:, None, :]
+    pos = (tile_b[:, None, None] * h + yy.clamp(0, h - 1)[:, :, None]) * w + xx.clamp(0, w - 1)[:, None, :]
+    return torch.where(valid, g_in.dense_to_row()[pos], g_in.num_rows)
+
+
+def occupied_tile_origins(g: "PackedGeometry", sh: int, sw: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sample, top y, left x) of the occupied sh x sw tiles of ``g``, in rank order (``g.tiles``), by a
+    stable sort instead of ``nonzero`` (sync-free for a static geometry)."""
+    h, w = g.spatial_shape
+    _, rank, p = g.tiles(sh, sw)
+    nty, ntx = -(-h // sh), -(-w // sw)
+    tiles = (rank >= p).to(torch.int32).argsort(stable=True)[:p]
+    tb = torch.div(tiles, nty * ntx, rounding_mode="floor")
+    rem = tiles - tb * (nty * ntx)
+    return tb, torch.div(rem, ntx, rounding_mode="floor") * sh, (rem % ntx) * sw
+
+
+def conv_tile_index(g_in: "PackedGeometry", g_out: "PackedGeometry", s: int, k: int, stride: int,
+                    padding: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """(in_idx [P*t*t], out_pos [M], P, t), cached on ``g_out``: ``in_idx`` the input row at each tile
+    input position (N = zero), ``out_pos`` each output row's position in the [P, s, s] tile outputs,
+    t = (s - 1) * stride + k the tile input side."""
+    def build():
+        t = (s - 1) * stride + k
+        tid, rank, p = g_out.tiles(s, s)
+        _, y, x = g_out.bxy()
+        out_pos = (rank[tid] * s + y % s) * s + x % s
+        tb, ty, tx = occupied_tile_origins(g_out, s, s)
+        rows = tile_input_rows(g_in, tb, ty * stride - padding, tx * stride - padding, t, t)
+        return rows.reshape(-1), out_pos, p, t
+    return g_out.cached(("tconv", s, k, stride, padding), build)
+
+
+def tile_conv(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, index, s: int,
+              stride: int) -> torch.Tensor:
+    """[M, C_out] = the conv at the output rows, from the input rows ``feats`` [N, C_in] and
+    ``conv_tile_index``'s tables."""
+    in_idx, out_pos, p, t = index
+    c = feats.shape[1]
+    x = _pad_row(feats).index_select(0, in_idx).view(p, t, t, c).permute(0, 3, 1, 2)  # channels-last
+    y = F.conv2d(x, weight.to(feats.dtype), None if bias is None else bias.to(feats.dtype), stride=stride)
+    return y.permute(0, 2, 3, 1).reshape(p * s * s, -1).index_select(0, out_pos)
