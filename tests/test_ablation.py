@@ -136,3 +136,40 @@ def test_floor_is_cleared_only_by_the_margin_with_seeds_apart():
     ok, text = floor_cleared(results([85, 75], [70, 76]), 5)                      # +7 on average, but 75 < 76
     assert not ok and "overlap;" in text
     assert not floor_cleared({"sparse-r0.6-grn": results([90], [1])["sparse-r0.6-grn"]}, 5)[0]
+
+
+def test_verdicts_use_a_paired_t_interval_and_the_papers_direction():
+    """The interval is Student's t over the paired differences (checked against scipy by hand: mean
+    -2, sd 1, n 3 -> t(0.975, 2) = 4.303); a claim is confirmed only when every comparison's interval
+    lies on the papers' side, contradicted when one lies on the other side."""
+    from mimsparse.evaluate.ablation_report import claim_verdict, paired_ci, verdicts_markdown
+
+    mean, lo, hi = paired_ci([-1.0, -2.0, -3.0])
+    assert mean == -2.0 and abs(hi - (-2.0 + 4.302653 / 3 ** 0.5)) < 1e-5 and abs(lo + hi + 4.0) < 1e-9
+    assert paired_ci([1.0]) is None
+
+    def record(variant, seed, probe, ft=0.5, mlp=0.3):
+        return {"variant": variant, "seed": seed, "probe": {"final_top1": probe}, "finetune": {"final_top1": ft},
+                "collapse": {"mlp": {"mean": mlp}}}
+    base = [record("sparse-r0.6-grn", s, 0.80 + s / 100, 0.70) for s in range(3)]
+    results = {"sparse-r0.6-grn": base, "random-init": [record("random-init", s, 0.70) for s in range(3)]}
+    sentence, lines = claim_verdict(CLAIMS[0], results)
+    assert "not run yet" in sentence and lines[0].endswith("– — not run")
+    # leaky 2-4 points lower on the probe for every seed, finetune equal to the baseline: unresolved
+    results["leaky-r0.6-grn"] = [record("leaky-r0.6-grn", s, 0.80 + s / 100 - (2 + s) / 100, 0.70) for s in range(3)]
+    sentence, lines = claim_verdict(CLAIMS[0], results)
+    assert lines[0].startswith("leaky dense − sparse, linear probe: -3.00 points (95 % CI -5.48 .. -0.52, 3 seeds)")
+    assert lines[0].endswith("confirmed") and "unresolved at this budget" in sentence
+    # ... and lower on the finetune too: confirmed; higher on the finetune: contradicted
+    for s, r in enumerate(results["leaky-r0.6-grn"]):
+        r["finetune"]["final_top1"] = 0.70 - (2 + s) / 100
+    assert "confirmed at this budget" in claim_verdict(CLAIMS[0], results)[0]
+    for s, r in enumerate(results["leaky-r0.6-grn"]):
+        r["finetune"]["final_top1"] = 0.70 + (2 + s) / 100
+    assert "contradicted at this budget" in claim_verdict(CLAIMS[0], results)[0]
+    # GRN: the collapse comparison reads the MLP-expansion distance, lower without GRN = the papers' side
+    results["sparse-r0.6-nogrn"] = [record("sparse-r0.6-nogrn", s, 0.70, mlp=0.1 + s / 100) for s in range(3)]
+    sentence, lines = claim_verdict(CLAIMS[2], results)
+    assert "confirmed at this budget" in sentence and "-0.190 (95 % CI" in lines[1]
+    assert verdicts_markdown(results).startswith("Baseline − random init, linear probe, paired by seed: +11.00 "
+                                                 "points (95 % CI +8.52 .. +13.48, 3 seeds).")

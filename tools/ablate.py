@@ -193,7 +193,8 @@ def _utc() -> str:
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    from mimsparse.evaluate.ablation import FLOOR, VARIANTS, Budget, floor_cleared, load_results, run_order, summary_markdown
+    from mimsparse.evaluate.ablation import FLOOR, VARIANTS, Budget, floor_cleared, load_results, run_order
+    from mimsparse.evaluate.ablation_report import summary_markdown
 
     from mimsparse.train.checkpoint import write_text_atomic
     from mimsparse.train.run_folder import clear_run_files, held, refuse_other_run

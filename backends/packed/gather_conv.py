@@ -35,21 +35,24 @@ class _GatherConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, feats, weight, bias, win, inv):
-        out = F.linear(_windows(feats, win), _weight_matrix(weight, feats.dtype),
-                       None if bias is None else bias.to(feats.dtype))
-        ctx.save_for_backward(feats, weight, win, inv)
+        w_mat = _weight_matrix(weight, feats.dtype)
+        out = F.linear(_windows(feats, win), w_mat, None if bias is None else bias.to(feats.dtype))
+        # the weight matrix is kept for the input gradient: its (tap, C_out, C_in) layout is a copy of
+        # contiguous C_in rows from it, where the weight itself would need a strided gather
+        ctx.save_for_backward(feats, weight, w_mat, win, inv)
         ctx.has_bias = bias is not None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        feats, weight, win, inv = ctx.saved_tensors
+        feats, weight, w_mat, win, inv = ctx.saved_tensors
         need_in, need_w, need_b = ctx.needs_input_grad[:3]
         g = grad_out.to(feats.dtype).contiguous()
         grad_feats = grad_w = grad_b = None
         if need_in:  # the transposed conv: each input row gathers the output rows that read it
-            w_t = weight.to(feats.dtype).permute(1, 2, 3, 0).reshape(weight.shape[1], -1)  # [C_in, K*C_out]
-            grad_feats = _windows(g, inv) @ w_t.t()
+            c_out, c_in = weight.shape[:2]
+            w_t = w_mat.view(c_out, -1, c_in).transpose(0, 1).reshape(-1, c_in)  # [K*C_out, C_in]
+            grad_feats = _windows(g, inv) @ w_t
         if need_w:
             gw = g.t() @ _windows(feats, win)                                  # [C_out, K*C_in]
             kh, kw = weight.shape[-2:]

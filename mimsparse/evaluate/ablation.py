@@ -179,14 +179,3 @@ def claim_table(claim: Claim, results: dict[str, list[dict]]) -> str:
             f"{mean_std(diffs, 2)} ({', '.join(f'{d:+.2f}' for d in diffs)})")
         lines.append(f"| {name} | {len(records)} | " + " | ".join(cells) + f" | {per_seed or '–'} | {paired} |")
     return "\n".join(lines)
-
-
-def summary_markdown(out_dir: str | Path) -> str:
-    results = load_results(out_dir)
-    budgets = {json.dumps(r["budget"], sort_keys=True) for rs in results.values() for r in rs}
-    parts = []
-    for claim in CLAIMS:
-        parts += [f"### {claim.title}", "", f"Papers: {claim.paper}.", "", claim_table(claim, results), ""]
-    if budgets:
-        parts += ["Budget: `" + "`, `".join(sorted(budgets)) + "`", ""]
-    return "\n".join(parts)

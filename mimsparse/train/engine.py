@@ -118,9 +118,12 @@ class Trainer(RunCheckpoints):
         moves on)."""
         if window.batches and self.dist.enabled and not window.synced:
             distributed.average_gradients(self.model.parameters())
-        totals = torch.tensor([float(window.loss_sum), window.batches, window.images], dtype=torch.float64,
-                              device=self.device)
-        loss_sum, batches, images = distributed.all_reduce_sum(totals).tolist()
+        # One collective per step: the totals and whether any process was asked to stop (StopSignal),
+        # so every process sees the same sum and all stop after this same step.
+        totals = torch.tensor([float(window.loss_sum), window.batches, window.images, self.stop.received is not None],
+                              dtype=torch.float64, device=self.device)
+        loss_sum, batches, images, stops = distributed.all_reduce_sum(totals).tolist()
+        self.stop_agreed = stops > 0
         if not batches:
             self.gradient_step.finish(self.state)
             return None
@@ -243,7 +246,7 @@ def train_one_epoch(run: Trainer) -> tuple[list[dict], bool]:
         if cfg.train.max_steps and st.step >= cfg.train.max_steps:
             stop = True
             break
-        if run.stop.requested(run.device):  # every process, after every step: all stop at the same step
+        if run.stop_agreed:  # agreed in optimizer_step's all-reduce: every process stops at this step
             run.stopped_by, stop = run.stop.reason(), True
             break
     run.logger.epoch_done()
