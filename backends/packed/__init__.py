@@ -11,8 +11,13 @@ Read in the order of the data path:
 - ``tiles.py``     halo tiles: which s x s blocks hold active sites, the plan laying them out for one
   grouped conv, the tile kernels and the cost model choosing the tile size.
 - ``blocks.py``    k x k / stride k downsampling: the k*k children rows of every output site.
-- ``subm_conv.py`` / ``dwconv.py`` / ``permute.py``: the autograd functions, by what they compute.
-- ``backend.py``   ``PackedBackend``, the ``Backend`` interface dispatching to the above.
+- ``windows.py``   the k x k windows of ResNet's convs and max pool, and a strided op's output geometry.
+- ``tile_conv.py`` / ``gather_conv.py`` / ``subm_conv.py``: full k x k convs (any stride) over halo
+  tiles of the mask's blocks, as a gather-GEMM over the windows, or through the dense map.
+- ``dwconv.py`` / ``permute.py``: the depthwise conv and the layout changes, as autograd functions.
+- ``backend.py``   ``PackedBackend``, the ``Backend`` interface dispatching to the above; ``conv_plan``
+  picks a k x k conv's implementation (halo tiles where the output blocks span >= 4 input sites, else
+  the gather-GEMM; measured per ResNet-50 conv shape, BENCHMARKS.md).
 
 How a depthwise conv over packed rows is computed (stride 1, submanifold: the output sites are the
 input sites). The active sites are covered with the s x s blocks that hold one of them (s = 4 or 8,
