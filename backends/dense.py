@@ -68,10 +68,13 @@ class MaskedDenseBackend(Backend):
 
     def max_pool(self, t, kernel, stride, active_out_bhw):
         check_window_op("max_pool", kernel, stride, t.x_bchw.shape[0], t.x_bchw.shape[2:], active_out_bhw)
-        # -inf at inactive sites (and in max_pool2d's padding): only active sites can win
-        x = t.x_bchw.masked_fill(~t.active_bhw.unsqueeze(1), float("-inf"))
+        # The lowest finite value at inactive sites (max_pool2d pads with -inf): only active sites can win.
+        # Not -inf: a window with no active site would tie with its padding, and inductor's compiled
+        # backward then routes the gradient to a padding position (an out-of-bounds index).
+        low = torch.finfo(t.x_bchw.dtype).min
+        x = t.x_bchw.masked_fill(~t.active_bhw.unsqueeze(1), low)
         out = F.max_pool2d(x, kernel, stride, padding=kernel // 2)
-        out = out.masked_fill(out == float("-inf"), 0.0)  # windows without an active site
+        out = out.masked_fill(out == low, 0.0)  # windows without an active site
         return MaskedDense(out, active_out_bhw, t.stride * stride).masked(out)
 
     def map_rows(self, t, fn):
