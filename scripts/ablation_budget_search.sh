@@ -13,12 +13,23 @@
 # later commits or merges in the checkout do not change a running search; $OUT/code/COMMIT names it.
 #   setsid nohup nice -n 19 env OMP_NUM_THREADS=1 JOBS=2 scripts/ablation_budget_search.sh > runs/ablation-search.log 2>&1 &
 set -uo pipefail
-cd "$(dirname "$0")/.."
+ROOT=${ABLATION_SEARCH_ROOT:-$(cd "$(dirname "$0")/.." && pwd)}
+cd "$ROOT" || exit 1
 PY=${PY:-$PWD/.venv/bin/python}
 OUT=${OUT:-runs/ablation-search}
+# bash reads a script while it runs it: run from a private copy, so that editing this file (or a
+# checkout changing it) cannot change a running search.
+if [ -z "${ABLATION_SEARCH_ROOT:-}" ]; then
+  mkdir -p "$OUT" && cp "$0" "$OUT/.search.sh" || exit 1
+  ABLATION_SEARCH_ROOT=$ROOT exec bash "$OUT/.search.sh"
+fi
 EPOCHS=${EPOCHS:-"1 2 4"}
 JOBS=${JOBS:-1}
-SEEDS=(0 1 2)
+# The search of docs/ablations.md; tests shrink these (tests/test_ablation.py).
+STEPS_PER_EPOCH=${STEPS_PER_EPOCH:-1875}
+BUDGET=${BUDGET:-"--probe-train 1000 --eval-limit 2000 --finetune-fraction 0.01 --finetune-epochs 5 --collapse-images 100"}
+FLOOR=${FLOOR:-5}
+read -r -a SEEDS <<< "${SEEDS:-0 1 2}"
 OTHERS=(leaky-r0.6-grn sparse-r0.4-grn sparse-r0.75-grn sparse-r0.9-grn sparse-r0.6-nogrn)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # With sched_autogroup (the default of most Linux kernels) nice only ranks processes inside their
@@ -39,8 +50,8 @@ echo "[search] $(date -u +%FT%TZ) code $(cat "$CODE/COMMIT") ($CODE), epochs to 
 
 ablate() {  # $1 = budget folder, $2 = steps, the rest = tools/ablate.py options
   local out=$1 steps=$2; shift 2
-  PYTHONPATH="$CODE" "$PY" "$CODE/tools/ablate.py" --out "$out" --steps "$steps" \
-    --probe-train 1000 --eval-limit 2000 --finetune-fraction 0.01 --finetune-epochs 5 --collapse-images 100 "$@"
+  # shellcheck disable=SC2086
+  PYTHONPATH="$CODE" "$PY" "$CODE/tools/ablate.py" --out "$out" --steps "$steps" $BUDGET "$@"
 }
 
 worker() {  # $1 = budget folder, $2 = steps, $3 = extra option, the rest = variant:seed runs in order
@@ -66,14 +77,14 @@ in_parallel() {  # the runs shared by $JOBS workers; exit status 3 if any says t
 }
 
 for e in $EPOCHS; do
-  out="$OUT/e$e" steps=$((e * 1875))
+  out="$OUT/e$e" steps=$((e * STEPS_PER_EPOCH))
   echo "[search] $(date -u +%FT%TZ) budget: $e epoch(s) = $steps steps; load $(cut -d' ' -f1-3 /proc/loadavg)"
   floor=() rest=()
   for s in "${SEEDS[@]}"; do floor+=("random-init:$s" "sparse-r0.6-grn:$s"); done
   for s in "${SEEDS[@]}"; do for v in "${OTHERS[@]}"; do rest+=("$v:$s"); done; done
   in_parallel "$out" "$steps" "" "${floor[@]}"
   rc=$?
-  [ $rc -eq 0 ] && { in_parallel "$out" "$steps" "--require-floor 5" "${rest[@]}"; rc=$?; }
+  [ $rc -eq 0 ] && { in_parallel "$out" "$steps" "--require-floor $FLOOR" "${rest[@]}"; rc=$?; }
   ablate "$out" "$steps" --summary-only --seeds "${SEEDS[@]}" > /dev/null
   echo "[search] $(date -u +%FT%TZ) budget $e epoch(s): exit status $rc"
   [ $rc -eq 3 ] && continue  # the baseline did not clear random init: try the next budget

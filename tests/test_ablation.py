@@ -173,3 +173,38 @@ def test_verdicts_use_a_paired_t_interval_and_the_papers_direction():
     assert "confirmed at this budget" in sentence and "-0.190 (95 % CI" in lines[1]
     assert verdicts_markdown(results).startswith("Baseline − random init, linear probe, paired by seed: +11.00 "
                                                  "points (95 % CI +8.52 .. +13.48, 3 seeds).")
+
+
+TINY_BUDGET = " ".join(a for a in TINY[:TINY.index("--steps")] + TINY[TINY.index("--steps") + 2:TINY.index("--seeds")])
+
+
+@pytest.mark.slow
+def test_budget_search_shares_the_runs_between_workers_and_stops_below_the_floor(tmp_path):
+    """scripts/ablation_budget_search.sh with two workers on a tiny budget: every floor run (random init
+    and the baseline, two seeds) runs once, the two workers at the same time; a margin no tiny run
+    reaches stops the budget with exit status 3 before the other variants; a second search on the same
+    folder is refused while the first runs."""
+    out = tmp_path / "search"
+    env = dict(os.environ, OUT=str(out), EPOCHS="1", STEPS_PER_EPOCH="2", JOBS="2", SEEDS="0 1", FLOOR="1000",
+               PY=sys.executable, BUDGET=TINY_BUDGET)
+    script = str(ROOT / "scripts" / "ablation_budget_search.sh")
+    first = subprocess.Popen(["bash", script], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    deadline = time.time() + 120
+    while not (out / "e1" / ".claims").is_dir() and time.time() < deadline:
+        time.sleep(0.5)
+    second = subprocess.run(["bash", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert second.returncode == 1 and "another budget search is running" in second.stderr
+    text, _ = first.communicate(timeout=900)
+    assert first.returncode == 3, text[-3000:]
+    assert (out / ".search.sh").is_file() and (out / "code" / "COMMIT").is_file()  # runs from private copies
+    records = [json.loads((out / "e1" / v / f"s{s}" / "result.json").read_text())
+               for s in (0, 1) for v in ("random-init", "sparse-r0.6-grn")]
+    for r in records:
+        assert text.count(f"[ablate] {r['variant']} seed {r['seed']}: start") == 1  # no run twice
+    spans = [(r["machine"]["start_utc"], r["machine"]["end_utc"]) for r in records]
+    assert any(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1:])  # two at once
+    assert "does not clear 1000 points" in text and "leaky-r0.6-grn seed" not in text
+    assert not list((out / "e1").glob("leaky-r0.6-grn/s*/result.json"))
+    assert "### Verdicts" in (out / "e1" / "summary.md").read_text()
+    assert "[search] no budget in (1) cleared the margin" in text

@@ -7,10 +7,10 @@ the gather-GEMM's k*k = 9x (gather_conv.py). Plain differentiable torch (index_s
 autograd and static mode under ``torch.compile`` need nothing more; the index tables are cached on the
 output geometry and built without host syncs for a static geometry.
 
-Where it pays was measured per conv shape (BENCHMARKS.md, "halo tiles for full convs"): large blocks
-(stage 1 and 2, the stem, the strided conv into stage 2) win up to 2x over the gather-GEMM; 2x2 and 1x1
-blocks lose (oneDNN on 2x2 outputs), so ``choose_conv_tile`` only takes tiles whose input span is
-at least ``TILE_MIN_SPAN`` sites.
+Where it pays was measured per conv shape (BENCHMARKS.md, "Halo tiles for full convs"): large blocks
+(the stem, stages 1 and 2, the strided convs into stages 2 and 3) beat the gather-GEMM; 2x2 outputs per
+tile lose (oneDNN on tiny maps), so ``choose_conv_tile`` only takes tiles whose output block spans at
+least ``TILE_MIN_SPAN`` input sites.
 """
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ from .scatter import _pad_row
 if TYPE_CHECKING:
     from .geometry import PackedGeometry
 
-# Tiles only where an output block spans at least this many input sites (s * stride): at 8 they are
-# 2x faster than the gather-GEMM (ResNet-50 stage 1), at 4 even, at 2 35 % slower (CPU, BENCHMARKS.md).
+# Tiles only where an output block spans at least this many input sites (s * stride): at 8 and more they
+# are 1.4-2x faster than the gather-GEMM (stem, stage 1, the stride-2 conv into stage 2), at 4 10-20 %
+# faster, at 2 (stage 3's 2x2 blocks) 10-35 % slower (ResNet-50 shapes on CPU, BENCHMARKS.md).
 TILE_MIN_SPAN = 4
 # A general (non-static) geometry takes the largest block size whose occupied tiles are at least this
 # full: patch-aligned masks fill their patches completely, scattered sites fill nothing.
