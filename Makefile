@@ -17,7 +17,7 @@ demo: setup
 # pytest exits 5 when it collected no test: that is a failure, not a pass. One worker per core
 # (pytest-xdist), each test file whole in one worker (its module fixtures, e.g. a compile, built once).
 test: setup
-	OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist loadfile tests; rc=$$?; \
+	OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist loadfile --durations=15 tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$rc
 
 # MinkowskiEngine built for CUDA (sm_80 and sm_90 unless TORCH_CUDA_ARCH_LIST says otherwise), installed into
