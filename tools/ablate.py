@@ -10,6 +10,8 @@ checkpoint (written every --segment-steps steps) and a finished probe / finetune
 <out>/<variant>/s<seed>/result.json (the full pretraining config, the budget, every metric, wall and CPU
 time and the load average) and <out>/summary.md. Random init and the baseline run for every seed first
 (the comparison every claim rests on), then the other variants seed-major.
+Processes with the same budget may share <out> (scripts/ablation_budget_search.sh runs two): each holds
+the run it works on, skips runs another process holds, and waits for the floor's runs before checking it.
 """
 from __future__ import annotations
 
@@ -201,30 +203,57 @@ def main(argv=None) -> int:
 
     out_dir = Path(args.out)
     budget = Budget(**{f.name: getattr(args, f.name) for f in fields(Budget)})
-    with held(out_dir, "ablate.py") as folder:  # one ablation per folder at a time; the runs inside lock their own
-        budget_path = out_dir / "budget.json"
-        if not args.summary_only:
-            # the same budget resumes; another budget's runs are another ablation's
+    if not args.summary_only:
+        # The folder is held only to check and write the budget: processes with the same budget share it
+        # (each run folder is held by the process running it); another budget's runs are another ablation's.
+        with held(out_dir, "ablate.py") as folder:
+            budget_path = out_dir / "budget.json"
             if budget_path.is_file() and json.loads(budget_path.read_text()) != budget.to_dict():
                 theirs = [budget_path, out_dir / "summary.md", *(out_dir / name for name in VARIANTS)]
                 clear_run_files(out_dir, refuse_other_run(out_dir, theirs, False, args.overwrite, resumable=False,
                                                           folder_flag="--out"))
             write_text_atomic(budget_path, json.dumps(budget.to_dict(), indent=1))
             folder.started = True
-            order = run_order(args.variants, args.seeds)
-            for i, (name, seed) in enumerate(order):
-                if args.require_floor is not None and name not in FLOOR and (i == 0 or order[i - 1][0] in FLOOR):
-                    ok, text = floor_cleared(load_results(out_dir), args.require_floor)
-                    print(f"[ablate] {text}", flush=True)
-                    if not ok:
-                        write_text_atomic(out_dir / "summary.md", summary_markdown(out_dir))
-                        print(f"[ablate] stopped before the other variants (--require-floor {args.require_floor:g})")
-                        return 3
-                run_one(out_dir, VARIANTS[name], seed, budget, args)
-        summary = summary_markdown(out_dir)
-        write_text_atomic(out_dir / "summary.md", summary)
+        order = run_order(args.variants, args.seeds)
+        for i, (name, seed) in enumerate(order):
+            if args.require_floor is not None and name not in FLOOR and (i == 0 or order[i - 1][0] in FLOOR):
+                ok, text = floor_cleared(load_results(out_dir), args.require_floor)
+                print(f"[ablate] {text}", flush=True)
+                if not ok:
+                    write_text_atomic(out_dir / "summary.md", summary_markdown(out_dir))
+                    print(f"[ablate] stopped before the other variants (--require-floor {args.require_floor:g})")
+                    return 3
+            # the floor's runs must all be finished before its check: wait for one another process has
+            wait = args.require_floor is not None and name in FLOOR
+            run_held(out_dir, VARIANTS[name], seed, budget, args, wait)
+    summary = summary_markdown(out_dir)
+    write_text_atomic(out_dir / "summary.md", summary)
     print(summary)
     return 0
+
+
+def run_held(out_dir: Path, variant, seed: int, budget, args, wait: bool, poll_s: float = 15.0) -> None:
+    """``run_one`` while holding the run's folder. A run another process holds is skipped, or with
+    ``wait`` waited for (and run here if that process ends without finishing it)."""
+    from mimsparse.evaluate.ablation import run_name
+    from mimsparse.train.run_folder import FolderBusy, held
+
+    run_dir = out_dir / run_name(variant.name, seed)
+    said = False
+    while True:
+        try:
+            with held(run_dir, "ablate.py") as folder:
+                folder.started = True  # a failed run keeps its checkpoints: the next call resumes them
+                run_one(out_dir, variant, seed, budget, args)
+                return
+        except FolderBusy:
+            if not wait:
+                print(f"[ablate] {variant.name} seed {seed}: another process is running it, skipped", flush=True)
+                return
+            if not said:
+                print(f"[ablate] {variant.name} seed {seed}: another process is running it, waiting", flush=True)
+                said = True
+            time.sleep(poll_s)
 
 
 if __name__ == "__main__":
