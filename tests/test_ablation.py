@@ -208,3 +208,35 @@ def test_budget_search_shares_the_runs_between_workers_and_stops_below_the_floor
     assert not list((out / "e1").glob("leaky-r0.6-grn/s*/result.json"))
     assert "### Verdicts" in (out / "e1" / "summary.md").read_text()
     assert "[search] no budget in (1) cleared the margin" in text
+
+
+@pytest.mark.slow
+def test_a_run_held_by_another_process_is_skipped_or_waited_for(tmp_path, capsys):
+    """Two ablation processes on one folder: a run another process holds (a real second process holding
+    its folder lock) is skipped, or, with wait (the floor's runs), waited for and then run here once
+    that process has let go without finishing it."""
+    import importlib.util
+    from dataclasses import fields
+
+    from mimsparse.evaluate.ablation import Budget
+
+    spec = importlib.util.spec_from_file_location("ablate_tool", ROOT / "tools" / "ablate.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "abl"
+    args = tool.get_args_parser().parse_args(["--out", str(out), *TINY])
+    budget = Budget(**{f.name: getattr(args, f.name) for f in fields(Budget)})
+    run_dir = out / "random-init" / "s0"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom mimsparse.train.run_folder import held\n"
+                               f"with held({str(run_dir)!r}, 'other'):\n    print('held', flush=True)\n    time.sleep(6)"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    tool.run_held(out, VARIANTS["random-init"], 0, budget, args, wait=False)
+    assert "random-init seed 0: another process is running it, skipped" in capsys.readouterr().out
+    assert not (run_dir / "result.json").exists()
+    t0 = time.time()
+    tool.run_held(out, VARIANTS["random-init"], 0, budget, args, wait=True, poll_s=0.5)
+    assert holder.wait(timeout=30) == 0 and time.time() - t0 >= 3  # it waited for the holder to let go
+    text = capsys.readouterr().out
+    assert "another process is running it, waiting" in text and "random-init seed 0: probe" in text
+    assert json.loads((run_dir / "result.json").read_text())["variant"] == "random-init"
