@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check for a machine without internet: prepare the environment offline, then run
 # tools/gpu_check.py (pytest -m cuda, then the GPU benchmark). Results: OUT_DIR/gpu_check.{json,md},
-# cuda_tests.{log,xml}, summary.txt; the last line printed is the one-line summary.
+# cuda_tests.{log,xml}, conv_ab.txt, summary.txt; the last line printed is the one-line summary.
 #
 #   scripts/gpu_check.sh OUT_DIR                  # on the GPU machine (--budget-s 450 by default: ~8 min)
 #   scripts/gpu_check.sh OUT_DIR --cpu-smoke      # the same steps on CPU at toy size (what the tests run)

@@ -27,9 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # train step only: every compiled row compiles one graph per measure (~0.5-1 min each), 5 per model
 GPU = dict(models=("convnextv2_tiny", "convnextv2_base", "resnet50", "convnextv2_atto"), batch=64, img=224, amp="bf16",
-           compile=True, repeats=3, warmup=2, measures=("train_step",), budget_s=420)
+           compile=True, repeats=3, warmup=2, measures=("train_step",), budget_s=420, conv_ab_batch=32)
 CPU_SMOKE = dict(models=("convnextv2_atto",), batch=2, img=64, amp="bf16", compile=False, repeats=1, warmup=0,
-                 measures=("enc_fwd_bwd", "train_step"), budget_s=None)
+                 measures=("enc_fwd_bwd", "train_step"), budget_s=None, conv_ab_batch=1)
 RATIOS = (0.6, 0.75)
 BACKENDS = ("dense", "packed", "spconv")
 
@@ -59,6 +59,19 @@ def run_cuda_tests(out: Path, timeout: int) -> dict:
         counts["failed_tests"] = [f"{c.get('classname')}::{c.get('name')}" for c in suite.iter("testcase")
                                   if c.find("failure") is not None or c.find("error") is not None]
     return counts
+
+
+def run_conv_ab(out: Path, batch: int, device: str, timeout: int = 90) -> str:
+    """benchmarks/gather_conv_ab.py on the device: packed's k x k conv implementations (gather-GEMM, halo
+    tiles, dense map) per ResNet-50 conv shape, so the first GPU run says which conv_plan should pick there."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gather_conv_ab.py"), "0.6", str(batch), device]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        text = proc.stdout + (proc.stderr[-2000:] if proc.returncode else "")
+    except subprocess.TimeoutExpired as e:
+        text = f"{e.stdout or ''}\nstopped after {timeout} s"
+    (out / "conv_ab.txt").write_text(text)
+    return text
 
 
 def packed_vs_masked_dense(result: dict, ratio: float = 0.6) -> float | None:
@@ -117,6 +130,10 @@ def main(argv=None) -> int:
 
     md = [f"# GPU check {report['date']}: {report['gpu'] or 'CPU smoke'}, torch {report['torch']}, "
           f"CUDA {report['cuda']}\n"]
+    conv_ab = run_conv_ab(out, plan["conv_ab_batch"], device)
+    report["conv_ab"] = conv_ab
+    md.append(f"## packed k×k convs per ResNet-50 shape, batch {plan['conv_ab_batch']}, r 0.6 "
+              f"(benchmarks/gather_conv_ab.py, fwd+bwd medians)\n\n```\n{conv_ab.strip()}\n```\n")
     ratios = {}
     for i, model in enumerate(plan["models"]):
         t0 = time.time()
