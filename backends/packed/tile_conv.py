@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     from .geometry import PackedGeometry
 
 # Tiles only where an output block spans at least this many input sites (s * stride): at 8 and more they
-# are 1.4-2x faster than the gather-GEMM (stem, stage 1, the stride-2 conv into stage 2), at 4 10-20 %
-# faster, at 2 (stage 3's 2x2 blocks) 10-35 % slower (ResNet-50 shapes on CPU, BENCHMARKS.md).
+# are 1.4-1.9x faster than the gather-GEMM (stem, stage 1, the stride-2 conv into stage 2), at 4 8-24 %
+# faster, at 2 (stage 3's 2x2 blocks) 13-35 % slower (ResNet-50 shapes on CPU, BENCHMARKS.md).
 TILE_MIN_SPAN = 4
 # A general (non-static) geometry takes the largest block size whose occupied tiles are at least this
 # full: patch-aligned masks fill their patches completely, scattered sites fill nothing.
