@@ -4,7 +4,7 @@
 # r 0.6, GRN) beats random init by >= 5 linear-probe points with seeds 0-2 not overlapping; then every
 # variant at that budget. Random init and the baseline run first for every seed; a budget that does
 # not clear the margin stops there (tools/ablate.py --require-floor, exit status 3) and the next one
-# starts. Every step resumes, so after a kill run the same command again.
+# starts (1, 2, 4, 8 epochs). Every step resumes, so after a kill run the same command again.
 #
 # JOBS worker processes (default 1) share the (variant, seed) runs of a budget: each takes the next run
 # nobody has claimed, so two cores finish a budget in about half the time; results do not depend on it.
@@ -23,7 +23,7 @@ if [ -z "${ABLATION_SEARCH_ROOT:-}" ]; then
   mkdir -p "$OUT" && cp "$0" "$OUT/.search.sh" || exit 1
   ABLATION_SEARCH_ROOT=$ROOT exec bash "$OUT/.search.sh"
 fi
-EPOCHS=${EPOCHS:-"1 2 4"}
+EPOCHS=${EPOCHS:-"1 2 4 8"}
 JOBS=${JOBS:-1}
 # The search of docs/ablations.md; tests shrink these (tests/test_ablation.py).
 STEPS_PER_EPOCH=${STEPS_PER_EPOCH:-1875}
