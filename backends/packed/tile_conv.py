@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from .scatter import _pad_row
+from .scatter import _pad_row, window_rows
+from .tiles import occupied_tile_origins
 
 if TYPE_CHECKING:
     from .geometry import PackedGeometry
@@ -53,30 +54,6 @@ def choose_conv_tile(g_out: "PackedGeometry", stride: int, min_span: int = TILE_
     return g_out._cache[key]
 
 
-def tile_input_rows(g_in: "PackedGeometry", tile_b, tile_y0, tile_x0, th: int, tw: int) -> torch.Tensor:
-    """int64 [P, th, tw]: the input row at each position of the th x tw windows whose top-left input
-    sites are (tile_y0, tile_x0) in sample tile_b, ``N`` where inactive or outside the map."""
-    h, w = g_in.spatial_shape
-    dev = g_in.device
-    yy = tile_y0[:, None] + torch.arange(th, device=dev)    # [P, th]
-    xx = tile_x0[:, None] + torch.arange(tw, device=dev)    # [P, tw]
-    valid = ((yy >= 0) & (yy < h))[:, :, None] & ((xx >= 0) & (xx < w))[:, None, :]
-    pos = (tile_b[:, None, None] * h + yy.clamp(0, h - 1)[:, :, None]) * w + xx.clamp(0, w - 1)[:, None, :]
-    return torch.where(valid, g_in.dense_to_row()[pos], g_in.num_rows)
-
-
-def occupied_tile_origins(g: "PackedGeometry", sh: int, sw: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sample, top y, left x) of the occupied sh x sw tiles of ``g``, in rank order (``g.tiles``), by a
-    stable sort instead of ``nonzero`` (sync-free for a static geometry)."""
-    h, w = g.spatial_shape
-    _, rank, p = g.tiles(sh, sw)
-    nty, ntx = -(-h // sh), -(-w // sw)
-    tiles = (rank >= p).to(torch.int32).argsort(stable=True)[:p]
-    tb = torch.div(tiles, nty * ntx, rounding_mode="floor")
-    rem = tiles - tb * (nty * ntx)
-    return tb, torch.div(rem, ntx, rounding_mode="floor") * sh, (rem % ntx) * sw
-
-
 def conv_tile_index(g_in: "PackedGeometry", g_out: "PackedGeometry", s: int, k: int, stride: int,
                     padding: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """(in_idx [P*t*t], out_pos [M], P, t), cached on ``g_out``: ``in_idx`` the input row at each tile
@@ -88,7 +65,8 @@ def conv_tile_index(g_in: "PackedGeometry", g_out: "PackedGeometry", s: int, k: 
         _, y, x = g_out.bxy()
         out_pos = (rank[tid] * s + y % s) * s + x % s
         tb, ty, tx = occupied_tile_origins(g_out, s, s)
-        rows = tile_input_rows(g_in, tb, ty * stride - padding, tx * stride - padding, t, t)
+        rows = window_rows(g_in.dense_to_row(), g_in.spatial_shape, g_in.num_rows, tb, ty * stride - padding,
+                           tx * stride - padding, t, t)
         return rows.reshape(-1), out_pos, p, t
     return g_out.cached(("tconv", s, k, stride, padding), build)
 

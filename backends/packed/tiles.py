@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from .scatter import _pad_row
-from .tile_conv import occupied_tile_origins, tile_input_rows
+from .scatter import _pad_row, window_rows
 
 if TYPE_CHECKING:
     from .geometry import PackedGeometry
@@ -40,6 +39,18 @@ def occupied_tiles(g: "PackedGeometry", sh: int, sw: int) -> tuple[torch.Tensor,
         p = int(csum[-1]) if csum.numel() else 0
     rank = torch.where(occupied.bool(), csum - 1, p)
     return tid, rank, p
+
+
+def occupied_tile_origins(g: "PackedGeometry", sh: int, sw: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sample, top y, left x) of the occupied sh x sw tiles of ``g``, in rank order (``g.tiles``), by a
+    stable sort instead of ``nonzero`` (sync-free for a static geometry)."""
+    h, w = g.spatial_shape
+    _, rank, p = g.tiles(sh, sw)
+    nty, ntx = -(-h // sh), -(-w // sw)
+    tiles = (rank >= p).to(torch.int32).argsort(stable=True)[:p]
+    tb = torch.div(tiles, nty * ntx, rounding_mode="floor")
+    rem = tiles - tb * (nty * ntx)
+    return tb, torch.div(rem, ntx, rounding_mode="floor") * sh, (rem % ntx) * sw
 
 
 @dataclass(eq=False)
@@ -150,7 +161,7 @@ class TilePlan:
         int_idx = int_idx.index_copy(0, out_idx, torch.arange(n, device=dev))
         # input windows (halo included) of every tile, read from the dense row map
         tb, ty, tx = occupied_tile_origins(g, sh, sw)
-        rows = tile_input_rows(g, tb, ty - ph, tx - pw, th, tw)  # [P, th, tw]
+        rows = window_rows(g.dense_to_row(), (h, w), n, tb, ty - ph, tx - pw, th, tw)  # [P, th, tw]
         if nchunk * ch > p:
             rows = torch.cat([rows, rows.new_full((nchunk * ch - p, th, tw), n)])
         in_idx = rows.view(nchunk, ch, th, tw).permute(0, 2, 3, 1).reshape(-1)

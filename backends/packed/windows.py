@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from .geometry import PackedGeometry
+from .scatter import window_rows
 
 
 def output_geometry(g: PackedGeometry, stride: int, active_out_bhw: torch.Tensor) -> PackedGeometry:
@@ -43,13 +44,8 @@ def window_index(dense_to_row: torch.Tensor, dims: tuple[int, int, int], n: int,
     """int64 [M, k*k]: the input row at tap (dy, dx) (index dy * k + dx) of the window of each output site
     (b, i, j), i.e. input site (stride*i + dy - padding, stride*j + dx - padding); ``n`` where that site
     is inactive or outside the [B, H, W] map ``dims``. ``dense_to_row``: int64 [B*H*W], ``n`` = inactive."""
-    _, h, w = dims
     ob, oy, ox = out_bxy
-    taps = torch.arange(k, device=ob.device) - padding
-    iy, ix = oy[:, None] * stride + taps, ox[:, None] * stride + taps           # [M, k] each
-    inside = ((iy >= 0) & (iy < h))[:, :, None] & ((ix >= 0) & (ix < w))[:, None, :]
-    pos = (ob[:, None, None] * h + iy.clamp(0, h - 1)[:, :, None]) * w + ix.clamp(0, w - 1)[:, None, :]
-    return torch.where(inside, dense_to_row[pos], n).view(-1, k * k)
+    return window_rows(dense_to_row, dims[1:], n, ob, oy * stride - padding, ox * stride - padding, k, k).view(-1, k * k)
 
 
 def inverse_window_index(win: torch.Tensor, n: int) -> torch.Tensor:
