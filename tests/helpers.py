@@ -35,6 +35,32 @@ def random_active(batch: int, h: int, w: int, p_active: float, seed: int = 0, em
     return active
 
 
+def check_conv_against_conv2d(backend, x, active, w, b, stride, padding, active_out=None, tol: float = 1e-4,
+                              device: str = "cpu"):
+    """Forward and the three gradients of ``backend``'s conv (stride 1) or strided conv at ``active_out``,
+    run on ``device``, against CPU F.conv2d on the masked input, masked at the output sites; and the
+    output's active sites. Returns the backend's output tensor."""
+    import torch.nn.functional as F
+
+    leaves = [v.to(device).requires_grad_() for v in (x.detach(), w.detach(), b.detach())]
+    t = backend.from_dense(leaves[0], active.to(device))
+    y = (backend.conv(t, leaves[1], leaves[2]) if active_out is None else
+         backend.strided_conv(t, leaves[1], leaves[2], stride, padding=padding, active_out_bhw=active_out.to(device)))
+    out = backend.to_dense(y)
+    ref_leaves = [v.detach().clone().requires_grad_() for v in (x, w, b)]
+    mask_out = active if active_out is None else active_out
+    ref = F.conv2d(ref_leaves[0] * active[:, None], ref_leaves[1], ref_leaves[2], stride=stride,
+                   padding=padding) * mask_out[:, None]
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3))
+    (out * g.to(device)).sum().backward()
+    (ref * g).sum().backward()
+    assert torch.equal(backend.to_sparse(y).active_mask().cpu(), mask_out)
+    assert rel_err(out.detach().cpu(), ref.detach()) < tol
+    for a, r in zip(leaves, ref_leaves):
+        assert rel_err(a.grad.cpu(), r.grad) < tol
+    return y
+
+
 def fit_fixed_batch(model, images, visible, lr: float, steps: int) -> list[float]:
     """AdamW steps on one batch and mask; returns the losses (to check that the model can learn)."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr)

@@ -19,7 +19,7 @@ from mimsparse.models.build import build_fcmae
 from mimsparse.config import ModelConfig, PretrainConfig
 from mimsparse.masking import random_patch_mask, upsample_mask
 from tests.conftest import ROOT, tiny_overrides
-from tests.helpers import randomize_
+from tests.helpers import check_conv_against_conv2d, randomize_
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh)")]
@@ -193,22 +193,10 @@ def test_packed_conv_implementations_on_cuda_match_cpu_conv2d(impl, k, stride, p
     the dense map / gather there; tiles are forced), forward and gradients against CPU F.conv2d."""
     from mimsparse.backends.packed import PackedBackend
 
-    backend = PackedBackend(conv_impl=impl)
     vis = random_patch_mask(2, (3, 3), 0.5, torch.Generator().manual_seed(k))
     h = 12 * stride
     active, active_out = upsample_mask(vis, 4 * stride), upsample_mask(vis, 4)
     g = torch.Generator().manual_seed(0)
     x, w, b = torch.randn(2, 8, h, h, generator=g), torch.randn(6, 8, k, k, generator=g), torch.randn(6, generator=g)
-    gy = torch.randn(2, 6, 12, 12, generator=g)
-    leaves = [v.cuda().requires_grad_() for v in (x, w, b)]
-    t = backend.from_dense(leaves[0], active.cuda())
-    y = (backend.conv(t, leaves[1], leaves[2]) if stride == 1 else
-         backend.strided_conv(t, leaves[1], leaves[2], stride, padding=padding, active_out_bhw=active_out.cuda()))
-    out = backend.to_dense(y)
-    (out * gy.cuda()).sum().backward()
-    ref_leaves = [v.clone().requires_grad_() for v in (x, w, b)]
-    ref = F.conv2d(ref_leaves[0] * active[:, None], ref_leaves[1], ref_leaves[2], stride=stride, padding=padding)
-    ref = ref * active_out[:, None]
-    (ref * gy).sum().backward()
-    for got, want in [(out, ref)] + [(a.grad, r.grad) for a, r in zip(leaves, ref_leaves)]:
-        assert (got.detach().cpu() - want.detach()).abs().max() <= FP32_TOL * want.detach().abs().max()
+    check_conv_against_conv2d(PackedBackend(conv_impl=impl), x, active, w, b, stride, padding,
+                              None if stride == 1 else active_out, FP32_TOL, "cuda")

@@ -20,7 +20,7 @@ from mimsparse.config import ModelConfig, PretrainConfig
 from mimsparse.models.convnextv2 import GRN, SparseConvNeXtV2
 from mimsparse.masking import random_patch_mask, upsample_mask
 from mimsparse.sparse import SparseBatch
-from tests.helpers import downsample, random_active, rel_err
+from tests.helpers import check_conv_against_conv2d, downsample, random_active, rel_err
 
 TOL = 1e-4
 DENSE = MaskedDenseBackend()
@@ -566,28 +566,6 @@ def test_gather_conv_window_tables_are_built_once_per_geometry():
 
 
 # ---- halo tiles for full k x k convs (tile_conv.py) -------------------------------------------------
-def _conv_against_conv2d(backend, x, active, w, b, stride, padding, active_out=None):
-    """Forward and the three gradients of ``backend``'s conv (stride 1) or strided conv at
-    ``active_out`` against F.conv2d on the masked input, masked at the output sites."""
-    leaves = [x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()]
-    t = backend.from_dense(leaves[0], active)
-    y = (backend.conv(t, leaves[1], leaves[2]) if active_out is None else
-         backend.strided_conv(t, leaves[1], leaves[2], stride, padding=padding, active_out_bhw=active_out))
-    out = backend.to_dense(y)
-    ref_leaves = [v.detach().clone().requires_grad_() for v in leaves]
-    mask_out = active if active_out is None else active_out
-    ref = F.conv2d(ref_leaves[0] * active[:, None], ref_leaves[1], ref_leaves[2], stride=stride,
-                   padding=padding) * mask_out[:, None]
-    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3))
-    (out * g).sum().backward()
-    (ref * g).sum().backward()
-    assert torch.equal(backend.to_sparse(y).active_mask(), mask_out)
-    assert rel_err(out, ref) < TOL
-    for a, r in zip(leaves, ref_leaves):
-        assert rel_err(a.grad, r.grad) < TOL
-    return y
-
-
 @pytest.mark.parametrize("k,stride,padding", [(3, 1, 1), (5, 1, 2), (3, 2, 1), (7, 2, 3)])
 def test_tile_conv_equals_conv2d_on_patch_masks(k, stride, padding):
     """ResNet's convs on a patch mask (4x4 output blocks, a map that is not a whole number of blocks,
@@ -600,7 +578,7 @@ def test_tile_conv_equals_conv2d_on_patch_masks(k, stride, padding):
     active_out = None if stride == 1 else upsample_mask(vis, 4)[:, :12, :15]
     g_out = PackedGeometry.from_mask(active if active_out is None else active_out, stride)
     assert PACKED.conv_plan(PackedGeometry.from_mask(active, 1), g_out, k, stride) == ("tiles", 4)
-    _conv_against_conv2d(PACKED, x, active, wt, b, stride, padding, active_out)
+    check_conv_against_conv2d(PACKED, x, active, wt, b, stride, padding, active_out, TOL)
 
 
 @pytest.mark.parametrize("s", [1, 2, 4])
