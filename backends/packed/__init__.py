@@ -7,7 +7,8 @@ Read in the order of the data path:
 - ``geometry.py``  ``PackedGeometry``: the active sites of one stage and every index derived from them
   (row <-> dense position, tile plans, downsampling children, scratch buffers), cached on it and shared
   by all tensors of the stage; nothing lives in module globals. ``PackedTensor`` = rows + geometry.
-- ``scatter.py``   rows -> zero dense map and back, the primitives below build on.
+- ``scatter.py``   rows -> zero dense map and back, and the rows of rectangular windows of the map
+  (conv windows, halo tiles): the primitives below build on.
 - ``tiles.py``     halo tiles: which s x s blocks hold active sites, the plan laying them out for one
   grouped conv, the tile kernels and the cost model choosing the tile size.
 - ``blocks.py``    k x k / stride k downsampling: the k*k children rows of every output site.
