@@ -565,19 +565,36 @@ def test_gather_conv_window_tables_are_built_once_per_geometry():
     assert ("win", 3, 1, 1) in image.geom._cache and ("inv", 3, 1, 1) not in image.geom._cache
 
 
+@pytest.mark.parametrize("c_out", [3, 40])
+@pytest.mark.parametrize("k,stride,padding", [(3, 1, 1), (3, 2, 1), (1, 2, 0)])
+def test_gather_conv_both_window_layouts_equal_conv2d(k, stride, padding, c_out):
+    """The gather-GEMM lays its windows out taps-major when there are more output rows than output
+    channels (C_out 3 here) and channels-major otherwise (C_out 40 > M): forward and all gradients
+    against F.conv2d either way, strided outputs included (whose inputs are read by 0-4 windows)."""
+    active = random_active(2, 7, 9, 0.5, seed=k + stride, empty_sample=1)
+    ho, wo = (7 + 2 * padding - k) // stride + 1, (9 + 2 * padding - k) // stride + 1
+    active_out = random_active(2, ho, wo, 0.6, seed=7) if stride > 1 else None
+    m = int((active if active_out is None else active_out).sum())
+    assert (m < c_out) == (c_out == 40)  # both layouts are exercised
+    x, w, b = torch.randn(2, 6, 7, 9), torch.randn(c_out, 6, k, k), torch.randn(c_out)
+    check_conv_against_conv2d(PackedBackend(conv_impl="gather"), x, active, w, b, stride, padding, active_out, TOL)
+
+
 # ---- halo tiles for full k x k convs (tile_conv.py) -------------------------------------------------
 @pytest.mark.parametrize("k,stride,padding", [(3, 1, 1), (5, 1, 2), (3, 2, 1), (7, 2, 3)])
 def test_tile_conv_equals_conv2d_on_patch_masks(k, stride, padding):
-    """ResNet's convs on a patch mask (4x4 output blocks, a map that is not a whole number of blocks,
-    an all-masked sample): ``auto`` takes halo tiles on CPU, and they equal F.conv2d forward and backward."""
+    """ResNet's convs on a patch mask (4x4 output blocks at stride 1, 8x8 at stride 2, a map that is not a
+    whole number of blocks, an all-masked sample): ``auto`` takes halo tiles on CPU, and they equal
+    F.conv2d forward and backward."""
     vis = random_patch_mask(3, (3, 4), 0.5, torch.Generator().manual_seed(k))
     vis[1] = False
-    h, w = 12 * stride, 15 * stride
-    active = upsample_mask(vis, 4 * stride)[:, :h, :w]     # partial blocks at the right border
-    x, wt, b = torch.randn(3, 5, h, w), torch.randn(6, 5, k, k), torch.randn(6)
-    active_out = None if stride == 1 else upsample_mask(vis, 4)[:, :12, :15]
+    s = 4 * stride
+    ho, wo = 3 * s, 4 * s - 1                              # partial blocks at the right border
+    active = upsample_mask(vis, s * stride)[:, :ho * stride, :wo * stride]
+    x, wt, b = torch.randn(3, 5, ho * stride, wo * stride), torch.randn(6, 5, k, k), torch.randn(6)
+    active_out = None if stride == 1 else upsample_mask(vis, s)[:, :ho, :wo]
     g_out = PackedGeometry.from_mask(active if active_out is None else active_out, stride)
-    assert PACKED.conv_plan(PackedGeometry.from_mask(active, 1), g_out, k, stride) == ("tiles", 4)
+    assert PACKED.conv_plan(PackedGeometry.from_mask(active, 1), g_out, k, stride) == ("tiles", s)
     check_conv_against_conv2d(PACKED, x, active, wt, b, stride, padding, active_out, TOL)
 
 
@@ -604,18 +621,61 @@ def test_tile_conv_is_exact_for_any_sites(s, k, stride, padding):
     assert rel_err(gx, rx) < TOL and rel_err(gw, rw) < TOL
 
 
+@pytest.mark.parametrize("s", [1, 2, 4])
+def test_tile_max_pool_is_exact_for_any_sites(s):
+    """The 3x3 stride-2 max pool over halo tiles, on scattered sites (windows with no active site give
+    0, tiles partly filled), for any tile size: forward and input gradient against F.max_pool2d with
+    -inf at inactive sites."""
+    from mimsparse.backends.packed.tile_conv import conv_tile_index, tile_max_pool
+
+    active = random_active(2, 9, 13, 0.3, seed=s)
+    active_out = random_active(2, 5, 7, 0.6, seed=s + 10)
+    x = torch.randn(2, 4, 9, 13, requires_grad=True)
+    g_in, g_out = PackedGeometry.from_mask(active, 1), PackedGeometry.from_mask(active_out, 2)
+    out = tile_max_pool(g_in.gather(x), conv_tile_index(g_in, g_out, s, 3, 2, 1), 3, 2)
+    pooled = F.max_pool2d(x.masked_fill(~active[:, None], float("-inf")), 3, 2, padding=1)
+    ref = g_out.gather(pooled.nan_to_num(0.0, neginf=0.0))
+    assert (ref == 0).any() and rel_err(out, ref) < TOL
+    gy = torch.randn(out.shape)
+    gx, = torch.autograd.grad((out * gy).sum(), x)
+    rx, = torch.autograd.grad((ref * gy).sum(), x)
+    assert rel_err(gx, rx) < TOL
+
+
+def test_max_pool_on_patch_masks_takes_tiles():
+    """ResNet's max pool after the stem (16x16 blocks pooled to 8x8): the plan picks tiles, and the
+    backend's pool equals the masked-dense one forward and backward."""
+    vis = random_patch_mask(3, (3, 3), 0.5, torch.Generator().manual_seed(2))
+    vis[1] = False
+    active, active_out = upsample_mask(vis, 16), upsample_mask(vis, 8)
+    g_in, g_out = PackedGeometry.from_mask(active, 2), PackedGeometry.from_mask(active_out, 4)
+    assert PACKED.conv_plan(g_in, g_out, 3, 2) == ("tiles", 8)
+    x = torch.randn(3, 5, 48, 48)
+    outs, grads = [], []
+    for backend in (PACKED, DENSE):
+        leaf = x.clone().requires_grad_()
+        outs.append(backend.to_dense(backend.max_pool(backend.from_dense(leaf, active), 3, 2, active_out)))
+        (outs[-1] * torch.arange(outs[-1].numel()).view(outs[-1].shape).sin()).sum().backward()
+        grads.append(leaf.grad)
+    assert rel_err(outs[0], outs[1]) < TOL and rel_err(grads[0], grads[1]) < TOL
+
+
 def test_conv_plan_chooses_by_block_size_and_impl():
-    """Auto on CPU: tiles for blocks spanning >= 4 input sites, the gather below (1x1 and 2x2 blocks),
-    the gather for strided 1x1 convs; scattered sites never fill tiles; forced impls are honoured."""
+    """Auto on CPU: tiles for output blocks of >= 4x4 sites at stride 1 and >= 8x8 at stride 2, the
+    gather below, the gather for strided 1x1 convs; scattered sites never fill tiles; forced impls are
+    honoured."""
     vis = random_patch_mask(2, (4, 4), 0.5, torch.Generator().manual_seed(0))
-    g8, g2 = (PackedGeometry.from_mask(upsample_mask(vis, s), 1) for s in (8, 2))
+    g16, g8, g4, g2 = (PackedGeometry.from_mask(upsample_mask(vis, s), 1) for s in (16, 8, 4, 2))
     assert PACKED.conv_plan(g8, g8, 3, 1) == ("tiles", 8)
+    assert PACKED.conv_plan(g4, g4, 3, 1) == ("tiles", 4)
     assert PACKED.conv_plan(g2, g2, 3, 1) == ("gather", None)
-    assert PACKED.conv_plan(g8, g2, 3, 2) == ("tiles", 2)        # 2x2 output blocks span 4 inputs
+    assert PACKED.conv_plan(g16, g8, 7, 2) == ("tiles", 8)
+    assert PACKED.conv_plan(g8, g4, 3, 2) == ("gather", None)    # 4x4 output blocks at stride 2
     assert PACKED.conv_plan(g8, g2, 1, 2) == ("gather", None)
     scattered = PackedGeometry.from_mask(random_active(2, 32, 32, 0.3, seed=1), 1)
     assert PACKED.conv_plan(scattered, scattered, 3, 1) == ("gather", None)
     assert PackedBackend(conv_impl="tiles").conv_plan(g2, g2, 3, 1) == ("tiles", 2)
+    assert PackedBackend(conv_impl="tiles").conv_plan(g8, g2, 3, 2) == ("tiles", 2)
     assert PackedBackend(conv_impl="gather").conv_plan(g8, g8, 3, 1) == ("gather", None)
     assert PackedBackend(conv_impl="dense").conv_plan(g8, g8, 3, 1) == ("dense", None)
     assert PackedBackend(conv_impl="dense").conv_plan(g8, g2, 3, 2) == ("gather", None)

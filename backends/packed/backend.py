@@ -14,7 +14,7 @@ from .dwconv import depthwise
 from .gather_conv import gather_conv
 from .geometry import PackedGeometry, PackedTensor
 from .subm_conv import dense_map_conv
-from .tile_conv import choose_conv_tile, conv_tile_index, tile_conv
+from .tile_conv import choose_conv_tile, conv_tile_index, tile_conv, tile_max_pool
 from .tiles import TILE_CHUNK_FLOATS, choose_tile, choose_tile_static
 from .windows import output_geometry, windows
 
@@ -112,7 +112,7 @@ class PackedBackend(RowBackend):
                     return "tiles", s
                 impl = "gather" if stride > 1 or g_in.num_rows <= GATHER_MAX_DENSITY * g_in.num_sites else "dense"
         if impl == "tiles":
-            s = choose_conv_tile(g_out, stride, min_span=2)
+            s = choose_conv_tile(g_out, stride, min_side=2)
             return ("tiles", s) if s is not None else ("gather", None)
         return ("gather", None) if impl == "dense" and stride > 1 else (impl, None)
 
@@ -151,6 +151,10 @@ class PackedBackend(RowBackend):
     def max_pool(self, t, kernel, stride, active_out_bhw):
         check_window_op("max_pool", kernel, stride, t.batch_size, t.spatial_shape, active_out_bhw)
         out = output_geometry(t.geom, stride, active_out_bhw)
+        impl, s = self.conv_plan(t.geom, out, kernel, stride)  # a pool's windows are a conv's
+        if impl == "tiles":
+            return PackedTensor(tile_max_pool(t.feats, conv_tile_index(t.geom, out, s, kernel, stride, kernel // 2),
+                                              kernel, stride), out)
         win, _ = windows(t.geom, out, kernel, stride, kernel // 2, inverse=False)
         return PackedTensor(window_max(t.feats, win), out)
 

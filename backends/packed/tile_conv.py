@@ -7,10 +7,11 @@ the gather-GEMM's k*k = 9x (gather_conv.py). Plain differentiable torch (index_s
 autograd and static mode under ``torch.compile`` need nothing more; the index tables are cached on the
 output geometry and built without host syncs for a static geometry.
 
-Where it pays was measured per conv shape (BENCHMARKS.md, "Halo tiles for full convs"): large blocks
-(the stem, stages 1 and 2, the strided convs into stages 2 and 3) beat the gather-GEMM; 2x2 outputs per
-tile lose (oneDNN on tiny maps), so ``choose_conv_tile`` only takes tiles whose output block spans at
-least ``TILE_MIN_SPAN`` input sites.
+Where it pays was measured per conv shape (BENCHMARKS.md, "Halo tiles for full convs", "Gather-GEMM
+backward"): output blocks of 4x4 and more at stride 1 (stages 1 and 2) and 8x8 and more at stride 2 (the
+stem) beat the gather-GEMM; smaller blocks lose (oneDNN on tiny maps, whose strided backward is slow),
+so ``choose_conv_tile`` only takes blocks of at least ``TILE_MIN_SIDE`` x stride output sites a side. ResNet's 3x3 stride-2 max pool runs over the same tiles
+(``tile_max_pool``: oneDNN's pool instead of a max over gathered 3x3 windows, 3x faster on CPU).
 """
 from __future__ import annotations
 
@@ -19,37 +20,40 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from ..rows import _pad_rows
 from .scatter import _pad_row, window_rows
 from .tiles import occupied_tile_origins
 
 if TYPE_CHECKING:
     from .geometry import PackedGeometry
 
-# Tiles only where an output block spans at least this many input sites (s * stride): at 8 and more they
-# are 1.4-1.9x faster than the gather-GEMM (stem, stage 1, the stride-2 conv into stage 2), at 4 8-24 %
-# faster, at 2 (stage 3's 2x2 blocks) 13-35 % slower (ResNet-50 shapes on CPU, BENCHMARKS.md).
-TILE_MIN_SPAN = 4
+# Tiles only where an output block is at least this many sites a side times the stride: at stride 1 4x4
+# blocks are 10 % faster than the gather-GEMM and 8x8 1.5x; at stride 2 4x4 blocks tie (56 -> 28) and 2x2
+# lose 1.5x, 16x16 (the stem) win 1.8x (ResNet-50 shapes on CPU, 1 and 2 threads, BENCHMARKS.md).
+TILE_MIN_SIDE = 4
 # A general (non-static) geometry takes the largest block size whose occupied tiles are at least this
 # full: patch-aligned masks fill their patches completely, scattered sites fill nothing.
 TILE_MIN_FILL = 0.75
 
 
-def choose_conv_tile(g_out: "PackedGeometry", stride: int, min_span: int = TILE_MIN_SPAN) -> int | None:
+def choose_conv_tile(g_out: "PackedGeometry", stride: int, min_side: int | None = None) -> int | None:
     """Output block size s for ``tile_conv`` at this output geometry, or None (use the gather-GEMM):
-    blocks that span at least ``min_span`` input sites and are (nearly) full."""
+    blocks of at least ``min_side`` (default ``TILE_MIN_SIDE * stride``) sites a side that are (nearly)
+    full."""
+    min_side = TILE_MIN_SIDE * stride if min_side is None else max(min_side, 2)
     if g_out.num_rows == 0:
         return None
     if g_out.static:  # the promised blocks are whole tiles: no count, no sync
         s = g_out.block
-        return s if s > 1 and s * stride >= min_span else None
+        return s if s >= min_side else None
 
     def fill(s):
         return g_out.num_rows / (g_out.tiles(s, s)[2] * s * s)
 
-    key = ("conv_tile", stride, min_span)
+    key = ("conv_tile", min_side)
     if key not in g_out._cache:
         h, w = g_out.spatial_shape
-        sizes = [s for s in (16, 8, 4, 2) if s <= max(h, w) and s * stride >= min_span]
+        sizes = [s for s in (16, 8, 4, 2) if s <= max(h, w) and s >= min_side]
         g_out._cache[key] = next((s for s in sizes if fill(s) >= TILE_MIN_FILL), None)
     return g_out._cache[key]
 
@@ -80,3 +84,15 @@ def tile_conv(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     x = _pad_row(feats).index_select(0, in_idx).view(p, t, t, c).permute(0, 3, 1, 2)  # channels-last
     y = F.conv2d(x, weight.to(feats.dtype), None if bias is None else bias.to(feats.dtype), stride=stride)
     return y.permute(0, 2, 3, 1).reshape(p * s * s, -1).index_select(0, out_pos)
+
+
+def tile_max_pool(feats: torch.Tensor, index, kernel: int, stride: int) -> torch.Tensor:
+    """[M, C]: the max over each output row's window of active input rows, 0 where the window has none,
+    from ``conv_tile_index``'s tables (k = ``kernel``). Inactive sites read the dtype's lowest finite value,
+    not -inf, so an all-inactive window is found by its value and the pool's backward never meets -inf."""
+    in_idx, out_pos, p, t = index
+    c = feats.shape[1]
+    lowest = torch.finfo(feats.dtype).min
+    x = _pad_rows(feats, lowest).index_select(0, in_idx).view(p, t, t, c).permute(0, 3, 1, 2)
+    rows = F.max_pool2d(x, kernel, stride).permute(0, 2, 3, 1).reshape(-1, c).index_select(0, out_pos)
+    return rows.masked_fill(rows == lowest, 0.0)

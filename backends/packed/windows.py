@@ -49,11 +49,11 @@ def window_index(dense_to_row: torch.Tensor, dims: tuple[int, int, int], n: int,
 
 
 def inverse_window_index(win: torch.Tensor, n: int) -> torch.Tensor:
-    """int64 [N, K]: for input row i and tap o, the output row m whose window reads i at tap o, M where
-    none does (one at most: a tap maps input sites to output sites one to one). Row n (the missing
-    taps) receives many writes and is dropped."""
+    """int64 [N, K]: for input row i and tap o, the slot m*K + o of the window matrix of the output row m
+    whose window reads i at tap o, M*K where none does (one at most: a tap maps input sites to output
+    sites one to one). Row n (the missing taps) receives many writes and is dropped."""
     m, kk = win.shape
     slots = win * kk + torch.arange(kk, device=win.device)
-    inv = torch.full(((n + 1) * kk,), m, dtype=torch.int64, device=win.device)
-    inv = inv.index_copy(0, slots.reshape(-1), torch.arange(m, device=win.device).repeat_interleave(kk))
+    inv = torch.full(((n + 1) * kk,), m * kk, dtype=torch.int64, device=win.device)
+    inv = inv.index_copy(0, slots.reshape(-1), torch.arange(m * kk, device=win.device))
     return inv.view(n + 1, kk)[:n]
