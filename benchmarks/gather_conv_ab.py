@@ -32,6 +32,9 @@ SHAPES = (  # name, C_in, C_out, k, stride, padding, input map side
     ("3x3/1 14 (stage 3)", 256, 256, 3, 1, 1, 14),
     ("3x3/2 14->7", 512, 512, 3, 2, 1, 14),
     ("3x3/1 7 (stage 4)", 512, 512, 3, 1, 1, 7),
+    ("1x1/2 56->28 (shortcut)", 256, 512, 1, 2, 0, 56),
+    ("1x1/2 28->14 (shortcut)", 512, 1024, 1, 2, 0, 28),
+    ("1x1/2 14->7 (shortcut)", 1024, 2048, 1, 2, 0, 14),
 )
 for name, cin, cout, k, stride, pad, hin in SHAPES:
     hout = hin // stride
@@ -43,7 +46,7 @@ for name, cin, cout, k, stride, pad, hin in SHAPES:
     win, inv = windows(g_in, g_out, k, stride, pad)
     gy = torch.randn(g_out.num_rows, cout, device=device)
     fns = {"gather": lambda: gather_conv(x, w, None, win, inv).backward(gy)}
-    if s > 1:
+    if s > 1 and k > 1:
         index = conv_tile_index(g_in, g_out, s, k, stride, pad)
         fns["tiles"] = lambda: tile_conv(x, w, None, index, s, stride).backward(gy)
     if stride == 1:

@@ -234,6 +234,37 @@ def test_a_start_that_fails_before_its_first_step_leaves_no_folder(photo_dir, tm
     assert out.is_dir() and Pretrainer(load_config(None, _overrides(out, photo_dir)), "dense").folder is not None
 
 
+def test_a_start_that_loses_the_race_for_a_new_folder_leaves_the_winners_run(tmp_path, monkeypatch):
+    """Two starts aimed at one new folder at once both find it missing, so both think they create it;
+    one takes the lock. The refused one must not remove the folder (the winner's run is in it). The
+    order is forced (a real second process takes the lock between this start's look at the folder and
+    its own lock); the lock conflict is the kernel's."""
+    import mimsparse.train.checkpoint as checkpoint
+    from mimsparse.train.run_folder import FolderBusy, RunFolder
+
+    out = tmp_path / "new" / "run"
+    winner_code = ("import sys; from mimsparse.train.run_folder import RunFolder; "
+                   "held = RunFolder(sys.argv[1], 'winner'); open(sys.argv[1] + '/log.txt', 'w').write('step 1'); "
+                   "print('held', flush=True); sys.stdin.read()")
+    real_check, winners = checkpoint.check_writable_dir, []
+
+    def the_winner_locks_first(folder):
+        real_check(folder)
+        winners.append(subprocess.Popen([sys.executable, "-c", winner_code, str(folder)], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True, env=_env(), cwd=ROOT))
+        assert winners[-1].stdout.readline() == "held\n"
+
+    monkeypatch.setattr(checkpoint, "check_writable_dir", the_winner_locks_first)
+    try:
+        with pytest.raises(FolderBusy, match="is in use by another run"):
+            RunFolder(out, "loser")
+        assert (out / "log.txt").read_text() == "step 1"
+    finally:
+        for proc in winners:
+            proc.stdin.close()
+            proc.wait(timeout=60)
+
+
 # ---- 3. every write failure is one line ----------------------------------------------------------------
 @pytest.fixture
 def small_tmpfs(tmp_path):

@@ -14,11 +14,12 @@ Read in the order of the data path:
 - ``blocks.py``    k x k / stride k downsampling: the k*k children rows of every output site.
 - ``windows.py``   the k x k windows of ResNet's convs and max pool, and a strided op's output geometry.
 - ``tile_conv.py`` / ``gather_conv.py`` / ``subm_conv.py``: full k x k convs (any stride) over halo
-  tiles of the mask's blocks, as a gather-GEMM over the windows, or through the dense map.
+  tiles of the mask's blocks (and the max pool over them), as a gather-GEMM over the windows, or
+  through the dense map.
 - ``dwconv.py`` / ``permute.py``: the depthwise conv and the layout changes, as autograd functions.
 - ``backend.py``   ``PackedBackend``, the ``Backend`` interface dispatching to the above; ``conv_plan``
-  picks a k x k conv's implementation (halo tiles where the output blocks span >= 4 input sites, else
-  the gather-GEMM; measured per ResNet-50 conv shape, BENCHMARKS.md).
+  picks a k x k conv's implementation (halo tiles where the output blocks are at least 4x4 sites at
+  stride 1, 8x8 at stride 2, else the gather-GEMM; measured per ResNet-50 conv shape, BENCHMARKS.md).
 
 How a depthwise conv over packed rows is computed (stride 1, submanifold: the output sites are the
 input sites). The active sites are covered with the s x s blocks that hold one of them (s = 4 or 8,

@@ -10,8 +10,9 @@ output geometry and built without host syncs for a static geometry.
 Where it pays was measured per conv shape (BENCHMARKS.md, "Halo tiles for full convs", "Gather-GEMM
 backward"): output blocks of 4x4 and more at stride 1 (stages 1 and 2) and 8x8 and more at stride 2 (the
 stem) beat the gather-GEMM; smaller blocks lose (oneDNN on tiny maps, whose strided backward is slow),
-so ``choose_conv_tile`` only takes blocks of at least ``TILE_MIN_SIDE`` x stride output sites a side. ResNet's 3x3 stride-2 max pool runs over the same tiles
-(``tile_max_pool``: oneDNN's pool instead of a max over gathered 3x3 windows, 3x faster on CPU).
+so ``choose_conv_tile`` only takes blocks of at least ``TILE_MIN_SIDE`` x stride output sites a side.
+ResNet's 3x3 stride-2 max pool runs over the same tiles (``tile_max_pool``: oneDNN's pool instead of a
+max over gathered 3x3 windows, 3x faster on CPU).
 """
 from __future__ import annotations
 

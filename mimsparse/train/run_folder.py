@@ -9,7 +9,8 @@
 - **ownership**: a new run refuses a folder that holds another run's files (it lists each file it
   counts) unless it resumes that run or says ``--overwrite``, which deletes every file of the old
   run, TensorBoard events included.
-- **no litter**: a start that fails before its first step removes the folder if it created it.
+- **no litter**: a start that fails before its first step removes the folder if it created it, but
+  never one another process holds (two starts racing to create one folder both think they made it).
 """
 from __future__ import annotations
 
@@ -119,6 +120,8 @@ class RunFolder:
         check_writable_dir(self.folder)
         try:
             self.lock = FolderLock(self.folder, tool)
+        except FolderBusy:  # two starts raced to create it: the folder is the holder's, whoever made it
+            raise
         except BaseException:
             self._remove_created()
             raise
