@@ -5,24 +5,16 @@ dense resnet50 on the whole image, packed with only the gather-GEMM for k x k co
 
   OMP_NUM_THREADS=2 .venv/bin/python benchmarks/resnet50_encoder_ab.py [batch=4] [rounds=7] [mask_ratio=0.6]
 """
-import sys
-import time
-
 import timm
 import torch
 
 from mimsparse.backends.packed import PackedBackend
 from mimsparse.config import ModelConfig
-from mimsparse.masking import random_patch_mask
 from mimsparse.models.build import build_encoder
 from mimsparse.models.fcmae import FCMAE
+from resnet50_ab import interleaved, setup
 
-batch = int(sys.argv[1]) if len(sys.argv) > 1 else 4
-rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 7
-ratio = float(sys.argv[3]) if len(sys.argv) > 3 else 0.6
-torch.manual_seed(0)
-img = torch.randn(batch, 3, 224, 224)
-vis = random_patch_mask(batch, (7, 7), ratio, torch.Generator().manual_seed(0))
+batch, rounds, ratio, img, vis = setup(default_rounds=7)
 dense = timm.create_model("resnet50", num_classes=0)
 models = {name: FCMAE(build_encoder(ModelConfig(name="resnet50"), name), mask_ratio=ratio) for name in ("packed", "spconv")}
 
@@ -45,14 +37,7 @@ def sparse_run(name, backend=None):
 
 fns = {"timm dense (r 0)": dense_run, "packed, gather only": sparse_run("packed", PackedBackend(conv_impl="gather")),
        "packed (tiles + gather)": sparse_run("packed", PackedBackend()), "spconv": sparse_run("spconv")}
-times = {key: [] for key in fns}
-for f in fns.values():
-    f()
-for _ in range(rounds):
-    for key, f in fns.items():
-        t0 = time.perf_counter()
-        f()
-        times[key].append(time.perf_counter() - t0)
+times = interleaved(fns, rounds)
 visible = vis.float().mean().item()
 ref = sorted(times["timm dense (r 0)"])[rounds // 2]
 print(f"batch {batch}, mask ratio {ratio} (visible fraction {visible:.3f}), {rounds} rounds, "

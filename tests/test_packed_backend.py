@@ -367,9 +367,12 @@ def _fcmae_pair(cfg, batch):
 
 def test_fcmae_loss_and_grads_match_dense():
     cfg = PretrainConfig()
-    dense, packed, img, vis = _fcmae_pair(cfg, batch=2)
+    _check_same_loss_and_grads(*_fcmae_pair(cfg, batch=2))
+
+
+def _check_same_loss_and_grads(dense, packed, img, vis, **packed_kwargs):
     loss_d, pred_d, _ = dense(img, vis)
-    loss_p, pred_p, _ = packed(img, vis)
+    loss_p, pred_p, _ = packed(img, vis, **packed_kwargs)
     assert_close(loss_p, loss_d, what="loss")
     assert_close(pred_p, pred_d, what="predictions")
     loss_d.backward()
@@ -384,15 +387,7 @@ def test_static_mode_matches_dense(decoder):
     predictions and gradients, on a non-square image; the spark decoder reads every stage."""
     cfg = PretrainConfig(model=ModelConfig(decoder=decoder, decoder_dim=64))
     dense, packed, img, vis = _fcmae_pair(cfg, batch=3)
-    n = packed.visible_count(vis.shape[1:])
-    loss_d, pred_d, _ = dense(img, vis)
-    loss_p, pred_p, _ = packed(img, vis, num_visible=n)
-    assert_close(loss_p, loss_d, what="loss")
-    assert_close(pred_p, pred_d, what="predictions")
-    loss_d.backward()
-    loss_p.backward()
-    for (name, pd), (_, pp) in zip(dense.named_parameters(), packed.named_parameters()):
-        assert_close(pp.grad, pd.grad, what=name)
+    _check_same_loss_and_grads(dense, packed, img, vis, num_visible=packed.visible_count(vis.shape[1:]))
 
 
 def test_static_geometry_equals_general():
