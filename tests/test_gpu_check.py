@@ -29,7 +29,8 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert "| packed | 0.50 (asked 0.60) |" in md and md.strip().endswith(last)  # 64²: 2 of 4 patches masked
     # the per-shape conv A/B ran on the device and names every ResNet-50 shape's fastest implementation
     conv_ab = (out / "conv_ab.txt").read_text()
-    assert conv_ab.count("; fastest ") == 8 and "3x3/1 56 (stage 1)" in conv_ab and conv_ab.strip() in md
+    assert conv_ab.count("; fastest ") == 11 and "3x3/1 56 (stage 1)" in conv_ab and conv_ab.strip() in md
+    assert "1x1/2 14->7 (shortcut)" in conv_ab  # the strided 1x1 shortcuts too
 
 
 def _write_wheel(path, module: str, value: int):
