@@ -20,9 +20,10 @@ def setup(default_rounds: int):
     return batch, rounds, ratio, images, visible
 
 
-def interleaved(fns: dict, rounds: int) -> dict[str, list[float]]:
-    """Seconds per call of each function, after one untimed call each, the functions taking turns."""
-    for f in fns.values():
+def interleaved(fns: dict, rounds: int, warm_up: bool = True) -> dict[str, list[float]]:
+    """Seconds per call of each function, the functions taking turns; ``warm_up``: one untimed call
+    each first (a caller that timed its own first calls passes False)."""
+    for f in fns.values() if warm_up else ():
         f()
     times = {key: [] for key in fns}
     for _ in range(rounds):

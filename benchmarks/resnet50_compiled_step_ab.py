@@ -33,7 +33,7 @@ t0 = time.perf_counter()
 for f in steps.values():
     f()
 print(f"first calls (compile included): {time.perf_counter() - t0:.0f} s", flush=True)
-times = interleaved(steps, rounds)
+times = interleaved(steps, rounds, warm_up=False)
 med = {key: sorted(v)[rounds // 2] for key, v in times.items()}
 print(f"batch {batch}, mask ratio {ratio}, {rounds} rounds, {torch.get_num_threads()} thread(s)")
 for key, v in times.items():

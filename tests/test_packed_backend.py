@@ -606,7 +606,7 @@ def test_tile_conv_is_exact_for_any_sites(s, k, stride, padding):
     x, w, b = torch.randn(2, 4, 9, 13, requires_grad=True), torch.randn(3, 4, k, k, requires_grad=True), torch.randn(3)
     g_in, g_out = PackedGeometry.from_mask(active, 1), PackedGeometry.from_mask(active_out, stride)
     rows = g_in.gather(x)
-    out = tile_conv(rows, w, b, conv_tile_index(g_in, g_out, s, k, stride, padding), s, stride)
+    out = tile_conv(rows, w, b, conv_tile_index(g_in, g_out, s, k, stride, padding), stride)
     ref = F.conv2d(x * active[:, None], w, b, stride=stride, padding=padding)
     ref_rows = g_out.gather(ref)
     assert rel_err(out, ref_rows) < TOL

@@ -91,7 +91,7 @@ class PackedBackend(RowBackend):
             return t.replace(F.linear(t.feats, weight.flatten(1), bias))
         impl, s = self.conv_plan(t.geom, t.geom, kh, 1) if kh == kw else ("dense", None)
         if impl == "tiles":
-            return t.replace(tile_conv(t.feats, weight, bias, conv_tile_index(t.geom, t.geom, s, kh, 1, kh // 2), s, 1))
+            return t.replace(tile_conv(t.feats, weight, bias, conv_tile_index(t.geom, t.geom, s, kh, 1, kh // 2), 1))
         if impl == "gather":
             return t.replace(gather_conv(t.feats, weight, bias, *windows(t.geom, t.geom, kh, 1, kh // 2, t.feats.requires_grad)))
         return t.replace(dense_map_conv(t.feats, weight, bias, t.geom))
@@ -140,7 +140,7 @@ class PackedBackend(RowBackend):
             impl, s = self.conv_plan(t.geom, out, k, stride)
             if impl == "tiles":
                 return PackedTensor(tile_conv(t.feats, weight, bias, conv_tile_index(t.geom, out, s, k, stride, padding),
-                                              s, stride), out)
+                                              stride), out)
             return PackedTensor(gather_conv(t.feats, weight, bias, *windows(t.geom, out, k, stride, padding,
                                                                           t.feats.requires_grad)), out)
         if not is_block_conv(k, stride, padding, active_out_bhw):

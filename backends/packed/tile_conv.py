@@ -76,24 +76,31 @@ def conv_tile_index(g_in: "PackedGeometry", g_out: "PackedGeometry", s: int, k: 
     return g_out.cached(("tconv", s, k, stride, padding), build)
 
 
-def tile_conv(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, index, s: int,
+def tile_conv(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, index,
               stride: int) -> torch.Tensor:
     """[M, C_out] = the conv at the output rows, from the input rows ``feats`` [N, C_in] and
     ``conv_tile_index``'s tables."""
-    in_idx, out_pos, p, t = index
-    c = feats.shape[1]
-    x = _pad_row(feats).index_select(0, in_idx).view(p, t, t, c).permute(0, 3, 1, 2)  # channels-last
+    x = _tile_inputs(_pad_row(feats), index)
     y = F.conv2d(x, weight.to(feats.dtype), None if bias is None else bias.to(feats.dtype), stride=stride)
-    return y.permute(0, 2, 3, 1).reshape(p * s * s, -1).index_select(0, out_pos)
+    return _tile_outputs(y, index)
 
 
 def tile_max_pool(feats: torch.Tensor, index, kernel: int, stride: int) -> torch.Tensor:
     """[M, C]: the max over each output row's window of active input rows, 0 where the window has none,
     from ``conv_tile_index``'s tables (k = ``kernel``). Inactive sites read the dtype's lowest finite value,
     not -inf, so an all-inactive window is found by its value and the pool's backward never meets -inf."""
-    in_idx, out_pos, p, t = index
-    c = feats.shape[1]
     lowest = torch.finfo(feats.dtype).min
-    x = _pad_rows(feats, lowest).index_select(0, in_idx).view(p, t, t, c).permute(0, 3, 1, 2)
-    rows = F.max_pool2d(x, kernel, stride).permute(0, 2, 3, 1).reshape(-1, c).index_select(0, out_pos)
+    rows = _tile_outputs(F.max_pool2d(_tile_inputs(_pad_rows(feats, lowest), index), kernel, stride), index)
     return rows.masked_fill(rows == lowest, 0.0)
+
+
+def _tile_inputs(padded_rows: torch.Tensor, index) -> torch.Tensor:
+    """[P, C, t, t] (channels-last memory): the tile inputs read from the rows with their fill row
+    appended (index N), at ``conv_tile_index``'s ``in_idx``."""
+    in_idx, _, p, t = index
+    return padded_rows.index_select(0, in_idx).view(p, t, t, padded_rows.shape[1]).permute(0, 3, 1, 2)
+
+
+def _tile_outputs(y: torch.Tensor, index) -> torch.Tensor:
+    """[M, C]: the output rows read back from the tiles' outputs [P, C, s, s] at ``out_pos``."""
+    return y.permute(0, 2, 3, 1).reshape(-1, y.shape[1]).index_select(0, index[1])

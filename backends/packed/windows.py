@@ -45,7 +45,8 @@ def window_index(dense_to_row: torch.Tensor, dims: tuple[int, int, int], n: int,
     (b, i, j), i.e. input site (stride*i + dy - padding, stride*j + dx - padding); ``n`` where that site
     is inactive or outside the [B, H, W] map ``dims``. ``dense_to_row``: int64 [B*H*W], ``n`` = inactive."""
     ob, oy, ox = out_bxy
-    return window_rows(dense_to_row, dims[1:], n, ob, oy * stride - padding, ox * stride - padding, k, k).view(-1, k * k)
+    rows = window_rows(dense_to_row, dims[1:], n, ob, oy * stride - padding, ox * stride - padding, k, k)
+    return rows.view(-1, k * k)
 
 
 def inverse_window_index(win: torch.Tensor, n: int) -> torch.Tensor:
