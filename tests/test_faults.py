@@ -152,6 +152,12 @@ def _rank_of(pid):
     return int(env[b"RANK"])
 
 
+# tools/launch.py: torchrun with the one-process exit status of a stop (plain torchrun exits 1)
+_LAUNCH = [sys.executable, str(ROOT / "tools" / "launch.py"), "--standalone", "--nproc-per-node=2",
+           str(ROOT / "tools" / "pretrain.py"), "--no-progress"]
+_LAUNCH_STOPPED = "launch: every process stopped with a checkpoint (exit status 75: requeue, then --resume auto)"
+
+
 @pytest.mark.slow
 def test_a_signal_to_one_torchrun_rank_stops_every_rank_at_the_same_step(photo_dir, tmp_path):
     """SIGTERM to rank 1 alone (rank 0 writes): the ranks agree on the flag collectively, so rank 0
@@ -159,27 +165,70 @@ def test_a_signal_to_one_torchrun_rank_stops_every_rank_at_the_same_step(photo_d
     step and its losses are those of the job that was never stopped."""
     out = tmp_path / "run"
     common = {"train.batch_size": 2}  # x 2 processes: the global batch of the one-process reference
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                str(ROOT / "tools" / "pretrain.py"), "--no-progress"]
-    proc = _start([*torchrun, *_overrides(out, photo_dir, **common)])
+    proc = _start([*_LAUNCH, *_overrides(out, photo_dir, **common)])
     lines = []
     _read_until(proc, r"^step 2 \|", lines)
     workers = {_rank_of(pid): pid for pid in _children(proc.pid)}
     os.kill(workers[1], signal.SIGTERM)
     text = _finish(proc, lines)
-    assert re.search(r"exitcode\s*:\s*75", text), text  # both workers ended with the documented status
+    assert proc.returncode == STOP_EXIT_STATUS, text  # plain torchrun reports its workers' 75 as a failure (1)
+    assert _LAUNCH_STOPPED in text and "Traceback" not in text
     stopped = re.search(r"^stopped by (.*) at step (\d+) \(epoch 0", text, re.M)
     assert stopped and stopped.group(1) == "a signal to another process of the job", text  # rank 0 was not
     step = int(stopped.group(2))
     assert 2 <= step < PER_EPOCH and (out / f"checkpoint-{step:07d}.pth").is_file()
 
-    resumed = _start([*torchrun, "--resume", "auto", *_overrides(out, photo_dir, **common)])
+    resumed = _start([*_LAUNCH, "--resume", "auto", *_overrides(out, photo_dir, **common)])
     text = _finish(resumed, [])
     assert resumed.returncode == 0, text
     log = _log(out)
     assert [r["step"] for r in log] == list(range(1, STEPS + 1))
     full = _reference(tmp_path, photo_dir, **{"train.batch_size": 4})
     assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in full["history"]], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_signal_to_the_launcher_ends_the_job_with_a_checkpoint_and_status_75(photo_dir, tmp_path):
+    """srun, a pod's SIGTERM and Ctrl-C signal torchrun, not its workers (they run in sessions of their
+    own): torchrun forwards the signal, then raises and exits 1, keeping none of their statuses. The
+    launcher also forwards SLURM's SIGUSR1, which plain torchrun dies of."""
+    out = tmp_path / "run"
+    proc = _start([*_LAUNCH, *_overrides(out, photo_dir, **{"train.batch_size": 2})])
+    lines = []
+    _read_until(proc, r"^step 2 \|", lines)
+    proc.send_signal(signal.SIGUSR1)
+    text = _finish(proc, lines)
+    assert proc.returncode == STOP_EXIT_STATUS, text
+    assert _LAUNCH_STOPPED in text and "Traceback" not in text
+    stopped = re.search(r"^stopped by SIGUSR1 at step (\d+) \(epoch 0", text, re.M)
+    assert stopped, text
+    step = int(stopped.group(1))
+    assert list(json.loads((out / "run.json").read_text())["checkpoints"]) == [f"checkpoint-{step:07d}.pth"]
+    assert load_checkpoint(out / f"checkpoint-{step:07d}.pth")["run"]["step"] == step
+
+
+@pytest.mark.slow
+def test_the_launcher_says_75_only_when_every_worker_stopped_with_a_checkpoint(photo_dir, tmp_path):
+    """Workers that do not catch the signal die of it: no checkpoint, so no 75 but 128 + the signal."""
+    out = tmp_path / "run"
+    proc = _start([*_LAUNCH, *_overrides(out, photo_dir, **{"train.batch_size": 2, "train.stop_signals": ""})])
+    lines = []
+    _read_until(proc, r"^step 2 \|", lines)
+    proc.send_signal(signal.SIGTERM)
+    text = _finish(proc, lines)
+    assert proc.returncode == 128 + signal.SIGTERM, text
+    assert "launch: SIGTERM ended the job before every process had stopped with a checkpoint" in text
+    assert _LAUNCH_STOPPED not in text and not list(out.glob("checkpoint-*.pth"))
+
+
+def test_the_launcher_needs_a_note_from_every_local_worker(tmp_path):
+    from mimsparse.train.launch import every_worker_stopped
+
+    assert not every_worker_stopped(tmp_path)
+    (tmp_path / "local-rank-1").write_text("2")
+    assert not every_worker_stopped(tmp_path)  # rank 0 did not stop with a checkpoint
+    (tmp_path / "local-rank-0").write_text("2")
+    assert every_worker_stopped(tmp_path)
 
 
 # ---- 2. one process per run folder ----------------------------------------------------------------------
@@ -530,13 +579,12 @@ def test_a_torchrun_job_aimed_at_a_held_folder_ends_on_every_rank(photo_dir, tmp
     holder = _start([sys.executable, "-c", _HOLDER, str(run)])
     _read_until(holder, r"^HELD", [])
     try:
-        job = _start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                      str(ROOT / "tools" / "pretrain.py"), "--no-progress", *_overrides(run, photo_dir)])
+        job = _start([*_LAUNCH, *_overrides(run, photo_dir)])
         text = _finish(job, [], timeout=240)
     finally:
         holder.kill()
         holder.wait()
-    assert job.returncode != 0
+    assert job.returncode == 1 and _LAUNCH_STOPPED not in text  # a refusal is no stop: torchrun's report, 1
     errors = [line for line in text.splitlines() if line.startswith("error: ")]
     assert len(errors) == 2, text
     assert any(re.fullmatch(rf"error: output folder '{re.escape(str(run))}' is in use by another run \(host \S+, PID "

@@ -66,10 +66,10 @@ def main(argv=None) -> int:
     resolve_checkpoint(p, args)
     from mimsparse.evaluate.finetune import main as finetune
 
-    from mimsparse.train.stop_signal import STOP_EXIT_STATUS
+    from mimsparse.train.stop_signal import stopped_with_checkpoint
 
     results = finetune(args)
-    return STOP_EXIT_STATUS if results["stopped_by"] else 0  # stopped: requeue, then --resume auto
+    return stopped_with_checkpoint() if results["stopped_by"] else 0  # 75: requeue, then --resume auto
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
     from mimsparse.train import distributed
     from mimsparse.train.build import build_run
-    from mimsparse.train.stop_signal import STOP_EXIT_STATUS
+    from mimsparse.train.stop_signal import stopped_with_checkpoint
 
     if args.print_config:
         print_config(resolve_config(args, updates, "cpu")[0])
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
             say(f"loss: first {done[0]['loss']:.4f} (step {done[0]['step']}) -> "
                 f"last {done[-1]['loss']:.4f} (step {done[-1]['step']})")
         if result["stopped_by"]:
-            return STOP_EXIT_STATUS  # the checkpoint line was printed; a requeue script tests this status
+            return stopped_with_checkpoint()  # 75; the checkpoint line was printed; a requeue script tests it
         if result["checkpoint"] is None and trainer.resumed_from:
             limit = cfg.train.max_steps and trainer.state.step >= cfg.train.max_steps
             more = "raise train.max_steps (0 = all epochs)" if limit else "raise --epochs"

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import torch
 
@@ -21,6 +22,17 @@ from mimsparse.train import distributed
 
 DEFAULT_SIGNALS = "SIGTERM,SIGINT,SIGUSR1"
 STOP_EXIT_STATUS = 75  # EX_TEMPFAIL of sysexits.h: "try again later"; a crash is 1, a refused input 2
+STOP_NOTES_ENV = "MIMSPARSE_STOP_NOTES"  # set by tools/launch.py: where each process notes its stop
+
+
+def stopped_with_checkpoint() -> int:
+    """The exit status of a process that a signal stopped with a checkpoint. Under tools/launch.py the
+    process also leaves a note, since torchrun keeps no worker's status when it was signalled itself."""
+    folder = os.environ.get(STOP_NOTES_ENV)
+    if folder:
+        local = os.environ.get("LOCAL_RANK", "0")
+        Path(folder, f"local-rank-{local}").write_text(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return STOP_EXIT_STATUS
 
 
 def parse_signals(names: str) -> tuple[signal.Signals, ...]:
