@@ -77,7 +77,8 @@ def test_tool_from_pretraining_checkpoint(pretrained, tmp_path):
     assert "converted to timm convnextv2_atto" in proc.stdout and "test top-1" in proc.stdout
     results, log = read_results(out)
     assert results["model"] == "convnextv2_atto" and results["num_classes"] == 2 and results["steps"] == 2
-    assert results["data"] == {"name": "lfw-subset", "train_images": 30, "train_images_total": 150, "test_images": 20}
+    assert results["data"] == {"name": "lfw-subset", "train_images": 30, "train_images_total": 150, "test_images": 20,
+                               "evaluated_on": "test"}
     assert 0.0 <= results["best_top1"] <= 1.0 and 0.0 <= results["final_top1"] <= 1.0
     assert len(log) == len(results["history"]) == 1 and log[0]["test_total"] == 20
     assert log[0]["test_top1"] == log[0]["test_correct"] / 20
@@ -92,6 +93,7 @@ def test_tool_from_converted_state_dict_on_image_folder(pretrained, tmp_path, ph
     assert "replaced the state dict's 1000-class classifier by a fresh 2-class one" in proc.stdout
     results, _ = read_results(out)
     assert results["data"]["train_images"] == 18 and results["data"]["test_images"] == 6
+    assert results["data"]["evaluated_on"] == "test"
     assert 0.0 <= results["final_top1"] <= 1.0
     # the encoder started from the state dict: two AdamW steps move a weight by at most ~2 x lr (1e-3 x 8/256)
     tuned = strict_load(out / "best.safetensors", "convnextv2_atto", 2).state_dict()

@@ -68,6 +68,7 @@ def test_folder_without_splits_gets_a_held_out_validation_split(tmp_path, photo_
     assert "held-out validation (0.25 of each class, 6 images); 18 training images" in proc.stdout
     results, _ = read_results(out)
     assert results["data"]["train_images"] == 18 and results["data"]["test_images"] == 6
+    assert results["data"]["evaluated_on"] == "val"  # the test_* keys hold the held-out validation split
     from tests.test_export import run_load_lines
     (loaded,) = run_load_lines(proc.stdout)  # the printed line loads best.safetensors strictly
     assert not loaded.missing_keys and not loaded.unexpected_keys

@@ -72,7 +72,8 @@ def test_tool_from_pretraining_checkpoint(pretrained, tmp_path):
     assert "converted to timm convnextv2_atto" in proc.stdout and "features [320]" in proc.stdout
     results, log = read_results(out)
     assert results["model"] == "convnextv2_atto" and results["feature_dim"] == 320
-    assert results["data"] == {"name": "lfw-subset", "train_images": 40, "train_images_total": 150, "test_images": 50}
+    assert results["data"] == {"name": "lfw-subset", "train_images": 40, "train_images_total": 150, "test_images": 50,
+                               "evaluated_on": "test"}
     assert len(log) == len(results["history"]) == 2 and [r["epoch"] for r in log] == [0, 1]
     assert all(0.0 <= r["test_top1"] <= 1.0 and r["test_total"] == 50 for r in log)
     assert results["final_top1"] == log[-1]["test_top1"] and results["lr"] == pytest.approx(0.1 * 16 / 256)
@@ -85,6 +86,7 @@ def test_tool_from_converted_state_dict_on_image_folder(pretrained, tmp_path, ph
     assert "replaced the state dict's 1000-class classifier" in proc.stdout
     results, _ = read_results(out)
     assert results["data"]["train_images"] == 18 and results["data"]["test_images"] == 6
+    assert results["data"]["evaluated_on"] == "test"
     assert 0.0 <= results["final_top1"] <= 1.0
     # the batch is capped at the 18 training images and the lr follows it
     assert results["lr"] == pytest.approx(0.1 * 18 / 256)

@@ -356,7 +356,8 @@ def held_out_split(data: LabelledImages, fraction: float) -> tuple[LabelledImage
 
 def split_name(spec: str) -> str:
     """What the evaluation set of ``spec`` is called in printed lines: its test split, or the validation
-    split held out of its training images (the JSON keys stay ``test_*`` for either)."""
+    split held out of its training images (the JSON keys stay ``test_*`` for either; results.json says
+    which under ``data.evaluated_on``)."""
     return "test" if has_test_split(spec) else "val"
 
 
@@ -620,7 +621,7 @@ def _report(args, run: _Setup, history: list, best: dict, step: int, wall_time_s
     log_path, best_path, last_path = run.paths
     results = {"model": run.name, "ckpt": args.checkpoint, "weights": run.notes, "num_classes": run.num_classes,
                "data": {"name": args.data, "train_images": len(run.train), "train_images_total": run.train_total,
-                        "test_images": len(run.test)},
+                        "test_images": len(run.test), "evaluated_on": run.split},
                "lr": run.lr, "steps": step, "best_top1": best["test_top1"], "best_epoch": best["epoch"],
                "final_top1": history[-1]["test_top1"], "best_checkpoint": str(best_path),
                "last_checkpoint": str(last_path), "classes": list(run.train.classes), "history": history,

@@ -179,7 +179,7 @@ def _probe(args, folder: RunFolder, theirs: list) -> dict:
     best = max(history, key=lambda r: r["test_top1"])  # the first of equal maxima
     results = {"model": name, "ckpt": args.checkpoint, "weights": notes, "num_classes": num_classes, "feature_dim": dim,
                "data": {"name": args.data, "train_images": len(train_feats[1]), "train_images_total": len(train_all),
-                        "test_images": len(test_feats[1])},
+                        "test_images": len(test_feats[1]), "evaluated_on": split},
                "lr": lr, "optimizer": "SGD momentum 0.9", "best_top1": best["test_top1"], "best_epoch": best["epoch"],
                "final_top1": history[-1]["test_top1"], "history": history, "args": vars(args),
                "feature_time_s": extract_s, "wall_time_s": time.perf_counter() - start}
