@@ -231,6 +231,20 @@ def test_the_launcher_needs_a_note_from_every_local_worker(tmp_path):
     assert every_worker_stopped(tmp_path)
 
 
+def test_a_restarted_worker_takes_back_its_earlier_rounds_note(tmp_path, monkeypatch):
+    """torchrun --max-restarts starts the workers again after a round that stopped: only the last round's
+    stop may make the launcher say 75."""
+    from mimsparse.train.stop_signal import STOP_NOTES_ENV, StopSignal, stopped_with_checkpoint
+
+    monkeypatch.setenv(STOP_NOTES_ENV, str(tmp_path))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert stopped_with_checkpoint() == STOP_EXIT_STATUS
+    assert (tmp_path / "local-rank-1").read_text() == "2"
+    with StopSignal(""):
+        assert not (tmp_path / "local-rank-1").exists()
+
+
 # ---- 2. one process per run folder ----------------------------------------------------------------------
 @pytest.mark.slow
 def test_a_second_process_is_refused_a_held_folder_and_a_killed_holder_needs_no_clean_up(photo_dir, tmp_path):

@@ -28,11 +28,15 @@ STOP_NOTES_ENV = "MIMSPARSE_STOP_NOTES"  # set by tools/launch.py: where each pr
 def stopped_with_checkpoint() -> int:
     """The exit status of a process that a signal stopped with a checkpoint. Under tools/launch.py the
     process also leaves a note, since torchrun keeps no worker's status when it was signalled itself."""
-    folder = os.environ.get(STOP_NOTES_ENV)
-    if folder:
-        local = os.environ.get("LOCAL_RANK", "0")
-        Path(folder, f"local-rank-{local}").write_text(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    note = _stop_note()
+    if note is not None:
+        note.write_text(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return STOP_EXIT_STATUS
+
+
+def _stop_note() -> Path | None:
+    folder = os.environ.get(STOP_NOTES_ENV)
+    return Path(folder, f"local-rank-{os.environ.get('LOCAL_RANK', '0')}") if folder else None
 
 
 def parse_signals(names: str) -> tuple[signal.Signals, ...]:
@@ -67,6 +71,9 @@ class StopSignal:
         self._previous: dict = {}
 
     def __enter__(self) -> "StopSignal":
+        note = _stop_note()
+        if note is not None:  # torchrun --max-restarts: an earlier round's stop does not speak for this one
+            note.unlink(missing_ok=True)
         if threading.current_thread() is threading.main_thread():
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
