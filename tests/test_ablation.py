@@ -175,6 +175,33 @@ def test_verdicts_use_a_paired_t_interval_and_the_papers_direction():
                                                  "points (95 % CI +8.52 .. +13.48, 3 seeds).")
 
 
+def test_the_collapse_figure_averages_each_block_over_seeds(tmp_path):
+    """Fig. 3 from the result files: per block, the mean over seeds and their range; the stage of each
+    block from the model's depths (atto: 2, 2, 6, 2); variants without results are left out."""
+    from mimsparse.evaluate.ablation_report import collapse_curves, collapse_figure
+
+    def record(variant, seed, mlp, grn):
+        return {"variant": variant, "seed": seed, "pretrain_config": {"model": {"name": "convnextv2_atto"}},
+                "collapse": {"mlp": {"per_block": mlp}, "grn": {"per_block": grn}}}
+    mlp = [[0.1 * (k % 5) + s / 100 for k in range(12)] for s in range(3)]
+    results = {"sparse-r0.6-grn": [record("sparse-r0.6-grn", s, mlp[s], [0.4] * 12) for s in range(3)],
+               "random-init": [record("random-init", 0, [0.49] * 12, [0.49] * 12)]}
+    curves = collapse_curves(results)
+    assert list(curves) == ["FCMAE, GRN (before GRN) (3 seeds)", "FCMAE, GRN (after GRN) (3 seeds)",
+                            "random init (1 seed)"]
+    rows = curves["FCMAE, GRN (before GRN) (3 seeds)"]
+    assert [(r["stage"], r["block"]) for r in rows[:5]] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0)]
+    assert rows[-1]["stage"] == 3 and rows[-1]["block"] == 1
+    assert rows[3]["distance"] == pytest.approx(0.31) and (rows[3]["low"], rows[3]["high"]) == pytest.approx((0.3, 0.32))
+    assert collapse_figure(tmp_path) is None  # no result files there
+    for variant, runs in results.items():
+        for r in runs:
+            (tmp_path / variant / f"s{r['seed']}").mkdir(parents=True)
+            (tmp_path / variant / f"s{r['seed']}" / "result.json").write_text(json.dumps(r))
+    path = collapse_figure(tmp_path)
+    assert path == tmp_path / "collapse.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 TINY_BUDGET = " ".join(a for a in TINY[:TINY.index("--steps")] + TINY[TINY.index("--steps") + 2:TINY.index("--seeds")])
 
 

@@ -8,7 +8,7 @@ short finetune at a low label fraction and the feature-collapse statistic.
 Resumable: a run whose result.json exists is skipped, an interrupted pretraining resumes from its last
 checkpoint (written every --segment-steps steps) and a finished probe / finetune is not redone. Writes
 <out>/<variant>/s<seed>/result.json (the full pretraining config, the budget, every metric, wall and CPU
-time and the load average) and <out>/summary.md. Random init and the baseline run for every seed first
+time and the load average), <out>/summary.md and <out>/collapse.png (Fig. 3: with and without GRN). Random init and the baseline run for every seed first
 (the comparison every claim rests on), then the other variants seed-major.
 Processes with the same budget may share <out> (scripts/ablation_budget_search.sh runs two): each holds
 the run it works on, skips runs another process holds, and waits for the floor's runs before checking it.
@@ -196,7 +196,7 @@ def _utc() -> str:
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     from mimsparse.evaluate.ablation import FLOOR, VARIANTS, Budget, floor_cleared, load_results, run_order
-    from mimsparse.evaluate.ablation_report import summary_markdown
+    from mimsparse.evaluate.ablation_report import collapse_figure, summary_markdown
 
     from mimsparse.train.checkpoint import write_text_atomic
     from mimsparse.train.run_folder import clear_run_files, held, refuse_other_run
@@ -229,6 +229,9 @@ def main(argv=None) -> int:
     summary = summary_markdown(out_dir)
     write_text_atomic(out_dir / "summary.md", summary)
     print(summary)
+    figure = collapse_figure(out_dir)
+    if figure is not None:
+        print(f"Fig. 3 comparison (channel distance per block, with and without GRN): {figure}")
     return 0
 
 

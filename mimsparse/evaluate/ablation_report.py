@@ -121,6 +121,46 @@ def verdicts_markdown(results: dict[str, list[dict]]) -> str:
     return "\n".join(parts)
 
 
+# Fig. 3 of ConvNeXt V2: per-block channel distance at the MLP expansion (before GRN), with and without GRN
+COLLAPSE_CURVES = (("sparse-r0.6-grn", "mlp", "FCMAE, GRN (before GRN)"),
+                   ("sparse-r0.6-grn", "grn", "FCMAE, GRN (after GRN)"),
+                   ("sparse-r0.6-nogrn", "mlp", "FCMAE, no GRN"),
+                   ("random-init", "mlp", "random init"))
+
+
+def collapse_curves(results: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """Label -> one row per block (``layer``, ``stage``, ``block``, ``distance`` = the mean over seeds,
+    ``low``/``high`` = their range, ``seeds``) for each curve of :data:`COLLAPSE_CURVES` that has results."""
+    from mimsparse.models.convnextv2 import CONVNEXTV2_SPECS
+
+    curves = {}
+    for variant, where, label in COLLAPSE_CURVES:
+        runs = [r for r in results.get(variant, []) if _value(r, ("collapse", where, "per_block"))]
+        if not runs:
+            continue
+        per_seed = [r["collapse"][where]["per_block"] for r in runs]
+        spec = CONVNEXTV2_SPECS.get(_value(runs[0], ("pretrain_config", "model", "name")) or "")
+        depths = spec.depths if spec and sum(spec.depths) == len(per_seed[0]) else (len(per_seed[0]),)
+        places = [(stage, block) for stage, depth in enumerate(depths) for block in range(depth)]
+        curves[f"{label} ({len(runs)} seed{'s' * (len(runs) > 1)})"] = [
+            {"layer": k, "stage": stage, "block": block, "distance": statistics.mean(values), "low": min(values),
+             "high": max(values), "seeds": len(values)}
+            for k, ((stage, block), values) in enumerate(zip(places, zip(*per_seed)))]
+    return curves
+
+
+def collapse_figure(out_dir: str | Path) -> Path | None:
+    """``<out_dir>/collapse.png``, the Fig. 3 comparison of the finished runs (None when none has one)."""
+    from mimsparse.evaluate.collapse import plot
+
+    curves = collapse_curves(load_results(out_dir))
+    if not curves:
+        return None
+    path = Path(out_dir) / "collapse.png"
+    plot(curves, path, title="ConvNeXt V2 Fig. 3: channel distance per block (bands: range over seeds)")
+    return path
+
+
 def summary_markdown(out_dir: str | Path) -> str:
     results = load_results(out_dir)
     budgets = {json.dumps(r["budget"], sort_keys=True) for rs in results.values() for r in rs}

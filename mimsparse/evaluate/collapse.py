@@ -158,7 +158,8 @@ def write_csv(curves: dict[str, list[dict]], path: str | Path) -> None:
 
 
 def plot(curves: dict[str, list[dict]], path: str | Path, title: str = "") -> None:
-    """One curve per model (label -> rows of :func:`feature_collapse`), stage boundaries as grey lines."""
+    """One curve per model (label -> rows of :func:`feature_collapse`), stage boundaries as grey lines;
+    rows that carry ``low`` and ``high`` (e.g. the range over seeds) also get a shaded band."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,7 +169,10 @@ def plot(curves: dict[str, list[dict]], path: str | Path, title: str = "") -> No
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for label, rows in curves.items():
-        ax.plot([r["layer"] for r in rows], [r["distance"] for r in rows], marker="o", ms=3, label=label)
+        line, = ax.plot([r["layer"] for r in rows], [r["distance"] for r in rows], marker="o", ms=3, label=label)
+        if all("low" in r and "high" in r for r in rows):
+            ax.fill_between([r["layer"] for r in rows], [r["low"] for r in rows], [r["high"] for r in rows],
+                            color=line.get_color(), alpha=0.2, lw=0)
     first = next(iter(curves.values()))
     for r in first[1:]:
         if r["block"] == 0:
