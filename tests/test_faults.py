@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -605,3 +606,50 @@ def test_a_torchrun_job_aimed_at_a_held_folder_ends_on_every_rank(photo_dir, tmp
                             rf"{holder.pid}, holder.py, since [^)]+\); wait for .*", e) for e in errors), text
     assert f"error: output folder '{run}': another process of this job could not take it (see its error line)" in errors
     assert sorted(p.name for p in run.iterdir()) == [".mimsparse.lock"]
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_nodes_launcher_stops_both_nodes_with_status_75(photo_dir, tmp_path):
+    """Two "nodes" (two launchers, c10d rendezvous, one process each); SLURM's warning reaches one
+    launcher only: its worker stops, the other node's worker stops at the same step through the
+    collective flag, rank 0 writes the one checkpoint, and both launchers exit 75."""
+    from tests.test_distributed import _free_port
+
+    out, port = tmp_path / "run", _free_port()
+    meet = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+            f"127.0.0.1:{port}", "--rdzv-id", "two-nodes", "--local-addr", "127.0.0.1"]
+    args = _overrides(out, photo_dir, **{"train.batch_size": 2})
+    nodes = [_start([sys.executable, str(ROOT / "tools" / "launch.py"), *meet, str(ROOT / "tools" / "pretrain.py"),
+                     "--no-progress", *args]) for _ in range(2)]
+    texts = [[], []]
+    try:
+        writer = _first_to_print(nodes, r"^step 2 \|", texts)
+        nodes[1 - writer].send_signal(signal.SIGUSR1)  # the node that does not write the checkpoints
+        texts = [_finish(node, lines) for node, lines in zip(nodes, texts)]
+    finally:
+        for node in nodes:
+            node.kill()
+    for node, text in zip(nodes, texts):
+        assert node.returncode == STOP_EXIT_STATUS and _LAUNCH_STOPPED in text, text
+    stopped = re.search(r"^stopped by a signal to another process of the job at step (\d+)", texts[writer], re.M)
+    assert stopped, texts[writer]
+    step = int(stopped.group(1))
+    assert list(json.loads((out / "run.json").read_text())["checkpoints"]) == [f"checkpoint-{step:07d}.pth"]
+
+
+def _first_to_print(procs, pattern, lines) -> int:
+    """The index of the first process to print a line matching ``pattern`` (global rank 0 alone prints
+    steps, and the c10d rendezvous gives rank 0 to either node)."""
+    import selectors
+
+    with selectors.DefaultSelector() as sel:
+        for i, proc in enumerate(procs):
+            sel.register(proc.stdout, selectors.EVENT_READ, i)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            for key, _ in sel.select(timeout=1):
+                line = key.fileobj.readline()
+                lines[key.data].append(line)
+                if re.search(pattern, line):
+                    return key.data
+    raise AssertionError(f"no line matching {pattern!r}:\n{''.join(map(''.join, lines))}")
