@@ -73,3 +73,18 @@ def test_wandb_is_optional_and_logs_the_steps(photo_dir, tmp_path, monkeypatch, 
     steps = [c for c in calls[1:-1] if isinstance(c, tuple)]
     assert [s for s, _ in steps] == [1, 2]
     assert all({"train/loss", "train/lr", "train/mask_ratio"} <= v.keys() for _, v in steps)
+
+
+def test_plain_lines_say_how_far_the_run_is_and_when_it_ends(photo_dir, tmp_path, capsys):
+    """A cluster log has no progress bar: each line gives the step of the run's last one (train.max_steps
+    when it ends the run first) and, from the second step on, an ETA at this process's pace so far."""
+    import re
+
+    cfg = _cfg(tmp_path, photo_dir, **{"train.log_every": 1, "train.max_steps": 5})  # the epochs have 6
+    Pretrainer(cfg, "dense", show_progress=False).run()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert len(lines) == 5 and lines[0].endswith(" | 1/5 (20 %)")  # no pace yet after one step
+    for k, line in enumerate(lines[1:], start=2):
+        eta = re.search(rf" \| {k}/5 \({20 * k} %\), eta (\d+):(\d\d):(\d\d)$", line)
+        assert eta, line
+    assert lines[-1].endswith("eta 0:00:00")

@@ -154,7 +154,8 @@ class Trainer(RunCheckpoints):
         if self.resumed_from is not None and self.finished():  # nothing to do: nothing written, not even a log
             return {"history": [], "checkpoint": None, "state": st, "stopped_by": None}
         self.start_writing()
-        self.logger.start(st.step)  # one record per step: drop what a killed run logged after its checkpoint
+        last = min(self.total_steps, cfg.train.max_steps) if cfg.train.max_steps else self.total_steps
+        self.logger.start(st.step, last)  # one record per step: drop what a killed run logged after its checkpoint
         history = []
         self.train_model.train()
         stop = self.finished()

@@ -3,7 +3,9 @@ scalars (every step) and reconstruction grids, optionally Weights & Biases (``tr
 every ``train.log_every`` steps. Only the main process reports; the others get a logger that does nothing."""
 from __future__ import annotations
 
+import datetime
 import os
+import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -48,9 +50,13 @@ class RunLogger:
         self.writer = None
         self.wandb = None
         self.bar = None
+        self.last_step = 0
+        self._first: tuple[int, float] | None = None  # (step, time) of this process's first step: the ETA's start
 
-    def start(self, step: int) -> None:
-        """Before the first step: drop what a killed run logged after the checkpoint it resumes from."""
+    def start(self, step: int, last_step: int = 0) -> None:
+        """Before the first step: drop what a killed run logged after the checkpoint it resumes from.
+        ``last_step``: where the run ends, for the plain line's ETA (0 = not known)."""
+        self.last_step, self._first = last_step, None
         if self.main:
             self.log.start(step)
             if self.tensorboard:
@@ -84,7 +90,22 @@ class RunLogger:
             self.bar.set_postfix(loss=loss, lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_s']:.1f}")
         elif every:
             print(f"step {record['step']} | epoch {record['epoch']} | loss {loss} | lr {record['lr']:.3e} | "
-                  f"{record['images_per_s']:.1f} img/s | mask ratio {record['mask_ratio']:.3g}", flush=True)
+                  f"{record['images_per_s']:.1f} img/s | mask ratio {record['mask_ratio']:.3g}"
+                  f"{self._eta(record['step'])}", flush=True)
+        if self._first is None:
+            self._first = (record["step"], time.monotonic())
+
+    def _eta(self, step: int) -> str:
+        """`` | 2110/7500 (28 %), eta 0:58:12``: the remaining steps at this process's mean pace since its
+        first step (which holds one-off costs: allocation, compilation); a cluster log has no bar."""
+        if not self.last_step:
+            return ""
+        done = f" | {step}/{self.last_step} ({100 * step // self.last_step} %)"
+        if self._first is None or step <= self._first[0]:
+            return done
+        per_step = (time.monotonic() - self._first[1]) / (step - self._first[0])
+        remaining = datetime.timedelta(seconds=round(per_step * max(self.last_step - step, 0)))
+        return f"{done}, eta {remaining}"
 
     def image(self, grid, step: int) -> None:
         if self.writer is not None:
