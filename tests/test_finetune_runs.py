@@ -46,6 +46,22 @@ def test_resume_continues_exactly_and_extends_a_finished_run(tmp_path):
     assert ext[1]["lr"] == pytest.approx(straight[1]["lr"]) and ext[1]["lr"] > 1e-6
 
 
+def test_plain_lines_every_log_every_steps_with_the_runs_end(tmp_path, capsys):
+    """Without a bar (a cluster log), one line every --log-every steps across epochs: the step of the
+    run's last one and, from the second step, an ETA; 0 turns them off."""
+    import re
+
+    main = tool_main("finetune")
+    assert main([*RUN, "--epochs", "2", "--log-every", "2", "--output-dir", str(tmp_path / "a")]) == 0  # 3 + 3 steps
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split(" | ")[:2] for line in lines] == [["step 2", "epoch 0"], ["step 4", "epoch 1"],
+                                                         ["step 6", "epoch 1"]]
+    assert all(re.search(rf"\| {2 * k}/6 \({100 * 2 * k // 6} %\), eta \d+:\d\d:\d\d$", line)
+               for k, line in enumerate(lines, start=1)), lines
+    assert main([*RUN, "--epochs", "1", "--log-every", "0", "--output-dir", str(tmp_path / "b")]) == 0
+    assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+
+
 def test_folder_without_splits_gets_a_held_out_validation_split(tmp_path, photo_dir):
     root = image_folder(tmp_path / "data", photo_dir)  # 12 train + 6 test images per split layout
     flat = tmp_path / "flat"

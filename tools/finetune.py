@@ -55,6 +55,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "progress, with last.pth at that step; the exit status is then 75 (default %(default)s; '' = none)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (smoke tests); the "
                    "schedule still spans --epochs")
+    p.add_argument("--log-every", type=int, default=20, help="without a progress bar (output not a terminal, or "
+                   "--no-progress), a plain line every N steps: loss, lr, images/s, ETA (0 = none; default "
+                   "%(default)s)")
     return p
 
 

@@ -42,6 +42,7 @@ from mimsparse.convert import ConversionError, convert_checkpoint
 from mimsparse.train.data import DataError
 from mimsparse.cli import interactive
 from mimsparse.errors import ConfigError, OutputError
+from mimsparse.train.logger import Pace
 from mimsparse.train.run_log import json_safe
 from mimsparse.evaluate.datasets import LabelledImages, has_test_split, load_labelled
 
@@ -224,10 +225,12 @@ def max_lr(optimizer) -> float:
 
 # ---- one epoch, evaluation -------------------------------------------------------------------------
 def train_one_epoch(model, criterion, loader, optimizer, scheduler, device, step: int, max_steps: int = 0,
-                    mixup=None, desc: str = "", show_progress: bool = True, stop=None, part: dict | None = None) -> dict:
+                    mixup=None, desc: str = "", show_progress: bool = True, stop=None, part: dict | None = None,
+                    log_every: int = 0, pace: Pace | None = None) -> dict:
     """Trains over ``loader`` from global step ``step`` (stops at ``max_steps`` if > 0, or after the
     step in progress when ``stop`` (a :class:`~mimsparse.train.stop_signal.StopSignal`) was signalled).
-    ``part``: the sums of the part of this epoch a stopped run did. Returns {"step": the next step,
+    ``part``: the sums of the part of this epoch a stopped run did. Without the bar, a plain line every
+    ``log_every`` steps, with ``pace``'s ETA. Returns {"step": the next step,
     "loss": mean training loss, "lr": last lr, "images", "unreadable", "batches_done" (loader batches
     of the epoch done, ``part``'s included), "stopped" (the signal's name or None), "part"}."""
     from mimsparse.errors import TrainingError
@@ -237,6 +240,8 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, device, step
     loss_sum, batches, images_seen, unreadable = part["loss_sum"], part["batches"], part["images"], part["unreadable"]
     done, stopped, lr = part["batches_done"], None, max_lr(optimizer)
     bar = tqdm(loader, desc=desc, disable=not show_progress, dynamic_ncols=True, leave=False)
+    pace = pace or Pace(0)
+    since, images_since = time.perf_counter(), 0  # for the plain line's images/s
     for images, labels, n_bad in bar:
         unreadable, done = unreadable + n_bad, done + 1
         if max_steps and step >= max_steps:
@@ -259,6 +264,13 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, device, step
         step += 1
         loss_sum, batches, images_seen = loss_sum + loss.item(), batches + 1, images_seen + len(images)
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
+        images_since += len(images)
+        if not show_progress and log_every and step % log_every == 0:
+            now = time.perf_counter()
+            print(f"step {step} | {desc} | loss {loss.item():.4f} | lr {lr:.2e} | "
+                  f"{images_since / max(now - since, 1e-9):.1f} img/s{pace.describe(step)}", flush=True)
+            since, images_since = now, 0
+        pace.step_done(step)
         if stop is not None and stop.requested():
             stopped = stop.reason()
             break
@@ -573,6 +585,8 @@ def _train_epochs(args, run: _Setup, folder, stop, history: list, best, step: in
     log_path, best_path, last_path = run.paths
     meta = {"model_name": run.name, "num_classes": run.num_classes, "class_names": list(run.train.classes),
             "img_size": args.img_size, "source_checkpoint": str(args.checkpoint), "data": str(args.data)}
+    last = min(run.total_steps, args.max_steps) if args.max_steps else run.total_steps
+    pace = Pace(last)  # one for the whole run: its first step holds the one-off costs
     for epoch in range(first_epoch, args.epochs):
         t0 = time.perf_counter()
         loader = train_loader(run.train, args.img_size, args.batch_size, args.seed, epoch, args.num_workers,
@@ -580,7 +594,7 @@ def _train_epochs(args, run: _Setup, folder, stop, history: list, best, step: in
         folder.started = True
         stats = train_one_epoch(run.model, run.criterion, loader, run.optimizer, run.scheduler, run.device, step,
                                 args.max_steps, run.mixup, f"epoch {epoch}", not args.no_progress and interactive(),
-                                stop, part)
+                                stop, part, args.log_every, pace)
         step, part = stats["step"], None
         if stats["stopped"]:  # the epoch is not over: no evaluation, no log record; its sums go with last.pth
             weights = {k: v.detach().cpu() for k, v in run.model.state_dict().items()}

@@ -39,6 +39,31 @@ def wandb_run(out_dir: Path, config: dict):
                       mode=os.environ.get("WANDB_MODE", "offline"))
 
 
+class Pace:
+    """How far a run is and when it ends, for plain log lines (a cluster log has no bar): the remaining
+    steps at this process's mean pace since its first step, which holds one-off costs (allocation,
+    compilation) and so is left out."""
+
+    def __init__(self, last_step: int):
+        self.last_step = last_step  # 0 = not known
+        self._first: tuple[int, float] | None = None  # (step, time) when this process's first step ended
+
+    def step_done(self, step: int) -> None:
+        if self._first is None:
+            self._first = (step, time.monotonic())
+
+    def describe(self, step: int) -> str:
+        """`` | 2110/7500 (28 %), eta 0:58:12``; without the ETA before a second step; "" without a last step."""
+        if not self.last_step:
+            return ""
+        done = f" | {step}/{self.last_step} ({100 * step // self.last_step} %)"
+        if self._first is None or step <= self._first[0]:
+            return done
+        per_step = (time.monotonic() - self._first[1]) / (step - self._first[0])
+        remaining = datetime.timedelta(seconds=round(per_step * max(self.last_step - step, 0)))
+        return f"{done}, eta {remaining}"
+
+
 class RunLogger:
     def __init__(self, out_dir: Path, main: bool, show_progress: bool, log_every: int, tensorboard: bool,
                  wandb_config: dict | None = None):
@@ -50,13 +75,12 @@ class RunLogger:
         self.writer = None
         self.wandb = None
         self.bar = None
-        self.last_step = 0
-        self._first: tuple[int, float] | None = None  # (step, time) of this process's first step: the ETA's start
+        self.pace = Pace(0)
 
     def start(self, step: int, last_step: int = 0) -> None:
         """Before the first step: drop what a killed run logged after the checkpoint it resumes from.
         ``last_step``: where the run ends, for the plain line's ETA (0 = not known)."""
-        self.last_step, self._first = last_step, None
+        self.pace = Pace(last_step)
         if self.main:
             self.log.start(step)
             if self.tensorboard:
@@ -91,21 +115,8 @@ class RunLogger:
         elif every:
             print(f"step {record['step']} | epoch {record['epoch']} | loss {loss} | lr {record['lr']:.3e} | "
                   f"{record['images_per_s']:.1f} img/s | mask ratio {record['mask_ratio']:.3g}"
-                  f"{self._eta(record['step'])}", flush=True)
-        if self._first is None:
-            self._first = (record["step"], time.monotonic())
-
-    def _eta(self, step: int) -> str:
-        """`` | 2110/7500 (28 %), eta 0:58:12``: the remaining steps at this process's mean pace since its
-        first step (which holds one-off costs: allocation, compilation); a cluster log has no bar."""
-        if not self.last_step:
-            return ""
-        done = f" | {step}/{self.last_step} ({100 * step // self.last_step} %)"
-        if self._first is None or step <= self._first[0]:
-            return done
-        per_step = (time.monotonic() - self._first[1]) / (step - self._first[0])
-        remaining = datetime.timedelta(seconds=round(per_step * max(self.last_step - step, 0)))
-        return f"{done}, eta {remaining}"
+                  f"{self.pace.describe(record['step'])}", flush=True)
+        self.pace.step_done(record["step"])
 
     def image(self, grid, step: int) -> None:
         if self.writer is not None:
