@@ -477,6 +477,40 @@ def test_finetune_stops_on_a_signal_mid_epoch_and_resumes_exactly(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_two_process_finetune_stops_on_a_signal_to_one_and_resumes_exactly(tmp_path):
+    """DDP finetuning (2 processes, mixup and drop path on): SIGTERM to rank 1 alone stops both after the
+    step in progress, rank 0 writes last.pth with every process's RNG state, the launcher exits 75, and
+    the resumed job's losses, lrs, top-1 and weights equal those of a job that was never stopped."""
+    from tests.test_finetune_runs import records
+
+    launch = [sys.executable, str(ROOT / "tools" / "launch.py"), "--standalone", "--nproc-per-node=2",
+              str(ROOT / "tools" / "finetune.py"), *FINETUNE, "--batch-size", "4"]
+    out = tmp_path / "split"
+    proc = _start([*launch, "--output-dir", str(out)])
+    lines = []
+    _read_until(proc, r"^model convnextv2_atto \|", lines)  # after DDP's set-up: both have their handlers
+    workers = {_rank_of(pid): pid for pid in _children(proc.pid)}
+    os.kill(workers[1], signal.SIGTERM)
+    text = _finish(proc, lines)
+    assert proc.returncode == STOP_EXIT_STATUS and _LAUNCH_STOPPED in text, text
+    assert "batch 4 x 2 processes" in text
+    assert "stopped by a signal to another process of the job at step 1 (epoch 0, batch 1)" in text
+    last = torch.load(out / "last.pth", weights_only=True)
+    assert last["step"] == 1 and len(last["rng_per_process"]) == 2
+
+    resumed = _start([*launch, "--output-dir", str(out), "--resume", "auto"])
+    text = _finish(resumed, [])
+    assert resumed.returncode == 0 and "epoch 0, batch 1, step 1" in text, text
+    straight = _start([*launch, "--output-dir", str(tmp_path / "straight")])
+    text = _finish(straight, [])
+    assert straight.returncode == 0, text
+    assert records(out) == records(tmp_path / "straight")
+    a = torch.load(tmp_path / "straight" / "last.pth", weights_only=True)["model"]
+    b = torch.load(out / "last.pth", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
 def test_finetune_guards_its_folder_like_pretraining(tmp_path, capsys):
     from mimsparse.evaluate.finetune import RUN_FILES
     from tests.test_finetune import tool_main

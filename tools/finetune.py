@@ -5,6 +5,7 @@ top-1 on the test split after every epoch.
   tools/finetune.py --checkpoint runs/fcmae_atto/checkpoint-0000160.pth --data lfw-subset --img-size 64
   tools/finetune.py --checkpoint atto-timm.pth --model convnextv2_atto --data fashion-mnist --img-size 64 --label-fraction 0.1
   tools/finetune.py --checkpoint random --model convnextv2_atto --data DIR          # the baseline
+  tools/launch.py --standalone --nproc-per-node 8 tools/finetune.py ...   # DDP (or torchrun); --batch-size per process
 
 --checkpoint (or the first argument; --ckpt still works): a checkpoint of tools/pretrain.py (converted on the fly; names its model), a timm state dict
 (tools/convert_to_dense.py; needs --model; a classifier of another size is replaced), or "random".
@@ -16,6 +17,7 @@ timm.create_model(model, num_classes=N).load_state_dict(safetensors.torch.load_f
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -67,11 +69,18 @@ def main(argv=None) -> int:
     p = get_args_parser()
     args = p.parse_args(argv)
     resolve_checkpoint(p, args)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
     from mimsparse.evaluate.finetune import main as finetune
 
+    from mimsparse.train import distributed
     from mimsparse.train.stop_signal import stopped_with_checkpoint
 
-    results = finetune(args)
+    _, args.device = distributed.init_from_env(args.device)  # torchrun: gloo on CPU, nccl and cuda:LOCAL_RANK on CUDA
+    try:
+        results = finetune(args)
+    finally:
+        distributed.cleanup()
     return stopped_with_checkpoint() if results["stopped_by"] else 0  # 75: requeue, then --resume auto
 
 

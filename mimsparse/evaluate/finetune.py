@@ -23,8 +23,10 @@ A run (:func:`main`, which holds the output folder): ``_setup`` builds data, mod
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -42,6 +44,7 @@ from mimsparse.convert import ConversionError, convert_checkpoint
 from mimsparse.train.data import DataError
 from mimsparse.cli import interactive
 from mimsparse.errors import ConfigError, OutputError
+from mimsparse.train import distributed
 from mimsparse.train.logger import Pace
 from mimsparse.train.run_log import json_safe
 from mimsparse.evaluate.datasets import LabelledImages, has_test_split, load_labelled
@@ -236,6 +239,7 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, device, step
     from mimsparse.errors import TrainingError
 
     model.train()
+    world = distributed.current().world_size
     part = part or {"loss_sum": 0.0, "batches": 0, "images": 0, "unreadable": 0, "batches_done": 0}
     loss_sum, batches, images_seen, unreadable = part["loss_sum"], part["batches"], part["images"], part["unreadable"]
     done, stopped, lr = part["batches_done"], None, max_lr(optimizer)
@@ -256,18 +260,21 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, device, step
         scheduler.step_update(step)
         lr = max_lr(optimizer)
         loss = criterion(model(images), labels)
-        if not math.isfinite(loss.item()):
-            raise TrainingError(f"training loss is {loss.item()} at step {step}; lower --lr / --blr")
+        # the job's mean loss: every process logs it, and a non-finite one stops them all at this step
+        job = distributed.all_reduce_sum(torch.stack([loss.detach().float(), loss.new_tensor(len(images))]))
+        job_loss, job_images = job[0].item() / world, int(job[1].item())
+        if not math.isfinite(job_loss):
+            raise TrainingError(f"training loss is {job_loss} at step {step}; lower --lr / --blr")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         step += 1
-        loss_sum, batches, images_seen = loss_sum + loss.item(), batches + 1, images_seen + len(images)
-        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
-        images_since += len(images)
+        loss_sum, batches, images_seen = loss_sum + job_loss, batches + 1, images_seen + job_images
+        bar.set_postfix(loss=f"{job_loss:.4f}", lr=f"{lr:.2e}")
+        images_since += job_images
         if not show_progress and log_every and step % log_every == 0:
             now = time.perf_counter()
-            print(f"step {step} | {desc} | loss {loss.item():.4f} | lr {lr:.2e} | "
+            print(f"step {step} | {desc} | loss {job_loss:.4f} | lr {lr:.2e} | "
                   f"{images_since / max(now - since, 1e-9):.1f} img/s{pace.describe(step)}", flush=True)
             since, images_since = now, 0
         pace.step_done(step)
@@ -283,7 +290,8 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, device, step
 
 @torch.no_grad()
 def evaluate(model, loader, device) -> dict:
-    """{"top1": correct / total in [0, 1], "loss": mean cross-entropy, "correct", "total"} over ``loader``."""
+    """{"top1": correct / total in [0, 1], "loss": mean cross-entropy, "correct", "total"} over ``loader``
+    (under torchrun: over every process's loader, each holding its share of the images)."""
     model.eval()
     correct, total, loss_sum = 0, 0, 0.0
     for images, labels, _ in loader:
@@ -294,6 +302,8 @@ def evaluate(model, loader, device) -> dict:
         loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         correct += top1_correct(logits, labels)
         total += len(labels)
+    sums = distributed.all_reduce_sum(torch.tensor([correct, total, loss_sum], dtype=torch.float64, device=device))
+    correct, total, loss_sum = int(sums[0]), int(sums[1]), float(sums[2])  # each process evaluated its share
     if total == 0:
         raise DataError("no readable test image to evaluate on")
     return {"top1": correct / total, "loss": loss_sum / total, "correct": correct, "total": total}
@@ -409,15 +419,27 @@ def set_rng_state(state: dict) -> None:
                          "has_gauss": state["numpy_has_gauss"], "gauss": state["numpy_gauss"]})
 
 
-def save_resume_state(path: Path, weights: dict, optimizer, epoch: int, step: int, history: list, best: dict,
+def save_resume_state(path: Path, model, optimizer, epoch: int, step: int, history: list, best: dict,
                       name: str, classes, part: dict | None = None) -> None:
-    """Everything ``--resume`` needs, written atomically (mode 0644): the run continues exactly as if it
-    had not stopped (data order and augmentation derive from (seed, epoch); the RNGs are restored).
-    ``part``: where a signal stopped the epoch ``epoch`` (see :func:`train_one_epoch`)."""
-    state = {"model": weights, "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
-             "history": history, "best": best, "model_name": name, "classes": list(classes), "rng": rng_state(),
-             "part": part}
+    """Everything ``--resume`` needs, written atomically (mode 0644) by rank 0: the run continues exactly
+    as if it had not stopped (data order and augmentation derive from (seed, epoch); the RNGs of every
+    process are restored). ``part``: where a signal stopped the epoch ``epoch`` (see
+    :func:`train_one_epoch`). Every process calls it (the RNG states are gathered)."""
+    job = distributed.current()
+    rngs = [rng_state()]
+    if job.enabled:
+        rngs = [None] * job.world_size
+        torch.distributed.all_gather_object(rngs, rng_state())
+    if not job.is_main:
+        return
+    state = {"model": _weights(model), "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
+             "history": history, "best": best, "model_name": name, "classes": list(classes), "rng": rngs[0],
+             "rng_per_process": rngs, "part": part}
     write_file_atomic(path, lambda tmp: torch.save(state, tmp))
+
+
+def _weights(model) -> dict:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 def load_resume_state(path: Path, name: str, classes) -> dict:
@@ -454,21 +476,37 @@ def main(args) -> dict:
     """Finetunes as ``tools/finetune.py`` describes; returns the results also written to results.json
     (``results["stopped_by"]``: the signal that stopped it early, see :mod:`mimsparse.train.stop_signal`).
     The output folder is held (locked) while it runs; a start that fails before its first step
-    removes the folder it created."""
+    removes the folder it created. Under torchrun (DDP), ``--batch-size`` is per process, rank 0 alone
+    prints and writes, and N processes at batch B train like one at batch N x B."""
     from mimsparse.train.run_folder import held
     from mimsparse.train.stop_signal import DEFAULT_SIGNALS, StopSignal
 
     check_args(args)
+    job = distributed.current()
     stop = StopSignal(getattr(args, "stop_signals", DEFAULT_SIGNALS))
-    with held(args.output_dir, "finetune.py") as folder, stop:
-        return _finetune(args, folder, stop)
+    with held(args.output_dir, "finetune.py", job.is_main, job.enabled, args.device) as folder, stop, \
+            _printing(job.is_main):
+        results = _finetune(args, folder, stop)
+        distributed.barrier()  # rank 0 has written before any process leaves (torchrun ends a job at its first exit)
+        return results
+
+
+@contextlib.contextmanager
+def _printing(main: bool):
+    """The lines of a run come from rank 0 alone (errors still come from the process that has one)."""
+    if main:
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        yield
 
 
 @dataclass
 class _Setup:
     """What a finetuning run is made of, built before its first epoch."""
     out_dir: Path
-    model: torch.nn.Module
+    model: torch.nn.Module  # the timm model: evaluated and saved
+    train_model: torch.nn.Module  # what trains: the model, in DDP under torchrun
     name: str
     notes: list
     train: LabelledImages
@@ -501,6 +539,9 @@ def _finetune(args, folder, stop) -> dict:
     nothing_to_resume = getattr(args, "resume", None) == "auto" and not best_path.exists()  # a requeued job starts
     theirs = refuse_other_run(out_dir, [out_dir / f for f in RUN_FILES], resume is not None,
                               getattr(args, "overwrite", False) or nothing_to_resume)
+    distributed.barrier()  # every process has looked at the folder before rank 0 changes it
+    if not distributed.current().is_main:
+        theirs = []  # rank 0 deletes them
     run = _setup(args, out_dir)
     progress = ([], None, 0, 0, None)  # history, best, step, first epoch, part of a stopped epoch
     if resume is not None:
@@ -520,20 +561,32 @@ def _setup(args, out_dir: Path) -> _Setup:
     from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy
 
-    device = torch.device(args.device)
+    device, job = torch.device(args.device), distributed.current()
     train, test, train_total = load_data(args.data, args.label_fraction, args.eval_limit, args.seed,
                                          args.val_fraction)
     num_classes = len(train.classes)
-    steps_per_epoch = len(train) // args.batch_size
+    global_batch = args.batch_size * job.world_size
+    steps_per_epoch = len(train) // global_batch
     if steps_per_epoch == 0:
+        per = f" x {job.world_size} processes" if job.enabled else ""
         raise DataError(f"{len(train)} training images (after --label-fraction {args.label_fraction:g}) are fewer than "
-                        f"one batch; lower --batch-size below {args.batch_size}")
+                        f"one batch ({args.batch_size}{per}); lower --batch-size")
 
     model, name, notes = build_model(args.checkpoint, args.model, num_classes, args.seed, args.drop_path,
                                      args.head_init_scale)
     model.to(device)
-    seed_everything(args.seed)
-    lr = peak_lr(args.lr, args.blr, args.batch_size)
+    train_model = model
+    if job.enabled:  # DDP averages the gradients: the step of one process at the global batch
+        from torch.nn.parallel import DistributedDataParallel
+
+        import warnings
+
+        # timm's depthwise weights [C, 1, k, k] get gradients whose stride differs from DDP's bucket view in
+        # their size-1 dimension only: the same memory order, so DDP's warning about it says nothing
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    seed_everything(args.seed + job.rank)  # each process its own drop path and mixup draws, as MAE seeds them
+    lr = peak_lr(args.lr, args.blr, global_batch)
     optimizer = create_optimizer(model, lr, args.weight_decay, args.layer_decay)
     total_steps = steps_per_epoch * args.epochs
     scheduler = create_scheduler(optimizer, total_steps, warmup_steps(args.warmup_epochs, steps_per_epoch, total_steps),
@@ -545,16 +598,17 @@ def _setup(args, out_dir: Path) -> _Setup:
         criterion = SoftTargetCrossEntropy()  # mixup already smooths the targets
     else:
         criterion = torch.nn.CrossEntropyLoss(label_smoothing=args.smoothing)
-    test_loader = eval_loader(test, args.img_size, args.batch_size, args.num_workers)
+    test_loader = eval_loader(test, args.img_size, args.batch_size, args.num_workers, job.rank, job.world_size)
 
-    lr_source = f"--lr {args.lr:g}" if args.lr is not None else f"--blr {args.blr:g} x {args.batch_size}/256"
+    lr_source = f"--lr {args.lr:g}" if args.lr is not None else f"--blr {args.blr:g} x {global_batch}/256"
     split = split_name(args.data)
     for note in notes:
         print(note)
     print(f"model {name} | {args.data}: {num_classes} classes, {len(train)}/{train_total} training images "
-          f"(--label-fraction {args.label_fraction:g}), {len(test)} {split} images | lr {lr:.3g} "
-          f"({lr_source}) | {total_steps} steps | output {out_dir}")
-    return _Setup(out_dir, model, name, notes, train, test, train_total, num_classes, lr, optimizer, scheduler,
+          f"(--label-fraction {args.label_fraction:g}), {len(test)} {split} images | "
+          f"{'batch ' + str(args.batch_size) + ' x ' + str(job.world_size) + ' processes | ' if job.enabled else ''}"
+          f"lr {lr:.3g} ({lr_source}) | {total_steps} steps | output {out_dir}")
+    return _Setup(out_dir, model, train_model, name, notes, train, test, train_total, num_classes, lr, optimizer, scheduler,
                   total_steps, criterion, mixup, test_loader, device, split)
 
 
@@ -566,7 +620,14 @@ def _resume(args, run: _Setup, resume: Path) -> tuple:
     run.optimizer.load_state_dict(state["optimizer"])
     history, best, step, first_epoch = state["history"], state["best"], state["step"], state["epoch"]
     part = state.get("part")
-    set_rng_state(state["rng"])
+    job = distributed.current()
+    rngs = state.get("rng_per_process") or [state["rng"]]
+    if len(rngs) == job.world_size:
+        set_rng_state(rngs[job.rank])
+    else:  # another number of processes: their drop path and mixup streams start again (data order is kept)
+        seed_everything(args.seed + job.rank + 1_000_003 * step)
+        print(f"resume: last.pth was written by {len(rngs)} process(es), this job has {job.world_size}: the data "
+              f"order continues exactly, the drop-path and mixup draws start new streams")
     where = f", batch {part['batches_done']}" if part else ""
     print(f"resumed from {resume}: epoch {first_epoch}{where}, step {step}; the schedule now spans {args.epochs} "
           f"epochs ({run.total_steps} steps), next lr {scheduled_lr(run.scheduler, run.optimizer, step):.2e}")
@@ -583,6 +644,7 @@ def _train_epochs(args, run: _Setup, folder, stop, history: list, best, step: in
     from mimsparse.train.stop_signal import STOP_EXIT_STATUS
 
     log_path, best_path, last_path = run.paths
+    job = distributed.current()
     meta = {"model_name": run.name, "num_classes": run.num_classes, "class_names": list(run.train.classes),
             "img_size": args.img_size, "source_checkpoint": str(args.checkpoint), "data": str(args.data)}
     last = min(run.total_steps, args.max_steps) if args.max_steps else run.total_steps
@@ -590,15 +652,14 @@ def _train_epochs(args, run: _Setup, folder, stop, history: list, best, step: in
     for epoch in range(first_epoch, args.epochs):
         t0 = time.perf_counter()
         loader = train_loader(run.train, args.img_size, args.batch_size, args.seed, epoch, args.num_workers,
-                              part["batches_done"] if part else 0)
+                              part["batches_done"] if part else 0, job.rank, job.world_size)
         folder.started = True
-        stats = train_one_epoch(run.model, run.criterion, loader, run.optimizer, run.scheduler, run.device, step,
+        stats = train_one_epoch(run.train_model, run.criterion, loader, run.optimizer, run.scheduler, run.device, step,
                                 args.max_steps, run.mixup, f"epoch {epoch}", not args.no_progress and interactive(),
                                 stop, part, args.log_every, pace)
         step, part = stats["step"], None
         if stats["stopped"]:  # the epoch is not over: no evaluation, no log record; its sums go with last.pth
-            weights = {k: v.detach().cpu() for k, v in run.model.state_dict().items()}
-            save_resume_state(last_path, weights, run.optimizer, epoch, step, history, best, run.name,
+            save_resume_state(last_path, run.model, run.optimizer, epoch, step, history, best, run.name,
                               run.train.classes, stats["part"])
             print(f"stopped by {stats['stopped']} at step {step} (epoch {epoch}, batch {stats['batches_done']}): "
                   f"checkpoint {last_path}; continue with --resume auto (exit status {STOP_EXIT_STATUS})", flush=True)
@@ -608,13 +669,14 @@ def _train_epochs(args, run: _Setup, folder, stop, history: list, best, step: in
                   "test_top1": result["top1"], "test_loss": result["loss"], "test_correct": result["correct"],
                   "test_total": result["total"], "unreadable": stats["unreadable"],
                   "epoch_time_s": time.perf_counter() - t0}
-        weights = {k: v.detach().cpu() for k, v in run.model.state_dict().items()}
         if best is None or result["top1"] > best["test_top1"]:  # the criterion: top-1 on the evaluation set
             best = record
-            save_weights(weights, best_path, {**meta, "epoch": epoch, "test_top1": result["top1"]})
+            if job.is_main:
+                save_weights(_weights(run.model), best_path, {**meta, "epoch": epoch, "test_top1": result["top1"]})
         history.append(record)
-        append_jsonl(log_path, record)
-        save_resume_state(last_path, weights, run.optimizer, epoch + 1, step, history, best, run.name,
+        if job.is_main:
+            append_jsonl(log_path, record)
+        save_resume_state(last_path, run.model, run.optimizer, epoch + 1, step, history, best, run.name,
                           run.train.classes)
         train_loss = f"{stats['loss']:.4f}" if stats["loss"] is not None else "-"
         print(f"epoch {epoch}: step {step} | train loss {train_loss} | lr {stats['lr']:.2e} | "
@@ -639,8 +701,10 @@ def _report(args, run: _Setup, history: list, best: dict, step: int, wall_time_s
                "lr": run.lr, "steps": step, "best_top1": best["test_top1"], "best_epoch": best["epoch"],
                "final_top1": history[-1]["test_top1"], "best_checkpoint": str(best_path),
                "last_checkpoint": str(last_path), "classes": list(run.train.classes), "history": history,
-               "args": vars(args), "wall_time_s": wall_time_s, "stopped_by": None}
-    write_json(run.out_dir / "results.json", results)
+               "args": vars(args), "wall_time_s": wall_time_s, "stopped_by": None,
+               "processes": distributed.current().world_size}
+    if distributed.current().is_main:
+        write_json(run.out_dir / "results.json", results)
     print(f"best top-1 {results['best_top1']:.2%} (epoch {results['best_epoch']}), final {results['final_top1']:.2%}; "
           f"wrote {best_path} (weights + class names; tools/predict.py {best_path} IMAGES), {last_path} (--resume), "
           f"{run.out_dir / 'results.json'}, {log_path}")

@@ -81,10 +81,13 @@ class LabelledSamples(SeededImages):
 
 
 def train_loader(data: LabelledImages, img_size: int, batch_size: int, seed: int, epoch: int,
-                 num_workers: int = 0, start_batch: int = 0) -> DataLoader:
+                 num_workers: int = 0, start_batch: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
     """One epoch of full batches (images [B, 3, S, S], labels int64 [B], number dropped as unreadable),
-    shuffled and augmented from (seed, epoch), from batch ``start_batch`` on (a resume mid-epoch)."""
-    sampler = EpochSampler(len(data), seed, epoch, start=start_batch * batch_size, batch_size=batch_size)
+    shuffled and augmented from (seed, epoch), from batch ``start_batch`` on (a resume mid-epoch). Under
+    torchrun, this rank's share of every global batch (see :class:`EpochSampler`): N processes at batch B
+    see the images and augmentations of one process at batch N x B."""
+    sampler = EpochSampler(len(data), seed, epoch, start=start_batch * batch_size, rank=rank, world_size=world_size,
+                           batch_size=batch_size)
     # its own generator: the loader's seed draw leaves the global one (drop path) to the training steps,
     # so a run resumed mid-epoch draws what the uninterrupted run drew
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -94,9 +97,11 @@ def train_loader(data: LabelledImages, img_size: int, batch_size: int, seed: int
                       generator=generator)
 
 
-def eval_loader(data: LabelledImages, img_size: int, batch_size: int, num_workers: int = 0) -> DataLoader:
-    """All items in order, without augmentation: (images, labels, number dropped as unreadable)."""
-    items = [(i, 0) for i in range(len(data))]  # the seed is unused by the deterministic transform
+def eval_loader(data: LabelledImages, img_size: int, batch_size: int, num_workers: int = 0, rank: int = 0,
+                world_size: int = 1) -> DataLoader:
+    """All items in order (under torchrun: items rank, rank + N, ..., so the ranks' sums cover each
+    item once), without augmentation: (images, labels, number dropped as unreadable)."""
+    items = [(i, 0) for i in range(rank, len(data), world_size)]  # the seed is unused by the deterministic transform
     return DataLoader(LabelledSamples(data, eval_transform(img_size)), batch_size=batch_size, sampler=items,
                       num_workers=num_workers, collate_fn=collate_skip_bad, worker_init_fn=seed_worker)
 

@@ -62,6 +62,12 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+def barrier() -> None:
+    """Wait for every process of the job; nothing with one process."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over processes (in place on a copy); identity with one process."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import shutil
@@ -139,11 +140,23 @@ class RunFolder:
         self.lock.release()
 
 
+@dataclasses.dataclass
+class UnheldFolder:
+    """The run folder as a process that does not write it sees it (a torchrun rank other than 0)."""
+    folder: Path
+    started: bool = False
+
+
 @contextlib.contextmanager
-def held(folder: str | Path, tool: str):
+def held(folder: str | Path, tool: str, main: bool = True, collective: bool = False, device="cpu"):
     """``with held(out_dir, "tool.py") as folder:`` the run folder for the block: locked, removed on a
-    failure before ``folder.started`` is set when this start created it, let go at the end."""
-    run_folder = RunFolder(folder, tool)
+    failure before ``folder.started`` is set when this start created it, let go at the end. Under
+    torchrun (``collective``) the main process holds it as :func:`hold` says; the others get an
+    :class:`UnheldFolder`."""
+    run_folder = hold(folder, tool, main, collective, device) if collective else RunFolder(folder, tool)
+    if run_folder is None:
+        yield UnheldFolder(Path(folder))
+        return
     try:
         yield run_folder
     except BaseException:
