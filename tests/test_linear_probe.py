@@ -121,3 +121,12 @@ def test_bad_input_gives_one_error_line(tmp_path, capsys):
         assert run_cli(lambda: main([*base, *args])) == 2, args
         err = capsys.readouterr().err
         assert re.match(r"error: .*" + expected, err) and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_probe_under_torchrun_is_refused_with_how_to_start_it(monkeypatch):
+    """Each torchrun process would run the whole probe into one folder: refused before anything loads."""
+    from mimsparse.errors import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="the linear probe runs in one process .* start it with python"):
+        tool_main("linear_probe")(["--checkpoint", "random", "--model", "convnextv2_atto", "--data", "lfw-subset"])

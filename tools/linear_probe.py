@@ -15,6 +15,7 @@ Writes <output-dir>/log.jsonl (one line per epoch) and results.json.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -47,6 +48,11 @@ def main(argv=None) -> int:
     p = get_args_parser()
     args = p.parse_args(argv)
     resolve_checkpoint(p, args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from mimsparse.errors import ConfigError
+
+        raise ConfigError("the linear probe runs in one process (each image's features are computed once and the "
+                          "probe trains on them in seconds): start it with python, not torchrun or tools/launch.py")
     from mimsparse.evaluate.linear_probe import main as linear_probe
 
     linear_probe(args)
