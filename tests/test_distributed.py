@@ -166,8 +166,9 @@ def test_two_nodes_match_one_process_with_the_global_batch(photo_dir, tmp_path, 
 @pytest.mark.slow
 def test_finetuning_on_two_processes_matches_one_with_the_global_batch(tmp_path):
     """tools/finetune.py under torchrun: each process trains on its share of every global batch and
-    evaluates its share of the test images; 2 x batch 4 gives the losses, top-1 and weights of 1 x batch 8
-    (drop path and mixup off: their draws are per process). Rank 0 alone prints and writes."""
+    evaluates its share of the test images; 2 processes x batch 2 x 2 accumulated micro-batches (DDP
+    exchanges the gradients at the second only) give the losses, top-1 and weights of 1 x batch 8 (drop
+    path and mixup off: their draws are per process). Rank 0 alone prints and writes."""
     from tests.test_finetune import tool_main
     from tests.test_finetune_runs import records
 
@@ -176,11 +177,12 @@ def test_finetuning_on_two_processes_matches_one_with_the_global_batch(tmp_path)
            "--warmup-epochs", "0.5", "--log-every", "1"]
     assert tool_main("finetune")([*run, "--batch-size", "8", "--output-dir", str(tmp_path / "one")]) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tools" / "finetune.py"), *run, "--batch-size", "4", "--output-dir", str(tmp_path / "two")]
+           str(ROOT / "tools" / "finetune.py"), *run, "--batch-size", "2", "--accum-iter", "2", "--output-dir",
+           str(tmp_path / "two")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("epoch 1: step 6 |") == 1 and "batch 4 x 2 processes | lr 3.13e-05 (--blr 0.001 x 8/256)" in proc.stdout
+    assert proc.stdout.count("epoch 1: step 6 |") == 1 and "batch 2 x 2 processes x 2 accumulated | lr 3.13e-05 (--blr 0.001 x 8/256)" in proc.stdout
     ones, twos = records(tmp_path / "one"), records(tmp_path / "two")
     assert [r["test_correct"] for r in twos] == [r["test_correct"] for r in ones]
     assert [r["test_total"] for r in twos] == [10, 10]  # the two shards cover the test images once

@@ -148,6 +148,47 @@ def test_top1_matches_a_hand_count():
     assert result["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item())
 
 
+def _step_run(model, lr=1.0):
+    """What train_one_epoch uses of a run: plain SGD (lr 1: a step moves the weights by minus the gradient)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(train_model=model, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr),
+                           scheduler=SimpleNamespace(step_update=lambda step: None), device=torch.device("cpu"),
+                           mixup=None, criterion=torch.nn.CrossEntropyLoss(),
+                           scaler=torch.amp.GradScaler("cpu", enabled=False))
+
+
+def test_accumulated_micro_batches_make_the_step_of_their_whole_batch_and_clipping_bounds_it():
+    """4 micro-batches of 2 with --accum-iter 2 = 2 SGD steps, each on the mean loss of its 4 images
+    (checked against autograd on the concatenated batch); --clip-grad c makes each step's norm <= c."""
+    from mimsparse.evaluate.finetune_engine import StepOptions, train_one_epoch
+
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(8, 3, 2, 2, generator=g), torch.randint(0, 3, (8,), generator=g)
+    loader = [(images[i:i + 2], labels[i:i + 2], 0) for i in range(0, 8, 2)]
+    start = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    reference = [p.detach().clone() for p in start.parameters()]
+    for k in range(2):  # by hand: one step per 4 images
+        params = [p.requires_grad_() for p in reference]
+        loss = torch.nn.functional.cross_entropy(torch.nn.functional.linear(
+            images[4 * k:4 * k + 4].flatten(1), params[0], params[1]), labels[4 * k:4 * k + 4])
+        grads = torch.autograd.grad(loss, params)
+        reference = [(p - gr).detach() for p, gr in zip(params, grads)]
+
+    import copy
+
+    model = copy.deepcopy(start)
+    stats = train_one_epoch(_step_run(model), loader, 0, StepOptions(accum=2), show_progress=False)
+    assert stats["step"] == 2 and stats["batches_done"] == 4 and stats["images"] == 8
+    for ours, theirs in zip(model.parameters(), reference):
+        assert torch.allclose(ours, theirs, atol=1e-6)
+
+    clipped = copy.deepcopy(start)
+    train_one_epoch(_step_run(clipped), loader[:2], 0, StepOptions(accum=2, clip_grad=1e-3), show_progress=False)
+    moved = torch.cat([(a - b).flatten() for a, b in zip(clipped.parameters(), start.parameters())]).norm()
+    assert 0.999e-3 < moved <= 1.0001e-3  # the unclipped step's norm is far larger: it was clipped to 1e-3
+
+
 def test_label_fraction_subset_is_stratified_and_seeded():
     shuffle = torch.randperm(100, generator=torch.Generator().manual_seed(1))
     labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)[shuffle]
@@ -247,6 +288,11 @@ def test_bad_input_gives_one_error_line(pretrained, tmp_path, capsys):
         (["--ckpt", str(pretrained["dense"]), "--model", "convnextv2_femto"], r"does not fit timm convnextv2_femto"),
         (["--ckpt", "random", "--model", "no_such_net"], r"timm cannot create 'no_such_net'"),
         (["--ckpt", str(tmp_path / "missing.pth"), "--model", "convnextv2_atto"], r"does not exist"),
+        (["--ckpt", "random", "--model", "convnextv2_atto", "--amp", "fp16", "--device", "cpu"],
+         r"--amp fp16 is for CUDA .* use --amp bf16 or none"),
+        (["--ckpt", "random", "--model", "convnextv2_atto", "--accum-iter", "0"], r"--accum-iter must be at least 1"),
+        (["--ckpt", "random", "--model", "convnextv2_atto", "--accum-iter", "20"], r"fewer than one batch \(8 x 20 "
+         r"accumulated\)"),
     ]
     for args, expected in cases:
         assert run_cli(lambda: main([*base, *args])) == 2, args

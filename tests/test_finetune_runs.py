@@ -62,6 +62,19 @@ def test_plain_lines_every_log_every_steps_with_the_runs_end(tmp_path, capsys):
     assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
 
 
+def test_bf16_autocast_trains_close_to_fp32_but_not_in_it(tmp_path):
+    """--amp bf16 (CPU autocast): the losses follow the fp32 run's to bf16 precision, and differ from
+    them, so the forward pass really ran in bf16."""
+    main = tool_main("finetune")
+    run = [*RUN, "--epochs", "1", "--mixup", "0", "--drop-path", "0"]
+    assert main([*run, "--output-dir", str(tmp_path / "fp32")]) == 0
+    assert main([*run, "--amp", "bf16", "--output-dir", str(tmp_path / "bf16")]) == 0
+    fp32, bf16 = records(tmp_path / "fp32")[0], records(tmp_path / "bf16")[0]
+    assert fp32["train_loss"] != bf16["train_loss"] and abs(fp32["train_loss"] - bf16["train_loss"]) < 0.02
+    assert abs(fp32["test_loss"] - bf16["test_loss"]) < 0.02
+    assert load_weights_file(tmp_path / "bf16" / "last.pth")[0]["model"]["head.fc.weight"].dtype == torch.float32
+
+
 def test_folder_without_splits_gets_a_held_out_validation_split(tmp_path, photo_dir):
     root = image_folder(tmp_path / "data", photo_dir)  # 12 train + 6 test images per split layout
     flat = tmp_path / "flat"

@@ -57,6 +57,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "progress, with last.pth at that step; the exit status is then 75 (default %(default)s; '' = none)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (smoke tests); the "
                    "schedule still spans --epochs")
+    p.add_argument("--accum-iter", type=int, default=1, help="micro-batches of --batch-size per optimizer step "
+                   "(gradient accumulation: the global batch, and the lr it scales, is batch x processes x this; "
+                   "default %(default)s)")
+    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast precision for the "
+                   "forward pass (fp16: CUDA, with loss scaling; bf16: CUDA and CPU; default %(default)s)")
+    p.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0 = no clipping; "
+                   "default %(default)s)")
     p.add_argument("--log-every", type=int, default=20, help="without a progress bar (output not a terminal, or "
                    "--no-progress), a plain line every N steps: loss, lr, images/s, ETA (0 = none; default "
                    "%(default)s)")

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import random
 import time
@@ -34,12 +33,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from mimsparse.convert.export import conversion_head, load_lines, load_weights_file, save_weights
 from mimsparse.train.checkpoint import CheckpointError, write_file_atomic, write_text_atomic
+from mimsparse.evaluate.finetune_engine import AMP_DTYPES, StepOptions, evaluate, max_lr, train_one_epoch
 from mimsparse.evaluate.loaders import (check_fraction, check_img_size, eval_loader, limit_subset, stratified_subset,
-                                     top1_correct, train_loader)
+                                        train_loader)
 from mimsparse.convert import ConversionError, convert_checkpoint
 from mimsparse.train.data import DataError
 from mimsparse.cli import interactive
@@ -221,94 +220,6 @@ def warmup_steps(warmup_epochs: float, steps_per_epoch: int, total_steps: int, l
     return steps
 
 
-def max_lr(optimizer) -> float:
-    """The head's lr (scale 1), the one the schedule describes."""
-    return max(group["lr"] for group in optimizer.param_groups)
-
-
-# ---- one epoch, evaluation -------------------------------------------------------------------------
-def train_one_epoch(model, criterion, loader, optimizer, scheduler, device, step: int, max_steps: int = 0,
-                    mixup=None, desc: str = "", show_progress: bool = True, stop=None, part: dict | None = None,
-                    log_every: int = 0, pace: Pace | None = None) -> dict:
-    """Trains over ``loader`` from global step ``step`` (stops at ``max_steps`` if > 0, or after the
-    step in progress when ``stop`` (a :class:`~mimsparse.train.stop_signal.StopSignal`) was signalled).
-    ``part``: the sums of the part of this epoch a stopped run did. Without the bar, a plain line every
-    ``log_every`` steps, with ``pace``'s ETA. Returns {"step": the next step,
-    "loss": mean training loss, "lr": last lr, "images", "unreadable", "batches_done" (loader batches
-    of the epoch done, ``part``'s included), "stopped" (the signal's name or None), "part"}."""
-    from mimsparse.errors import TrainingError
-
-    model.train()
-    world = distributed.current().world_size
-    part = part or {"loss_sum": 0.0, "batches": 0, "images": 0, "unreadable": 0, "batches_done": 0}
-    loss_sum, batches, images_seen, unreadable = part["loss_sum"], part["batches"], part["images"], part["unreadable"]
-    done, stopped, lr = part["batches_done"], None, max_lr(optimizer)
-    bar = tqdm(loader, desc=desc, disable=not show_progress, dynamic_ncols=True, leave=False)
-    pace = pace or Pace(0)
-    since, images_since = time.perf_counter(), 0  # for the plain line's images/s
-    for images, labels, n_bad in bar:
-        unreadable, done = unreadable + n_bad, done + 1
-        if max_steps and step >= max_steps:
-            break
-        if mixup is not None and len(images) % 2:
-            images, labels = images[:-1], labels[:-1]  # timm's Mixup pairs samples; a file was unreadable
-        if len(images) == 0:
-            continue
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        if mixup is not None:
-            images, labels = mixup(images, labels)  # labels become soft targets [B, num_classes]
-        scheduler.step_update(step)
-        lr = max_lr(optimizer)
-        loss = criterion(model(images), labels)
-        # the job's mean loss: every process logs it, and a non-finite one stops them all at this step
-        job = distributed.all_reduce_sum(torch.stack([loss.detach().float(), loss.new_tensor(len(images))]))
-        job_loss, job_images = job[0].item() / world, int(job[1].item())
-        if not math.isfinite(job_loss):
-            raise TrainingError(f"training loss is {job_loss} at step {step}; lower --lr / --blr")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        step += 1
-        loss_sum, batches, images_seen = loss_sum + job_loss, batches + 1, images_seen + job_images
-        bar.set_postfix(loss=f"{job_loss:.4f}", lr=f"{lr:.2e}")
-        images_since += job_images
-        if not show_progress and log_every and step % log_every == 0:
-            now = time.perf_counter()
-            print(f"step {step} | {desc} | loss {job_loss:.4f} | lr {lr:.2e} | "
-                  f"{images_since / max(now - since, 1e-9):.1f} img/s{pace.describe(step)}", flush=True)
-            since, images_since = now, 0
-        pace.step_done(step)
-        if stop is not None and stop.requested():
-            stopped = stop.reason()
-            break
-    bar.close()
-    return {"step": step, "loss": loss_sum / batches if batches else None, "lr": lr, "images": images_seen,
-            "unreadable": unreadable, "batches_done": done, "stopped": stopped,
-            "part": {"loss_sum": loss_sum, "batches": batches, "images": images_seen, "unreadable": unreadable,
-                     "batches_done": done}}
-
-
-@torch.no_grad()
-def evaluate(model, loader, device) -> dict:
-    """{"top1": correct / total in [0, 1], "loss": mean cross-entropy, "correct", "total"} over ``loader``
-    (under torchrun: over every process's loader, each holding its share of the images)."""
-    model.eval()
-    correct, total, loss_sum = 0, 0, 0.0
-    for images, labels, _ in loader:
-        if len(images) == 0:
-            continue
-        logits = model(images.to(device))
-        labels = labels.to(device)
-        loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-        correct += top1_correct(logits, labels)
-        total += len(labels)
-    sums = distributed.all_reduce_sum(torch.tensor([correct, total, loss_sum], dtype=torch.float64, device=device))
-    correct, total, loss_sum = int(sums[0]), int(sums[1]), float(sums[2])  # each process evaluated its share
-    if total == 0:
-        raise DataError("no readable test image to evaluate on")
-    return {"top1": correct / total, "loss": loss_sum / total, "correct": correct, "total": total}
-
-
 # ---- run -------------------------------------------------------------------------------------------
 def write_json(path: Path, obj) -> None:
     """Written to a temporary file and renamed: a reader never sees half a file."""
@@ -356,6 +267,14 @@ def check_args(args) -> None:
         raise ConfigError("the learning rate must be positive (--lr or --blr)")
     if not 0 <= args.drop_path < 1 or not 0 <= args.smoothing < 1:
         raise ConfigError("--drop-path and --smoothing must be in [0, 1)")
+    if getattr(args, "accum_iter", 1) < 1:
+        raise ConfigError(f"--accum-iter must be at least 1, got {args.accum_iter}")
+    amp = getattr(args, "amp", "none")
+    if amp not in AMP_DTYPES:
+        raise ConfigError(f"--amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
+    if amp == "fp16" and torch.device(args.device).type != "cuda":
+        raise ConfigError(f"--amp fp16 is for CUDA (it needs loss scaling and is slow elsewhere); on "
+                          f"{torch.device(args.device).type} use --amp bf16 or none")
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
         raise ConfigError(f"mixup / cutmix pair the samples of a batch: --batch-size must be even, "
                          f"got {args.batch_size}")
@@ -419,8 +338,8 @@ def set_rng_state(state: dict) -> None:
                          "has_gauss": state["numpy_has_gauss"], "gauss": state["numpy_gauss"]})
 
 
-def save_resume_state(path: Path, model, optimizer, epoch: int, step: int, history: list, best: dict,
-                      name: str, classes, part: dict | None = None) -> None:
+def save_resume_state(path: Path, run: "_Setup", epoch: int, step: int, history: list, best: dict,
+                      part: dict | None = None) -> None:
     """Everything ``--resume`` needs, written atomically (mode 0644) by rank 0: the run continues exactly
     as if it had not stopped (data order and augmentation derive from (seed, epoch); the RNGs of every
     process are restored). ``part``: where a signal stopped the epoch ``epoch`` (see
@@ -432,9 +351,9 @@ def save_resume_state(path: Path, model, optimizer, epoch: int, step: int, histo
         torch.distributed.all_gather_object(rngs, rng_state())
     if not job.is_main:
         return
-    state = {"model": _weights(model), "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
-             "history": history, "best": best, "model_name": name, "classes": list(classes), "rng": rngs[0],
-             "rng_per_process": rngs, "part": part}
+    state = {"model": _weights(run.model), "optimizer": run.optimizer.state_dict(), "epoch": epoch, "step": step,
+             "history": history, "best": best, "model_name": run.name, "classes": list(run.train.classes),
+             "rng": rngs[0], "rng_per_process": rngs, "part": part, "scaler": run.scaler.state_dict()}
     write_file_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
@@ -522,6 +441,8 @@ class _Setup:
     test_loader: object
     device: torch.device
     split: str  # what the evaluation images are: "test", or a held-out part of the training images
+    options: StepOptions  # accumulation, precision, clipping
+    scaler: torch.amp.GradScaler  # fp16's loss scaling; a pass-through otherwise
 
     @property
     def paths(self) -> tuple[Path, Path, Path]:
@@ -565,10 +486,12 @@ def _setup(args, out_dir: Path) -> _Setup:
     train, test, train_total = load_data(args.data, args.label_fraction, args.eval_limit, args.seed,
                                          args.val_fraction)
     num_classes = len(train.classes)
-    global_batch = args.batch_size * job.world_size
+    accum = getattr(args, "accum_iter", 1)
+    global_batch = args.batch_size * job.world_size * accum
     steps_per_epoch = len(train) // global_batch
     if steps_per_epoch == 0:
-        per = f" x {job.world_size} processes" if job.enabled else ""
+        per = (f" x {job.world_size} processes" if job.enabled else "") + (f" x {accum} accumulated" if accum > 1
+                                                                            else "")
         raise DataError(f"{len(train)} training images (after --label-fraction {args.label_fraction:g}) are fewer than "
                         f"one batch ({args.batch_size}{per}); lower --batch-size")
 
@@ -599,6 +522,9 @@ def _setup(args, out_dir: Path) -> _Setup:
     else:
         criterion = torch.nn.CrossEntropyLoss(label_smoothing=args.smoothing)
     test_loader = eval_loader(test, args.img_size, args.batch_size, args.num_workers, job.rank, job.world_size)
+    amp = AMP_DTYPES[getattr(args, "amp", "none")]
+    options = StepOptions(accum, amp, getattr(args, "clip_grad", 0.0), args.max_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
 
     lr_source = f"--lr {args.lr:g}" if args.lr is not None else f"--blr {args.blr:g} x {global_batch}/256"
     split = split_name(args.data)
@@ -606,10 +532,16 @@ def _setup(args, out_dir: Path) -> _Setup:
         print(note)
     print(f"model {name} | {args.data}: {num_classes} classes, {len(train)}/{train_total} training images "
           f"(--label-fraction {args.label_fraction:g}), {len(test)} {split} images | "
-          f"{'batch ' + str(args.batch_size) + ' x ' + str(job.world_size) + ' processes | ' if job.enabled else ''}"
+          f"{_batch_line(args.batch_size, job.world_size, accum)}"
           f"lr {lr:.3g} ({lr_source}) | {total_steps} steps | output {out_dir}")
     return _Setup(out_dir, model, train_model, name, notes, train, test, train_total, num_classes, lr, optimizer, scheduler,
-                  total_steps, criterion, mixup, test_loader, device, split)
+                  total_steps, criterion, mixup, test_loader, device, split, options, scaler)
+
+
+def _batch_line(batch: int, processes: int, accum: int) -> str:
+    """``batch 4 x 2 processes x 4 accumulated | `` when the global batch is more than --batch-size."""
+    parts = [f" x {processes} processes"] * (processes > 1) + [f" x {accum} accumulated"] * (accum > 1)
+    return f"batch {batch}{''.join(parts)} | " if parts else ""
 
 
 def _resume(args, run: _Setup, resume: Path) -> tuple:
@@ -618,6 +550,8 @@ def _resume(args, run: _Setup, resume: Path) -> tuple:
     state = load_resume_state(resume, run.name, run.train.classes)
     run.model.load_state_dict(state["model"], strict=True)
     run.optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
     history, best, step, first_epoch = state["history"], state["best"], state["step"], state["epoch"]
     part = state.get("part")
     job = distributed.current()
@@ -652,19 +586,17 @@ def _train_epochs(args, run: _Setup, folder, stop, history: list, best, step: in
     for epoch in range(first_epoch, args.epochs):
         t0 = time.perf_counter()
         loader = train_loader(run.train, args.img_size, args.batch_size, args.seed, epoch, args.num_workers,
-                              part["batches_done"] if part else 0, job.rank, job.world_size)
+                              part["batches_done"] if part else 0, job.rank, job.world_size, run.options.accum)
         folder.started = True
-        stats = train_one_epoch(run.train_model, run.criterion, loader, run.optimizer, run.scheduler, run.device, step,
-                                args.max_steps, run.mixup, f"epoch {epoch}", not args.no_progress and interactive(),
-                                stop, part, args.log_every, pace)
+        stats = train_one_epoch(run, loader, step, run.options, f"epoch {epoch}",
+                                not args.no_progress and interactive(), stop, part, args.log_every, pace)
         step, part = stats["step"], None
         if stats["stopped"]:  # the epoch is not over: no evaluation, no log record; its sums go with last.pth
-            save_resume_state(last_path, run.model, run.optimizer, epoch, step, history, best, run.name,
-                              run.train.classes, stats["part"])
+            save_resume_state(last_path, run, epoch, step, history, best, stats["part"])
             print(f"stopped by {stats['stopped']} at step {step} (epoch {epoch}, batch {stats['batches_done']}): "
                   f"checkpoint {last_path}; continue with --resume auto (exit status {STOP_EXIT_STATUS})", flush=True)
             return history, best, step, stats["stopped"]
-        result = evaluate(run.model, run.test_loader, run.device)
+        result = evaluate(run.model, run.test_loader, run.device, run.options.amp)
         record = {"epoch": epoch, "step": step, "train_loss": stats["loss"], "lr": stats["lr"],
                   "test_top1": result["top1"], "test_loss": result["loss"], "test_correct": result["correct"],
                   "test_total": result["total"], "unreadable": stats["unreadable"],
@@ -676,8 +608,7 @@ def _train_epochs(args, run: _Setup, folder, stop, history: list, best, step: in
         history.append(record)
         if job.is_main:
             append_jsonl(log_path, record)
-        save_resume_state(last_path, run.model, run.optimizer, epoch + 1, step, history, best, run.name,
-                          run.train.classes)
+        save_resume_state(last_path, run, epoch + 1, step, history, best)
         train_loss = f"{stats['loss']:.4f}" if stats["loss"] is not None else "-"
         print(f"epoch {epoch}: step {step} | train loss {train_loss} | lr {stats['lr']:.2e} | "
               f"{run.split} top-1 {result['top1']:.2%} ({result['correct']}/{result['total']}) | "

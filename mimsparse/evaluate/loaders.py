@@ -81,13 +81,15 @@ class LabelledSamples(SeededImages):
 
 
 def train_loader(data: LabelledImages, img_size: int, batch_size: int, seed: int, epoch: int,
-                 num_workers: int = 0, start_batch: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
+                 num_workers: int = 0, start_batch: int = 0, rank: int = 0, world_size: int = 1,
+                 accum: int = 1) -> DataLoader:
     """One epoch of full batches (images [B, 3, S, S], labels int64 [B], number dropped as unreadable),
     shuffled and augmented from (seed, epoch), from batch ``start_batch`` on (a resume mid-epoch). Under
     torchrun, this rank's share of every global batch (see :class:`EpochSampler`): N processes at batch B
-    see the images and augmentations of one process at batch N x B."""
+    see the images and augmentations of one process at batch N x B. ``accum``: micro-batches per step;
+    the epoch is cut to whole steps."""
     sampler = EpochSampler(len(data), seed, epoch, start=start_batch * batch_size, rank=rank, world_size=world_size,
-                           batch_size=batch_size)
+                           batch_size=batch_size * accum)
     # its own generator: the loader's seed draw leaves the global one (drop path) to the training steps,
     # so a run resumed mid-epoch draws what the uninterrupted run drew
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
