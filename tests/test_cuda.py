@@ -186,6 +186,22 @@ def test_pretraining_cli_on_cuda_compiled_bf16(photo_dir, tmp_path):
     assert [r["step"] for r in log] == [1, 2] and all(r["loss"] is not None for r in log)
 
 
+@pytest.mark.parametrize("impl", ["tiles", "gather", "dense"])
+@pytest.mark.parametrize("k,stride,padding", [(3, 1, 1), (3, 2, 1), (7, 2, 3)])
+def test_packed_conv_implementations_on_cuda_match_cpu_conv2d(impl, k, stride, padding):
+    """ResNet's k x k and strided convs through each of packed's implementations on CUDA (auto picks
+    the dense map / gather there; tiles are forced), forward and gradients against CPU F.conv2d."""
+    from mimsparse.backends.packed import PackedBackend
+
+    vis = random_patch_mask(2, (3, 3), 0.5, torch.Generator().manual_seed(k))
+    h = 12 * stride
+    active, active_out = upsample_mask(vis, 4 * stride), upsample_mask(vis, 4)
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(2, 8, h, h, generator=g), torch.randn(6, 8, k, k, generator=g), torch.randn(6, generator=g)
+    check_conv_against_conv2d(PackedBackend(conv_impl=impl), x, active, w, b, stride, padding,
+                              None if stride == 1 else active_out, FP32_TOL, "cuda")
+
+
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_finetuning_cli_on_cuda_with_autocast_close_to_fp32(tmp_path, amp):
     """tools/finetune.py on cuda:0 with --amp (fp16: the loss scaler), 2 accumulated micro-batches per
@@ -203,19 +219,3 @@ def test_finetuning_cli_on_cuda_with_autocast_close_to_fp32(tmp_path, amp):
         record = json.loads((out / "log.jsonl").read_text().splitlines()[0])
         losses[precision] = (record["train_loss"], record["test_loss"])
     assert losses[amp] == pytest.approx(losses["none"], abs=0.02) and losses[amp] != losses["none"]
-
-
-@pytest.mark.parametrize("impl", ["tiles", "gather", "dense"])
-@pytest.mark.parametrize("k,stride,padding", [(3, 1, 1), (3, 2, 1), (7, 2, 3)])
-def test_packed_conv_implementations_on_cuda_match_cpu_conv2d(impl, k, stride, padding):
-    """ResNet's k x k and strided convs through each of packed's implementations on CUDA (auto picks
-    the dense map / gather there; tiles are forced), forward and gradients against CPU F.conv2d."""
-    from mimsparse.backends.packed import PackedBackend
-
-    vis = random_patch_mask(2, (3, 3), 0.5, torch.Generator().manual_seed(k))
-    h = 12 * stride
-    active, active_out = upsample_mask(vis, 4 * stride), upsample_mask(vis, 4)
-    g = torch.Generator().manual_seed(0)
-    x, w, b = torch.randn(2, 8, h, h, generator=g), torch.randn(6, 8, k, k, generator=g), torch.randn(6, generator=g)
-    check_conv_against_conv2d(PackedBackend(conv_impl=impl), x, active, w, b, stride, padding,
-                              None if stride == 1 else active_out, FP32_TOL, "cuda")
