@@ -2,6 +2,7 @@
 train/ and test/, last + best checkpoints with class names, exact --resume, extending a finished run,
 warm-up clamping, and tools/predict.py on the result."""
 import json
+import re
 import os
 import stat
 
@@ -73,6 +74,32 @@ def test_bf16_autocast_trains_close_to_fp32_but_not_in_it(tmp_path):
     assert fp32["train_loss"] != bf16["train_loss"] and abs(fp32["train_loss"] - bf16["train_loss"]) < 0.02
     assert abs(fp32["test_loss"] - bf16["test_loss"]) < 0.02
     assert load_weights_file(tmp_path / "bf16" / "last.pth")[0]["model"]["head.fc.weight"].dtype == torch.float32
+
+
+def test_eval_reproduces_the_runs_top1_from_best_and_last(tmp_path, photo_dir, capsys):
+    """--eval on the run folder (best.safetensors) gives the best epoch's recorded top-1, on last.pth the
+    final epoch's; a classifier of other classes, or no finetuned classifier at all, is refused."""
+    from mimsparse.cli import run_cli
+
+    main = tool_main("finetune")
+    out = tmp_path / "ft"
+    assert main([*RUN, "--epochs", "2", "--output-dir", str(out)]) == 0
+    results, _ = read_results(out)
+    capsys.readouterr()
+    evaluate = [*RUN[RUN.index("--data"):RUN.index("--data") + 2], "--eval-limit", "10", "--img-size", "32",
+                "--no-progress", "--eval"]
+    for checkpoint, expected in ((out, results["best_top1"]), (out / "last.pth", results["final_top1"])):
+        assert main(["--checkpoint", str(checkpoint), *evaluate]) == 0
+        line = capsys.readouterr().out.strip().splitlines()[-1]
+        assert line.startswith(f"test top-1 {expected:.2%} (") and f"/10) | loss " in line, line
+    assert sorted(p.name for p in out.iterdir()) == sorted(["best.safetensors", "last.pth", "results.json",
+                                                            "log.jsonl", ".mimsparse.lock"])  # nothing new written
+    for args, expected in ((["--checkpoint", "random", "--data", "lfw-subset", "--eval"], "--eval evaluates a "
+                            "finetuned classifier"),
+                           (["--checkpoint", str(out), "--data", str(image_folder(tmp_path / "ab", photo_dir)),
+                             "--eval"], "was finetuned on classes \\['face', 'not face'\\], .* has \\['a', 'b'\\]")):
+        assert run_cli(lambda: main(args)) == 2
+        assert re.match(f"error: .*{expected}", capsys.readouterr().err)
 
 
 def test_folder_without_splits_gets_a_held_out_validation_split(tmp_path, photo_dir):

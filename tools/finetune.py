@@ -57,6 +57,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "progress, with last.pth at that step; the exit status is then 75 (default %(default)s; '' = none)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (smoke tests); the "
                    "schedule still spans --epochs")
+    p.add_argument("--eval", action="store_true", help="only evaluate a finetuned classifier (--checkpoint: "
+                   "a run folder, its best.safetensors or last.pth) on --data's test (or held-out) split; trains "
+                   "and writes nothing")
     p.add_argument("--accum-iter", type=int, default=1, help="micro-batches of --batch-size per optimizer step "
                    "(gradient accumulation: the global batch, and the lr it scales, is batch x processes x this; "
                    "default %(default)s)")
@@ -78,14 +81,14 @@ def main(argv=None) -> int:
     resolve_checkpoint(p, args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
-    from mimsparse.evaluate.finetune import main as finetune
+    from mimsparse.evaluate.finetune import evaluate_only, main as finetune
 
     from mimsparse.train import distributed
     from mimsparse.train.stop_signal import stopped_with_checkpoint
 
     _, args.device = distributed.init_from_env(args.device)  # torchrun: gloo on CPU, nccl and cuda:LOCAL_RANK on CUDA
     try:
-        results = finetune(args)
+        results = evaluate_only(args) if args.eval else finetune(args)
     finally:
         distributed.cleanup()
     return stopped_with_checkpoint() if results["stopped_by"] else 0  # 75: requeue, then --resume auto

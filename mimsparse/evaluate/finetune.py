@@ -410,6 +410,35 @@ def main(args) -> dict:
         return results
 
 
+def evaluate_only(args) -> dict:
+    """``--eval``: top-1 of a finetuned classifier (a run folder, its best.safetensors or last.pth) on the
+    evaluation split of ``--data``; nothing is trained or written. Under torchrun each process
+    evaluates its share."""
+    from mimsparse.evaluate.predict import load_classifier
+
+    if args.checkpoint == "random" or not Path(args.checkpoint).exists():
+        raise ConfigError(f"--eval evaluates a finetuned classifier: pass the run folder, best.safetensors or "
+                          f"last.pth of a tools/finetune.py run (got {args.checkpoint!r})")
+    check_img_size(args.img_size)
+    job = distributed.current()
+    with _printing(job.is_main):
+        classifier = load_classifier(args.checkpoint, args.model)
+        train, test, what = load_splits(args.data, args.val_fraction)
+        if list(train.classes) != list(classifier.classes):
+            raise CheckpointError(f"{args.checkpoint} was finetuned on classes {classifier.classes[:5]}, {args.data} "
+                                  f"has {list(train.classes)[:5]}: evaluate on the data it was finetuned on")
+        test, split = limit_subset(test, args.eval_limit, EVAL_SUBSET_SEED), split_name(args.data)
+        if classifier.img_size != args.img_size:
+            print(f"note: evaluating at --img-size {args.img_size}; the model was finetuned at "
+                  f"{classifier.img_size}")
+        device = torch.device(args.device)
+        loader = eval_loader(test, args.img_size, args.batch_size, args.num_workers, job.rank, job.world_size)
+        result = evaluate(classifier.model.to(device), loader, device, AMP_DTYPES[getattr(args, "amp", "none")])
+        print(f"{split} top-1 {result['top1']:.2%} ({result['correct']}/{result['total']}) | loss "
+              f"{result['loss']:.4f} | {classifier.name} from {args.checkpoint} on {args.data}")
+    return {"eval": result, "stopped_by": None}
+
+
 @contextlib.contextmanager
 def _printing(main: bool):
     """The lines of a run come from rank 0 alone (errors still come from the process that has one)."""
