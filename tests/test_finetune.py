@@ -189,6 +189,30 @@ def test_accumulated_micro_batches_make_the_step_of_their_whole_batch_and_clippi
     assert 0.999e-3 < moved <= 1.0001e-3  # the unclipped step's norm is far larger: it was clipped to 1e-3
 
 
+def test_the_weight_average_follows_every_step_by_its_decay():
+    """--model-ema: after each optimizer step ema = d * ema + (1 - d) * weights (by hand, d = 0.5)."""
+    import copy
+
+    from timm.utils import ModelEmaV3
+
+    from mimsparse.evaluate.finetune_engine import StepOptions, train_one_epoch
+
+    g = torch.Generator().manual_seed(1)
+    loader = [(torch.randn(2, 3, 2, 2, generator=g), torch.randint(0, 3, (2,), generator=g), 0) for _ in range(3)]
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    run = _step_run(model, lr=0.5)
+    run.ema = ModelEmaV3(model, decay=0.5)
+    expected = [p.detach().clone() for p in model.parameters()]
+    plain = copy.deepcopy(model)
+    plain_run = _step_run(plain, lr=0.5)
+    for batch in loader:  # the same SGD steps one at a time, averaged by hand
+        train_one_epoch(plain_run, [batch], 0, StepOptions(), show_progress=False)
+        expected = [0.5 * e + 0.5 * p.detach() for e, p in zip(expected, plain.parameters())]
+    train_one_epoch(run, loader, 0, StepOptions(), show_progress=False)
+    for ours, theirs in zip(run.ema.module.parameters(), expected):
+        assert torch.allclose(ours, theirs, atol=1e-7)
+
+
 def test_label_fraction_subset_is_stratified_and_seeded():
     shuffle = torch.randperm(100, generator=torch.Generator().manual_seed(1))
     labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)[shuffle]

@@ -27,14 +27,19 @@ def records(out):
 
 def test_resume_continues_exactly_and_extends_a_finished_run(tmp_path):
     main = tool_main("finetune")
-    assert main([*RUN, "--epochs", "2", "--output-dir", str(tmp_path / "straight")]) == 0
+    ema = ["--model-ema", "--model-ema-decay", "0.5"]  # the weight average is restored too
+    assert main([*RUN, *ema, "--epochs", "2", "--output-dir", str(tmp_path / "straight")]) == 0
     # stopped after the first epoch (3 steps of 30 images / 8), then resumed: the same run
-    assert main([*RUN, "--epochs", "2", "--max-steps", "3", "--output-dir", str(tmp_path / "split")]) == 0
+    assert main([*RUN, *ema, "--epochs", "2", "--max-steps", "3", "--output-dir", str(tmp_path / "split")]) == 0
     last = torch.load(tmp_path / "split" / "last.pth", weights_only=True)
     assert last["epoch"] == 1 and last["step"] == 3 and last["classes"] == ["face", "not face"]
     assert stat.S_IMODE(os.stat(tmp_path / "split" / "last.pth").st_mode) == 0o666 & ~_umask()
-    assert main([*RUN, "--epochs", "2", "--resume", "auto", "--output-dir", str(tmp_path / "split")]) == 0
+    assert main([*RUN, *ema, "--epochs", "2", "--resume", "auto", "--output-dir", str(tmp_path / "split")]) == 0
     assert records(tmp_path / "split") == records(tmp_path / "straight")
+    assert all("ema_top1" in r for r in records(tmp_path / "split"))
+    a = load_weights_file(tmp_path / "straight" / "best-ema.safetensors")[0]
+    b = load_weights_file(tmp_path / "split" / "best-ema.safetensors")[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)
     a = load_weights_file(tmp_path / "straight" / "last.pth")[0]["model"]
     b = load_weights_file(tmp_path / "split" / "last.pth")[0]["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -83,17 +88,18 @@ def test_eval_reproduces_the_runs_top1_from_best_and_last(tmp_path, photo_dir, c
 
     main = tool_main("finetune")
     out = tmp_path / "ft"
-    assert main([*RUN, "--epochs", "2", "--output-dir", str(out)]) == 0
+    assert main([*RUN, "--epochs", "2", "--model-ema", "--model-ema-decay", "0.9", "--output-dir", str(out)]) == 0
     results, _ = read_results(out)
     capsys.readouterr()
     evaluate = [*RUN[RUN.index("--data"):RUN.index("--data") + 2], "--eval-limit", "10", "--img-size", "32",
                 "--no-progress", "--eval"]
-    for checkpoint, expected in ((out, results["best_top1"]), (out / "last.pth", results["final_top1"])):
+    for checkpoint, expected in ((out, results["best_top1"]), (out / "last.pth", results["final_top1"]),
+                                 (out / "best-ema.safetensors", results["best_ema_top1"])):
         assert main(["--checkpoint", str(checkpoint), *evaluate]) == 0
         line = capsys.readouterr().out.strip().splitlines()[-1]
         assert line.startswith(f"test top-1 {expected:.2%} (") and f"/10) | loss " in line, line
-    assert sorted(p.name for p in out.iterdir()) == sorted(["best.safetensors", "last.pth", "results.json",
-                                                            "log.jsonl", ".mimsparse.lock"])  # nothing new written
+    assert sorted(p.name for p in out.iterdir()) == sorted(["best.safetensors", "best-ema.safetensors", "last.pth",
+                                                            "results.json", "log.jsonl", ".mimsparse.lock"])
     for args, expected in ((["--checkpoint", "random", "--data", "lfw-subset", "--eval"], "--eval evaluates a "
                             "finetuned classifier"),
                            (["--checkpoint", str(out), "--data", str(image_folder(tmp_path / "ab", photo_dir)),

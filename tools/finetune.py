@@ -67,6 +67,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "forward pass (fp16: CUDA, with loss scaling; bf16: CUDA and CPU; default %(default)s)")
     p.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0 = no clipping; "
                    "default %(default)s)")
+    p.add_argument("--model-ema", action="store_true", help="keep an exponential moving average of the weights "
+                   "(timm's ModelEmaV3), evaluate it every epoch and save its best as best-ema.safetensors")
+    p.add_argument("--model-ema-decay", type=float, default=0.9999, help="its decay per step (default %(default)s)")
     p.add_argument("--log-every", type=int, default=20, help="without a progress bar (output not a terminal, or "
                    "--no-progress), a plain line every N steps: loss, lr, images/s, ETA (0 = none; default "
                    "%(default)s)")

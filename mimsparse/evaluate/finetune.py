@@ -267,6 +267,8 @@ def check_args(args) -> None:
         raise ConfigError("the learning rate must be positive (--lr or --blr)")
     if not 0 <= args.drop_path < 1 or not 0 <= args.smoothing < 1:
         raise ConfigError("--drop-path and --smoothing must be in [0, 1)")
+    if getattr(args, "model_ema", False) and not 0 <= args.model_ema_decay < 1:
+        raise ConfigError(f"--model-ema-decay must be in [0, 1), got {args.model_ema_decay}")
     if getattr(args, "accum_iter", 1) < 1:
         raise ConfigError(f"--accum-iter must be at least 1, got {args.accum_iter}")
     amp = getattr(args, "amp", "none")
@@ -353,7 +355,8 @@ def save_resume_state(path: Path, run: "_Setup", epoch: int, step: int, history:
         return
     state = {"model": _weights(run.model), "optimizer": run.optimizer.state_dict(), "epoch": epoch, "step": step,
              "history": history, "best": best, "model_name": run.name, "classes": list(run.train.classes),
-             "rng": rngs[0], "rng_per_process": rngs, "part": part, "scaler": run.scaler.state_dict()}
+             "rng": rngs[0], "rng_per_process": rngs, "part": part, "scaler": run.scaler.state_dict(),
+             "ema": _weights(run.ema.module) if run.ema is not None else None}
     write_file_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
@@ -388,7 +391,7 @@ def load_data(spec: str, label_fraction: float, eval_limit: int,
     return train, limit_subset(test, eval_limit, EVAL_SUBSET_SEED), total
 
 
-RUN_FILES = ("last.pth", "best.safetensors", "results.json", "log.jsonl")  # what makes a folder a finetune run
+RUN_FILES = ("last.pth", "best.safetensors", "best-ema.safetensors", "results.json", "log.jsonl")  # what makes a folder a finetune run
 
 
 def main(args) -> dict:
@@ -472,6 +475,7 @@ class _Setup:
     split: str  # what the evaluation images are: "test", or a held-out part of the training images
     options: StepOptions  # accumulation, precision, clipping
     scaler: torch.amp.GradScaler  # fp16's loss scaling; a pass-through otherwise
+    ema: object = None  # timm's ModelEmaV3 of the weights (--model-ema), updated after every step
 
     @property
     def paths(self) -> tuple[Path, Path, Path]:
@@ -554,6 +558,11 @@ def _setup(args, out_dir: Path) -> _Setup:
     amp = AMP_DTYPES[getattr(args, "amp", "none")]
     options = StepOptions(accum, amp, getattr(args, "clip_grad", 0.0), args.max_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    ema = None
+    if getattr(args, "model_ema", False):
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=args.model_ema_decay)  # a copy on the model's device, in eval mode
 
     lr_source = f"--lr {args.lr:g}" if args.lr is not None else f"--blr {args.blr:g} x {global_batch}/256"
     split = split_name(args.data)
@@ -564,7 +573,7 @@ def _setup(args, out_dir: Path) -> _Setup:
           f"{_batch_line(args.batch_size, job.world_size, accum)}"
           f"lr {lr:.3g} ({lr_source}) | {total_steps} steps | output {out_dir}")
     return _Setup(out_dir, model, train_model, name, notes, train, test, train_total, num_classes, lr, optimizer, scheduler,
-                  total_steps, criterion, mixup, test_loader, device, split, options, scaler)
+                  total_steps, criterion, mixup, test_loader, device, split, options, scaler, ema)
 
 
 def _batch_line(batch: int, processes: int, accum: int) -> str:
@@ -581,6 +590,10 @@ def _resume(args, run: _Setup, resume: Path) -> tuple:
     run.optimizer.load_state_dict(state["optimizer"])
     if state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
+    if run.ema is not None:
+        if state.get("ema") is None:
+            raise CheckpointError(f"{resume} has no EMA weights: resume without --model-ema, or start a new run")
+        run.ema.module.load_state_dict(state["ema"])
     history, best, step, first_epoch = state["history"], state["best"], state["step"], state["epoch"]
     part = state.get("part")
     job = distributed.current()
@@ -634,6 +647,14 @@ def _train_epochs(args, run: _Setup, folder, stop, history: list, best, step: in
             best = record
             if job.is_main:
                 save_weights(_weights(run.model), best_path, {**meta, "epoch": epoch, "test_top1": result["top1"]})
+        ema_line = ""
+        if run.ema is not None:  # the averaged weights, evaluated and kept on their own (best-ema.safetensors)
+            ema = evaluate(run.ema.module, run.test_loader, run.device, run.options.amp)
+            record.update(ema_top1=ema["top1"], ema_loss=ema["loss"], ema_correct=ema["correct"])
+            if ema["top1"] > max((r["ema_top1"] for r in history if "ema_top1" in r), default=-1.0) and job.is_main:
+                save_weights(_weights(run.ema.module), run.out_dir / "best-ema.safetensors",
+                             {**meta, "epoch": epoch, "test_top1": ema["top1"], "ema_decay": run.ema.decay})
+            ema_line = f" | EMA top-1 {ema['top1']:.2%}"
         history.append(record)
         if job.is_main:
             append_jsonl(log_path, record)
@@ -641,7 +662,7 @@ def _train_epochs(args, run: _Setup, folder, stop, history: list, best, step: in
         train_loss = f"{stats['loss']:.4f}" if stats["loss"] is not None else "-"
         print(f"epoch {epoch}: step {step} | train loss {train_loss} | lr {stats['lr']:.2e} | "
               f"{run.split} top-1 {result['top1']:.2%} ({result['correct']}/{result['total']}) | "
-              f"best {best['test_top1']:.2%}")
+              f"best {best['test_top1']:.2%}{ema_line}")
         if args.max_steps and step >= args.max_steps:
             break
         if stop.requested():  # signalled while evaluating or saving: last.pth has this whole epoch
@@ -663,6 +684,11 @@ def _report(args, run: _Setup, history: list, best: dict, step: int, wall_time_s
                "last_checkpoint": str(last_path), "classes": list(run.train.classes), "history": history,
                "args": vars(args), "wall_time_s": wall_time_s, "stopped_by": None,
                "processes": distributed.current().world_size}
+    emas = [r for r in history if "ema_top1" in r]
+    if emas:
+        best_ema = max(emas, key=lambda r: r["ema_top1"])  # the first of the highest, as best-ema.safetensors
+        results.update(best_ema_top1=best_ema["ema_top1"], best_ema_epoch=best_ema["epoch"],
+                       final_ema_top1=emas[-1]["ema_top1"], best_ema_checkpoint=str(run.out_dir / "best-ema.safetensors"))
     if distributed.current().is_main:
         write_json(run.out_dir / "results.json", results)
     print(f"best top-1 {results['best_top1']:.2%} (epoch {results['best_epoch']}), final {results['final_top1']:.2%}; "

@@ -98,6 +98,8 @@ def train_one_epoch(run, loader, step: int, options: StepOptions = StepOptions()
             torch.nn.utils.clip_grad_norm_(run.model.parameters(), options.clip_grad)
         run.scaler.step(optimizer)
         run.scaler.update()
+        if getattr(run, "ema", None) is not None:
+            run.ema.update(run.model)
         step += 1
         loss_sum, batches, images_seen = loss_sum + job_loss, batches + 1, images_seen + job_images
         bar.set_postfix(loss=f"{job_loss:.4f}", lr=f"{lr:.2e}")
