@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from mimsparse.convert import convert_checkpoint
 from mimsparse.convert.export import load_weights_file, save_timm_folder, save_weights
-from mimsparse.evaluate.finetune import build_model
+from mimsparse.evaluate.initial_weights import build_model
 from mimsparse.train.checkpoint import load_checkpoint
 from tests.conftest import ROOT, run_tool
 from tests.test_finetune import pretrained_checkpoints

@@ -15,7 +15,9 @@ from mimsparse.evaluate.loaders import stratified_subset, top1_correct
 from mimsparse.cli import run_cli
 from mimsparse.convert.export import load_weights_file
 from mimsparse.convert import convert_checkpoint
-from mimsparse.evaluate.finetune import build_model, create_optimizer, create_scheduler, evaluate
+from mimsparse.evaluate.finetune import create_optimizer, create_scheduler
+from mimsparse.evaluate.finetune_engine import evaluate
+from mimsparse.evaluate.initial_weights import build_model
 from tests.conftest import ROOT, run_tool, tiny_overrides
 
 # a couple of optimizer steps on lfw-subset's 25x25 faces resized to 32x32

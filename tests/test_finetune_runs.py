@@ -11,7 +11,8 @@ import torch
 
 from mimsparse.convert.export import load_weights_file
 from mimsparse.evaluate.datasets import load_labelled
-from mimsparse.evaluate.finetune import create_scheduler, held_out_split, max_lr, warmup_steps
+from mimsparse.evaluate.finetune import create_scheduler, held_out_split, warmup_steps
+from mimsparse.evaluate.finetune_engine import max_lr
 from tests.conftest import run_tool
 from tests.test_finetune import image_folder, read_results, tool_main
 

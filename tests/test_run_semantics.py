@@ -164,7 +164,7 @@ def test_an_export_names_its_model_for_finetuning(tmp_path):
     import timm
 
     from mimsparse.convert.export import save_weights
-    from mimsparse.evaluate.finetune import load_weights
+    from mimsparse.evaluate.initial_weights import load_weights
 
     path = tmp_path / "femto.safetensors"
     save_weights(timm.create_model("convnextv2_femto", num_classes=0).state_dict(), path,

@@ -1,14 +1,7 @@
 """Supervised finetuning of a dense timm classifier: the ConvNeXt V2 / MAE finetune recipe scaled down.
 
-Weights (``--checkpoint``), detected by their keys (:func:`load_weights`, shared with the linear probe):
-
-- a mimsparse pretraining checkpoint (keys ``model`` and ``config``): converted on the fly to timm
-  (:func:`mimsparse.convert.convert_checkpoint`, with its numerical self-check), fresh classifier;
-- a plain timm state dict (parameter name -> tensor; ``.safetensors`` or ``.pth``, e.g. from
-  ``tools/convert_to_dense.py``): loaded with strict=True; a classifier of another size, or the untrained
-  one a conversion drew (said by the safetensors header, or recognised by its values), is replaced by a
-  fresh one, so the head starts the same whichever route the weights come by;
-- ``random``: timm's own initialisation, the baseline.
+The weights it starts from (``--checkpoint``): :mod:`mimsparse.evaluate.initial_weights`. Its
+epoch: :mod:`mimsparse.evaluate.finetune_engine`. Its last.pth: :mod:`mimsparse.evaluate.finetune_checkpoint`.
 
 Recipe: AdamW with layer-wise lr decay (timm ``create_optimizer_v2``: depth from the model's
 ``group_matcher``, no weight decay on norms and biases), per-step linear warm-up then cosine
@@ -18,7 +11,7 @@ Top-1 on the test split after every epoch; the best model is saved as a plain ti
 
 A run (:func:`main`, which holds the output folder): ``_setup`` builds data, model and optimisation,
 ``_resume`` restores last.pth (``--resume``), ``_train_epochs`` trains, evaluates and saves each epoch,
-``_report`` writes results.json.
+``_report`` writes results.json; ``evaluate_only`` is ``--eval``.
 """
 from __future__ import annotations
 
@@ -34,12 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mimsparse.convert.export import conversion_head, load_lines, load_weights_file, save_weights
-from mimsparse.train.checkpoint import CheckpointError, write_file_atomic, write_text_atomic
+from mimsparse.convert.export import load_lines, save_weights
+from mimsparse.evaluate.finetune_checkpoint import (load_resume_state, resume_path, save_resume_state, set_rng_state,
+                                                    weights_of)
+from mimsparse.evaluate.initial_weights import build_model
+from mimsparse.train.checkpoint import CheckpointError, write_text_atomic
 from mimsparse.evaluate.finetune_engine import AMP_DTYPES, StepOptions, evaluate, max_lr, train_one_epoch
 from mimsparse.evaluate.loaders import (check_fraction, check_img_size, eval_loader, limit_subset, stratified_subset,
                                         train_loader)
-from mimsparse.convert import ConversionError, convert_checkpoint
 from mimsparse.train.data import DataError
 from mimsparse.cli import interactive
 from mimsparse.errors import ConfigError, OutputError
@@ -51,17 +46,7 @@ from mimsparse.evaluate.datasets import LabelledImages, has_test_split, load_lab
 EVAL_SUBSET_SEED = 0  # --eval-limit keeps the same test images whatever --seed, so runs stay comparable
 
 
-# ---- weights ---------------------------------------------------------------------------------------
-@dataclass
-class Weights:
-    """What ``--ckpt`` holds: a timm state dict (None for random init) for the timm model ``name``."""
-
-    state_dict: dict[str, torch.Tensor] | None
-    name: str
-    source: str  # one line for the log
-    fresh_head: bool  # the classifier must be initialised here, whatever the state dict holds
-
-
+# ---- command line ----------------------------------------------------------------------------------
 def weights_and_data_args() -> argparse.ArgumentParser:
     """The options tools/finetune.py and tools/linear_probe.py share (weights, data, device), as a
     parent parser (``argparse.ArgumentParser(parents=[...])``)."""
@@ -84,108 +69,6 @@ def weights_and_data_args() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar (none either when the output is not "
                    "a terminal)")
     return p
-
-
-def is_pretraining_checkpoint(ckpt: dict) -> bool:
-    return "model" in ckpt and "config" in ckpt
-
-
-def is_state_dict(ckpt: dict) -> bool:
-    return bool(ckpt) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt.items())
-
-
-def load_weights(ckpt: str, model_name: str | None, num_classes: int) -> Weights:
-    """``ckpt``: a path or "random". ``model_name`` may be None for a pretraining checkpoint (it names
-    its model); it must match it when given."""
-    if ckpt == "random":
-        if model_name is None:
-            raise ConfigError("--checkpoint random needs --model NAME (e.g. --model convnextv2_atto)")
-        return Weights(None, model_name, "random init (baseline)", fresh_head=True)
-    state, metadata = load_weights_file(ckpt)
-    if is_pretraining_checkpoint(state):
-        saved = state["config"]["model"]["name"]
-        if model_name is not None and model_name != saved:
-            raise CheckpointError(f"{ckpt} was pretrained as {saved!r} but --model asks for {model_name!r}; "
-                                  f"drop --model or pass --model {saved}")
-        sd, name, error = convert_checkpoint(state, num_classes, verify=True)
-        check = f"max relative error vs the sparse encoder {error:.1e}" if error is not None else "not verified"
-        return Weights(sd, name, f"pretraining checkpoint {ckpt} converted to timm {name} ({check})", fresh_head=True)
-    if is_state_dict(state):
-        recorded = metadata.get("model_name")  # tools/convert_to_dense.py and finetune exports record it
-        if model_name is not None and recorded and model_name != recorded:
-            raise CheckpointError(f"{ckpt} holds {recorded!r} (its header says so) but --model asks for "
-                                  f"{model_name!r}; drop --model or pass --model {recorded}")
-        model_name = model_name or recorded
-        if model_name is None:
-            raise ConfigError(f"{ckpt} is a timm state dict that does not name its model: pass --model NAME "
-                              f"(e.g. --model convnextv2_atto)")
-        fresh = metadata.get("head", "").startswith("fresh")  # written by tools/convert_to_dense.py
-        return Weights(state, model_name, f"timm state dict {ckpt}", fresh_head=fresh)
-    raise CheckpointError(f"{ckpt} is neither a mimsparse pretraining checkpoint (keys 'model' and 'config') nor a "
-                          f"timm state dict (parameter name -> tensor); its top-level keys are "
-                          f"{sorted(map(str, state))[:8]}")
-
-
-def create_model(name: str, num_classes: int, drop_path_rate: float = 0.0) -> torch.nn.Module:
-    import timm
-
-    try:
-        return timm.create_model(name, num_classes=num_classes, drop_path_rate=drop_path_rate)
-    except (RuntimeError, TypeError) as e:  # unknown name; a model without drop path
-        raise ConversionError(f"timm cannot create {name!r}: {e}") from e
-
-
-def classifier_keys(model: torch.nn.Module) -> list[str]:
-    """State-dict keys of the model's final classifier (``head.fc.*`` for ConvNeXt, ``fc.*`` for ResNet)."""
-    classifier = model.get_classifier()
-    prefix = next(name for name, module in model.named_modules() if module is classifier)
-    return [f"{prefix}.{k}" for k in classifier.state_dict()]
-
-
-def build_model(ckpt: str, model_name: str | None, num_classes: int, seed: int = 0, drop_path_rate: float = 0.0,
-                head_init_scale: float = 1.0) -> tuple[torch.nn.Module, str, list[str]]:
-    """The timm classifier with ``num_classes`` outputs and the weights of ``ckpt`` ("random" or a path).
-    A fresh classifier is drawn from ``seed`` and scaled by ``head_init_scale``.
-    Returns (model, model name, notes for the log)."""
-    weights = load_weights(ckpt, model_name, num_classes)
-    with torch.random.fork_rng(devices=[]):  # the fresh head comes from ``seed``, whatever ran before
-        torch.manual_seed(seed)
-        model = create_model(weights.name, num_classes, drop_path_rate)
-    notes = [f"weights: {weights.source}"]
-    fresh_head = weights.fresh_head
-    if weights.state_dict is not None:
-        own, sd = model.state_dict(), dict(weights.state_dict)
-        head = [k for k in classifier_keys(model) if k in sd]
-        mismatched = [k for k in head if sd[k].shape != own[k].shape]
-        if mismatched:
-            old = sd[mismatched[0]].shape[0]
-            notes.append(f"replaced the state dict's {old}-class classifier by a fresh {num_classes}-class one")
-            fresh_head = True
-        elif head and not fresh_head and _is_conversion_head(sd, weights.name, num_classes, head):
-            fresh_head = True
-            notes.append("the state dict's classifier was never trained (drawn at conversion): a fresh one is "
-                         "drawn from --seed and scaled, as for a pretraining checkpoint")
-        if fresh_head:
-            sd.update({k: own[k] for k in head})
-        try:
-            model.load_state_dict(sd, strict=True)
-        except RuntimeError as e:
-            detail = " ".join(line.strip() for line in str(e).splitlines()[1:])  # line 0 only names the class
-            raise CheckpointError(f"{ckpt} does not fit timm {weights.name}: {detail[:300]}") from e
-    if fresh_head:
-        # a near-zero head leaves the pretrained features undisturbed in the first steps (ConvNeXt V2, MAE)
-        with torch.no_grad():
-            for p in model.get_classifier().parameters():
-                p.mul_(head_init_scale)
-    return model, weights.name, notes
-
-
-def _is_conversion_head(sd: dict, name: str, num_classes: int, keys: list[str]) -> bool:
-    try:
-        drawn = conversion_head(name, num_classes, keys)
-    except (ConversionError, ValueError, KeyError):  # not a model the project converts
-        return False
-    return len(drawn) == len(keys) and all(torch.equal(sd[k], drawn[k]) for k in keys)
 
 
 # ---- optimisation ----------------------------------------------------------------------------------
@@ -311,67 +194,6 @@ def load_splits(spec: str, val_fraction: float = 0.2) -> tuple[LabelledImages, L
         return load_labelled(spec, "train"), load_labelled(spec, "test"), "test"
     train, val = held_out_split(load_labelled(spec, "train"), val_fraction)
     return train, val, f"held-out validation ({val_fraction:g} of each class, {len(val)} images)"
-
-
-# ---- last checkpoint, resume --------------------------------------------------------------------------
-def resume_path(resume: str | None, last_path: Path) -> Path | None:
-    """``--resume``: None (start fresh), "auto" (the output folder's last.pth if there is one) or a path."""
-    if resume is None:
-        return None
-    if resume == "auto":
-        return last_path if last_path.is_file() else None
-    if not Path(resume).is_file():
-        raise CheckpointError(f"--resume {resume}: no such file; pass a last.pth written by tools/finetune.py or auto")
-    return Path(resume)
-
-
-def rng_state() -> dict:
-    """torch (drop path) and NumPy (timm's mixup / cutmix) generators, as tensors (weights_only loads them)."""
-    np_state = np.random.get_state(legacy=False)
-    return {"torch": torch.get_rng_state(), "numpy_key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-            "numpy_pos": int(np_state["state"]["pos"]), "numpy_has_gauss": int(np_state["has_gauss"]),
-            "numpy_gauss": float(np_state["gauss"])}
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state({"bit_generator": "MT19937", "state": {"key": state["numpy_key"].numpy().astype(np.uint32),
-                                                                "pos": state["numpy_pos"]},
-                         "has_gauss": state["numpy_has_gauss"], "gauss": state["numpy_gauss"]})
-
-
-def save_resume_state(path: Path, run: "_Setup", epoch: int, step: int, history: list, best: dict,
-                      part: dict | None = None) -> None:
-    """Everything ``--resume`` needs, written atomically (mode 0644) by rank 0: the run continues exactly
-    as if it had not stopped (data order and augmentation derive from (seed, epoch); the RNGs of every
-    process are restored). ``part``: where a signal stopped the epoch ``epoch`` (see
-    :func:`train_one_epoch`). Every process calls it (the RNG states are gathered)."""
-    job = distributed.current()
-    rngs = [rng_state()]
-    if job.enabled:
-        rngs = [None] * job.world_size
-        torch.distributed.all_gather_object(rngs, rng_state())
-    if not job.is_main:
-        return
-    state = {"model": _weights(run.model), "optimizer": run.optimizer.state_dict(), "epoch": epoch, "step": step,
-             "history": history, "best": best, "model_name": run.name, "classes": list(run.train.classes),
-             "rng": rngs[0], "rng_per_process": rngs, "part": part, "scaler": run.scaler.state_dict(),
-             "ema": _weights(run.ema.module) if run.ema is not None else None}
-    write_file_atomic(path, lambda tmp: torch.save(state, tmp))
-
-
-def _weights(model) -> dict:
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-
-
-def load_resume_state(path: Path, name: str, classes) -> dict:
-    state, _ = load_weights_file(path)
-    if not {"model", "optimizer", "epoch", "step"} <= state.keys():
-        raise CheckpointError(f"{path} is not a finetuning checkpoint (last.pth of tools/finetune.py)")
-    if state["model_name"] != name or list(state["classes"]) != list(classes):
-        raise CheckpointError(f"{path} finetuned {state['model_name']} on classes {list(state['classes'])[:5]}, this "
-                              f"run is {name} on {list(classes)[:5]}; resume with the same --model and --data")
-    return state
 
 
 def scheduled_lr(scheduler, optimizer, step: int) -> float:
@@ -646,13 +468,13 @@ def _train_epochs(args, run: _Setup, folder, stop, history: list, best, step: in
         if best is None or result["top1"] > best["test_top1"]:  # the criterion: top-1 on the evaluation set
             best = record
             if job.is_main:
-                save_weights(_weights(run.model), best_path, {**meta, "epoch": epoch, "test_top1": result["top1"]})
+                save_weights(weights_of(run.model), best_path, {**meta, "epoch": epoch, "test_top1": result["top1"]})
         ema_line = ""
         if run.ema is not None:  # the averaged weights, evaluated and kept on their own (best-ema.safetensors)
             ema = evaluate(run.ema.module, run.test_loader, run.device, run.options.amp)
             record.update(ema_top1=ema["top1"], ema_loss=ema["loss"], ema_correct=ema["correct"])
             if ema["top1"] > max((r["ema_top1"] for r in history if "ema_top1" in r), default=-1.0) and job.is_main:
-                save_weights(_weights(run.ema.module), run.out_dir / "best-ema.safetensors",
+                save_weights(weights_of(run.ema.module), run.out_dir / "best-ema.safetensors",
                              {**meta, "epoch": epoch, "test_top1": ema["top1"], "ema_decay": run.ema.decay})
             ema_line = f" | EMA top-1 {ema['top1']:.2%}"
         history.append(record)

@@ -21,8 +21,10 @@ from mimsparse.evaluate.loaders import check_img_size, eval_loader, limit_subset
 from mimsparse.train.data import DataError
 from mimsparse.cli import interactive
 from mimsparse.errors import ConfigError
-from mimsparse.evaluate.finetune import (EVAL_SUBSET_SEED, append_jsonl, build_model, create_scheduler, load_splits,
-                                         max_lr, peak_lr, warmup_steps, write_json)
+from mimsparse.evaluate.finetune import (EVAL_SUBSET_SEED, append_jsonl, create_scheduler, load_splits, peak_lr,
+                                         warmup_steps, write_json)
+from mimsparse.evaluate.finetune_engine import max_lr
+from mimsparse.evaluate.initial_weights import build_model
 
 
 def pooled_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
