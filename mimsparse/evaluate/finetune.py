@@ -248,7 +248,7 @@ def evaluate_only(args) -> dict:
     job = distributed.current()
     with _printing(job.is_main):
         classifier = load_classifier(args.checkpoint, args.model)
-        train, test, what = load_splits(args.data, args.val_fraction)
+        train, test, _ = load_splits(args.data, args.val_fraction)
         if list(train.classes) != list(classifier.classes):
             raise CheckpointError(f"{args.checkpoint} was finetuned on classes {classifier.classes[:5]}, {args.data} "
                                   f"has {list(train.classes)[:5]}: evaluate on the data it was finetuned on")
