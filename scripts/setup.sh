@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 VENV=.venv
 STAMP=$VENV/.mimsparse-installed
-REQS="torch==2.14.1 torchvision==0.29.1 timm>=1.0.20 pyyaml tqdm pillow matplotlib safetensors tensorboard webdataset pytest pytest-xdist scikit-image spconv-cu120"
+REQS="torch==2.14.1 torchvision==0.29.1 timm>=1.0.20 pyyaml tqdm pillow matplotlib safetensors tensorboard webdataset pytest pytest-xdist scikit-image spconv-cu120 transformers"
 # Any change to the requirements or to pyproject.toml re-runs pip; otherwise nothing happens.
 KEY=$( (echo "$REQS"; cat pyproject.toml scripts/build_minkowski.sh scripts/minkowski-0.5.4.patch scripts/install_fashion_mnist.sh) | sha256sum | cut -c1-16)
 

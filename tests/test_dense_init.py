@@ -101,8 +101,8 @@ def test_every_registered_model_reads_its_own_export_back():
         assert ignored and all(k.startswith(family.dense_head) for k in ignored)
 
 
-def load(path, name="convnextv2_atto"):
-    model = build_model(name)
+def load(path, backend="dense", name="convnextv2_atto"):
+    model = build_model(name, backend=backend)
     return model, init_from_dense(model, path, name)
 
 
@@ -144,6 +144,34 @@ def test_formats_on_disk(tmp_path):
     assert load(tmp_path / "official_dense.pth")[1].ignored == ("head", "norm")
 
 
+@pytest.mark.parametrize("backend", ["dense", "packed"])
+def test_a_hugging_face_transformers_folder_gives_its_models_features(backend, tmp_path):
+    """The facebook/convnextv2-* layout of the Hub (transformers' ConvNextV2ForImageClassification,
+    saved with save_pretrained): our encoder at mask ratio 0 gives transformers' own last hidden state;
+    the pooled norm and classifier are left out; a folder of another size names the size it holds."""
+    transformers = pytest.importorskip("transformers")
+
+    def hf_folder(depths, dims, path):
+        config = transformers.ConvNextV2Config(depths=depths, hidden_sizes=dims, num_labels=10)
+        model = transformers.ConvNextV2ForImageClassification(config).eval()
+        randomize_(model, 0, std=0.05)  # GRN starts at zero: random values so that every tensor counts
+        model.save_pretrained(path)
+        return model
+
+    hf = hf_folder([2, 2, 6, 2], [40, 80, 160, 320], tmp_path / "atto")
+    model, report = load(tmp_path / "atto", backend)
+    assert "Hugging Face transformers ConvNeXt V2" in report.source and "ConvNextV2ForImageClassification" in \
+        report.source
+    assert report.ignored == ("classifier", "convnextv2.layernorm") and report.fresh == ("decoder",)
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model.eval().encoder(x, torch.ones(2, 2, 3, dtype=torch.bool)), hf.convnextv2(x).last_hidden_state
+    assert ours.shape == theirs.shape and rel_err(ours, theirs) < 1e-5
+    hf_folder([2, 2, 6, 2], [48, 96, 192, 384], tmp_path / "femto")
+    with pytest.raises(ConversionError, match="holds convnextv2_femto weights, not convnextv2_atto's"):
+        load(tmp_path / "femto")
+
+
 @pytest.mark.parametrize("in_chans", [1, 4])
 def test_rgb_weights_into_a_model_for_other_channels_as_timm_adapts_them(in_chans, tmp_path):
     """model.in_chans=1 (grayscale) or 4: the stem is adapted as timm's pretrained=True, in_chans=N does,
@@ -164,7 +192,7 @@ def test_torchvision_file_without_num_batches_tracked_loads(tmp_path):
     """torchvision's older ImageNet files predate ``num_batches_tracked``: allowed, as torch's strict load does."""
     dense, _ = random_dense("resnet18")
     w = {k: v for k, v in dense.state_dict().items() if not k.endswith("num_batches_tracked")}
-    model, report = load(_save(tmp_path / "old.pth", w), "resnet18")
+    model, report = load(_save(tmp_path / "old.pth", w), name="resnet18")
     got = model.encoder.state_dict()
     assert report.ignored == ("fc",) and all(torch.equal(got[k], v) for k, v in w.items() if not k.startswith("fc."))
     assert int(got["layer1.0.bn1.num_batches_tracked"]) == 0

@@ -5,7 +5,9 @@ Accepted on disk (read with ``weights_only=True`` or safetensors; never arbitrar
 
 - a timm / torchvision state dict: ``.pth``, ``.pt``, ``.bin``, ``.safetensors`` (bare, or under
   ``"model"``/``"state_dict"`` as training scripts save it; a DDP ``module.`` prefix is dropped);
-- a timm / Hugging Face model folder: ``config.json`` + ``model.safetensors`` (or ``pytorch_model.bin``);
+- a timm / Hugging Face model folder: ``config.json`` + ``model.safetensors`` (or ``pytorch_model.bin``),
+  in timm's layout or in transformers' (``ConvNextV2Model`` / ``ConvNextV2ForImageClassification``,
+  :mod:`mimsparse.convert.hf_transformers`);
 - an official ConvNeXt V2 checkpoint ``{"model": ...}``: the dense ``ConvNeXtV2`` or the FCMAE layout
   (its encoder), through the tables of :mod:`mimsparse.convert.official`;
 - our own exports (``tools/convert_to_dense.py``, ``tools/convert_official.py export --dense``) and a
@@ -135,7 +137,8 @@ def _architecture(config_json: Path) -> str:
         config = json.loads(config_json.read_text())
     except (OSError, ValueError) as e:
         raise ConversionError(f"model.init: {str(config_json)!r} is not valid JSON ({_first_line(e)})") from e
-    return f"architecture {config.get('architecture', 'not named')}"
+    named = config.get("architecture") or ", ".join(config.get("architectures") or []) or config.get("model_type")
+    return f"architecture {named or 'not named'}"  # timm's config names one; transformers' a list and a type
 
 
 def _first_line(e: BaseException) -> str:
@@ -148,7 +151,7 @@ def encoder_state_from_dense(sd: dict, model_name: str) -> tuple[dict, str, list
 
     The layout is told by a key only it has; the entries that fit no row of its table are returned
     among the encoder entries, so that :func:`check_fits` names them with the rest."""
-    from mimsparse.convert import official
+    from mimsparse.convert import hf_transformers, official
 
     sd = {k.removeprefix("module."): v for k, v in sd.items()}  # saved from a DDP-wrapped model
     if "encoder.downsample_layers.0.0.weight" in sd:
@@ -162,6 +165,10 @@ def encoder_state_from_dense(sd: dict, model_name: str) -> tuple[dict, str, list
         leftover = {}
         ours = official.encoder_from_official_dense(sd, leftover)
         return {**ours, **leftover}, "official ConvNeXt V2 dense checkpoint", head
+    if hf_transformers.is_transformers_convnextv2(sd):
+        leftover = {}
+        ours, head = hf_transformers.encoder_from_transformers(sd, leftover)
+        return {**ours, **leftover}, "Hugging Face transformers ConvNeXt V2 state dict", head
     if any(k.startswith("encoder.") for k in sd):
         body = {k.removeprefix("encoder."): v for k, v in sd.items() if k.startswith("encoder.")}
         return body, "mimsparse pretraining checkpoint", sorted(k for k in sd if not k.startswith("encoder."))
