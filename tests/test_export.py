@@ -109,6 +109,37 @@ def test_timm_folder_loads_offline_through_pretrained_cfg(pretrained, tmp_path, 
         assert torch.allclose(model.eval()(x), reference(x))
 
 
+def test_transformers_folder_loads_into_transformers_with_timms_numbers(pretrained, tmp_path):
+    """--format transformers: ConvNextV2ForImageClassification.from_pretrained loads every tensor (none
+    missing or unexpected) and gives the logits of timm's model from the same conversion; with
+    --num-classes 0, ConvNextV2Model gives timm's forward_features. Read back by model.init, the folder
+    gives the checkpoint's encoder exactly."""
+    transformers = pytest.importorskip("transformers")
+    from mimsparse.api import build_model as build_sparse
+
+    proc = run_tool("convert_to_dense.py", str(pretrained["ckpt"]), "--num-classes", "4", "--format", "transformers",
+                    "-o", str(tmp_path / "hf"))
+    assert f"load with: transformers.ConvNextV2ForImageClassification.from_pretrained('{tmp_path / 'hf'}')" in \
+        proc.stdout
+    run_tool("convert_to_dense.py", str(pretrained["ckpt"]), "--num-classes", "4", "-o", str(tmp_path / "t.safetensors"))
+    run_tool("convert_to_dense.py", str(pretrained["ckpt"]), "--num-classes", "0", "--format", "transformers",
+             "-o", str(tmp_path / "hf0"))
+    reference = timm.create_model("convnextv2_atto", num_classes=4).eval()
+    reference.load_state_dict(load_weights_file(tmp_path / "t.safetensors")[0], strict=True)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    for folder, cls, output, expected in (("hf", "ConvNextV2ForImageClassification", lambda m: m(x).logits, reference),
+                                          ("hf0", "ConvNextV2Model", lambda m: m(x).last_hidden_state,
+                                           reference.forward_features)):
+        model, info = getattr(transformers, cls).from_pretrained(tmp_path / folder, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+        with torch.no_grad():
+            ours, theirs = output(model.eval()), expected(x)
+        assert ours.shape == theirs.shape and torch.allclose(ours, theirs, atol=1e-5, rtol=1e-4)
+    sparse = build_sparse("convnextv2_atto", init=tmp_path / "hf")
+    encoder = load_checkpoint(pretrained["ckpt"])["model"]
+    assert all(torch.equal(v, encoder[f"encoder.{k}"]) for k, v in sparse.encoder.state_dict().items())
+
+
 def test_atomic_write_keeps_the_old_file_and_follows_the_umask(tmp_path):
     sd = {"w": torch.arange(6.0).view(2, 3)}
     out = tmp_path / "w.safetensors"

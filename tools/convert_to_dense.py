@@ -7,6 +7,7 @@ become one state dict that torchvision's ``resnet*`` and timm's ``resnet*`` both
   tools/convert_to_dense.py runs/pretrain/checkpoint-0000100.pth [-o dense.safetensors] [--num-classes N]
   tools/convert_to_dense.py CKPT -o atto.pth                  # a bare torch state dict (.pth suffix or --format pth)
   tools/convert_to_dense.py CKPT --format timm -o atto-timm/  # config.json + model.safetensors for timm
+  tools/convert_to_dense.py CKPT --format transformers -o atto-hf/   # for transformers' ConvNextV2ForImageClassification
   tools/convert_to_dense.py CKPT --num-classes 0              # encoder only (timm's num_classes=0)
 
 safetensors files carry model name, num_classes, source checkpoint and the measured conversion error
@@ -22,6 +23,8 @@ from pathlib import Path
 
 def default_output(checkpoint: str, fmt: str) -> Path:
     stem = Path(checkpoint).stem + "-timm"
+    if fmt == "transformers":
+        return Path(checkpoint).with_name(Path(checkpoint).stem + "-transformers")
     return Path(checkpoint).with_name(stem if fmt == "timm" else f"{stem}.{fmt}")
 
 
@@ -32,9 +35,10 @@ def main(argv=None) -> int:
     add_checkpoint(p, "checkpoint written by tools/pretrain.py")
     p.add_argument("-o", "--output", default=None,
                    help="output file or folder (default: <checkpoint>-timm.safetensors, .pth or folder)")
-    p.add_argument("--format", default=None, choices=["safetensors", "pth", "timm"],
-                   help="safetensors (default), pth (bare torch state dict) or timm (folder: config.json + "
-                   "model.safetensors); default: from the -o suffix, else safetensors")
+    p.add_argument("--format", default=None, choices=["safetensors", "pth", "timm", "transformers"],
+                   help="safetensors (default), pth (bare torch state dict), timm (folder: config.json + "
+                   "model.safetensors) or transformers (ConvNeXt V2: a folder for Hugging Face transformers' "
+                   "ConvNextV2ForImageClassification.from_pretrained); default: from the -o suffix, else safetensors")
     p.add_argument("--num-classes", type=int, default=1000,
                    help="classifier size of the fresh head; 0 = encoder only (default %(default)s)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max relative error allowed by the self-check")
@@ -65,7 +69,15 @@ def main(argv=None) -> int:
                 "source_step": (ckpt.get("run") or {}).get("step"), "conversion_error": error,
                 "head": "fresh (drawn from seed 0 at conversion)" if args.num_classes else "none (encoder only)",
                 "libraries": list(family_of(name).libraries), "mimsparse_version": mimsparse.__version__}
-    if fmt == "timm":
+    if fmt == "transformers":
+        from mimsparse.convert.hf_transformers import save_transformers_folder
+
+        cfg = config_from_dict(recorded_config(ckpt, checkpoint))
+        save_transformers_folder(sd, out, name, args.num_classes, max(cfg.data.size_hw), metadata)
+        kind = "ConvNextV2ForImageClassification" if args.num_classes else "ConvNextV2Model"
+        lines = [f"transformers.{kind}.from_pretrained('{out}')"]
+        what = "transformers folder (config.json + model.safetensors)"
+    elif fmt == "timm":
         cfg = config_from_dict(recorded_config(ckpt, checkpoint))  # the size it was pretrained at
         save_timm_folder(sd, out, name, args.num_classes, metadata,
                          input_size=(cfg.model.in_chans, *cfg.data.size_hw))
@@ -75,7 +87,7 @@ def main(argv=None) -> int:
         lines = load_lines(name, args.num_classes, out, tuple(reversed(family_of(name).libraries)))
         what = "safetensors (metadata in its header)" if fmt == "safetensors" else "bare torch state dict"
     check = f"max relative error vs sparse encoder at mask ratio 0: {error:.2e}" if error is not None else "not verified"
-    libraries = "/".join(reversed(family_of(name).libraries))
+    libraries = "transformers" if fmt == "transformers" else "/".join(reversed(family_of(name).libraries))
     head = f"num_classes={args.num_classes}" if args.num_classes else "encoder only, num_classes=0"
     print(f"wrote {out}: {libraries} {name} ({head}), {what}; {check}")
     for i, line in enumerate(lines):

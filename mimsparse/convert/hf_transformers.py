@@ -47,3 +47,49 @@ def encoder_to_transformers(encoder_sd: dict[str, torch.Tensor]) -> dict[str, to
     """Our encoder state dict -> transformers' ``ConvNextV2Model`` layout without the pooled norm."""
     return convert_keys(encoder_sd, TABLE, True, "ConvNeXt V2 encoder",
                         unexpected="unexpected encoder parameter {key!r}: not part of a {what}")
+
+
+# the timm classifier head <-> transformers': the norm after pooling and the linear classifier
+_HEAD_KEYS = {"head.norm.weight": "convnextv2.layernorm.weight", "head.norm.bias": "convnextv2.layernorm.bias",
+              "head.fc.weight": "classifier.weight", "head.fc.bias": "classifier.bias"}
+
+
+def save_transformers_folder(timm_sd: dict[str, torch.Tensor], folder, model_name: str, num_classes: int,
+                             image_size: int, metadata: dict | None = None, label_names: list[str] | None = None):
+    """A timm ConvNeXt V2 state dict (what ``tools/convert_to_dense.py`` makes) as a folder that
+    ``transformers.ConvNextV2ForImageClassification.from_pretrained(folder)`` loads (``ConvNextV2Model``
+    when ``num_classes`` is 0): ``config.json`` + ``model.safetensors``, both written atomically after
+    a strict load into transformers' model."""
+    from pathlib import Path
+
+    from mimsparse.convert.export import save_weights
+    from mimsparse.errors import ConversionError
+    from mimsparse.models.convnextv2 import CONVNEXTV2_SPECS, timm_to_encoder
+    from mimsparse.train.checkpoint import write_file_atomic
+
+    try:
+        import transformers
+    except ImportError as e:
+        raise ConversionError("--format transformers needs the transformers package (pip install transformers)") from e
+    spec = CONVNEXTV2_SPECS.get(model_name)
+    if spec is None:
+        raise ConversionError(f"--format transformers writes ConvNeXt V2 models; {model_name} has no transformers "
+                              f"layout here (use --format timm)")
+    labels = list(label_names or [f"LABEL_{i}" for i in range(num_classes)])
+    architecture = "ConvNextV2ForImageClassification" if num_classes else "ConvNextV2Model"
+    config = transformers.ConvNextV2Config(depths=list(spec.depths), hidden_sizes=list(spec.dims),
+                                           image_size=image_size, architectures=[architecture],
+                                           layer_norm_eps=1e-6,  # the pooled norm's, as timm's head.norm
+                                           id2label=dict(enumerate(labels)) or {0: "LABEL_0"},
+                                           label2id={name: i for i, name in enumerate(labels)} or {"LABEL_0": 0})
+    sd = encoder_to_transformers(timm_to_encoder(timm_sd, model_name))
+    sd.update({theirs: timm_sd[ours] for ours, theirs in _HEAD_KEYS.items() if ours in timm_sd})
+    if not num_classes:  # the bare ConvNextV2Model: its keys have no "convnextv2." prefix
+        sd = {k.removeprefix("convnextv2."): v for k, v in sd.items() if not k.startswith("classifier.")}
+    model = getattr(transformers, architecture)(config)
+    model.load_state_dict(sd, strict=True)  # transformers' loader only warns about misfits: check here
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_file_atomic(folder / "config.json", lambda tmp: Path(tmp).write_text(config.to_json_string()))
+    save_weights(sd, folder / "model.safetensors", {**(metadata or {}), "format": "pt"})
+    return folder
