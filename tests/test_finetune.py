@@ -10,7 +10,7 @@ import timm
 import torch
 from PIL import Image
 
-from mimsparse.train.checkpoint import load_checkpoint, save_checkpoint
+from mimsparse.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mimsparse.evaluate.loaders import stratified_subset, top1_correct
 from mimsparse.cli import run_cli
 from mimsparse.convert.export import load_weights_file
@@ -291,6 +291,37 @@ def test_build_model_heads(pretrained, tmp_path):
     assert name == "convnextv2_atto" and "converted" in notes[0]
     assert torch.equal(from_ckpt.state_dict()["head.fc.weight"], sd["head.fc.weight"])
     assert torch.equal(from_ckpt.state_dict()["stem.0.weight"], dense["stem.0.weight"])
+
+
+def test_finetune_starts_from_a_hugging_face_or_timm_model_folder(tmp_path):
+    """A transformers ConvNeXt V2 folder (facebook/convnextv2-* layout): the timm model built from it
+    gives transformers' own logits when the class counts agree (its trained classifier kept), and gets a
+    fresh head otherwise; a timm folder names its model in config.json, so --model is not needed."""
+    transformers = pytest.importorskip("transformers")
+    from mimsparse.convert.export import save_timm_folder
+    from tests.helpers import randomize_
+
+    config = transformers.ConvNextV2Config(depths=[2, 2, 6, 2], hidden_sizes=[40, 80, 160, 320], num_labels=2)
+    hf = transformers.ConvNextV2ForImageClassification(config).eval()
+    randomize_(hf, 0, std=0.05)
+    hf.save_pretrained(tmp_path / "hf")
+    model, name, notes = build_model(str(tmp_path / "hf"), None, 2)
+    assert name == "convnextv2_atto" and notes == [f"weights: Hugging Face transformers ConvNeXt V2 {tmp_path / 'hf'} "
+                                                   f"as timm convnextv2_atto"]
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(x), hf(x).logits, atol=1e-5)
+    assert "replaced the state dict's 2-class classifier by a fresh 3-class one" in build_model(
+        str(tmp_path / "hf"), None, 3)[2]
+    with pytest.raises(CheckpointError, match="holds a transformers ConvNeXt V2 of convnextv2_atto, not "
+                                              "convnextv2_femto"):
+        build_model(str(tmp_path / "hf"), "convnextv2_femto", 2)
+    save_timm_folder(model.state_dict(), tmp_path / "timm", "convnextv2_atto", 2)
+    again, name, _ = build_model(str(tmp_path / "timm"), None, 2)
+    assert name == "convnextv2_atto" and all(torch.equal(v, model.state_dict()[k])
+                                             for k, v in again.state_dict().items())
+    assert tool_main("finetune")(["--checkpoint", str(tmp_path / "hf"), "--data", "lfw-subset",
+                                  "--output-dir", str(tmp_path / "ft"), *SMOKE]) == 0
 
 
 # ---- bad input --------------------------------------------------------------------------------------

@@ -93,3 +93,33 @@ def save_transformers_folder(timm_sd: dict[str, torch.Tensor], folder, model_nam
     write_file_atomic(folder / "config.json", lambda tmp: Path(tmp).write_text(config.to_json_string()))
     save_weights(sd, folder / "model.safetensors", {**(metadata or {}), "format": "pt"})
     return folder
+
+
+def convnextv2_name_of(sd: dict[str, torch.Tensor]) -> str | None:
+    """The registered ConvNeXt V2 size whose widths and depths a transformers state dict has (None if none)."""
+    from mimsparse.models.convnextv2 import CONVNEXTV2_SPECS
+
+    prefix = "" if "embeddings.patch_embeddings.weight" in sd else "convnextv2."
+    depths, dims = [], []
+    while f"{prefix}encoder.stages.{len(depths)}.layers.0.dwconv.weight" in sd:
+        s = len(depths)
+        dims.append(sd[f"{prefix}encoder.stages.{s}.layers.0.dwconv.weight"].shape[0])
+        depths.append(sum(1 for k in sd if k.startswith(f"{prefix}encoder.stages.{s}.layers.")
+                          and k.endswith(".dwconv.weight")))
+    return next((name for name, spec in CONVNEXTV2_SPECS.items()
+                 if tuple(spec.depths) == tuple(depths) and tuple(spec.dims) == tuple(dims)), None)
+
+
+def timm_state_from_transformers(sd: dict[str, torch.Tensor], model_name: str) -> dict[str, torch.Tensor]:
+    """A transformers ConvNeXt V2 state dict (classifier included) as timm ``model_name``'s."""
+    from mimsparse.models.convnextv2 import encoder_to_timm
+
+    leftover: dict = {}
+    encoder, _ = encoder_from_transformers(sd, leftover)
+    if leftover:
+        from mimsparse.errors import ConversionError
+
+        raise ConversionError(f"unexpected transformers ConvNeXt V2 parameters: {sorted(leftover)[:3]}")
+    timm_sd = encoder_to_timm(encoder, model_name)
+    timm_sd.update({ours: sd[theirs] for ours, theirs in _HEAD_KEYS.items() if theirs in sd})
+    return timm_sd

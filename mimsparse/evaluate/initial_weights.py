@@ -8,15 +8,19 @@
   ``tools/convert_to_dense.py``): loaded with strict=True; a classifier of another size, or the untrained
   one a conversion drew (said by the safetensors header, or recognised by its values), is replaced by a
   fresh one, so the head starts the same whichever route the weights come by;
+- a timm model folder (``config.json`` naming the model + ``model.safetensors``);
+- a Hugging Face transformers ConvNeXt V2 (a ``facebook/convnextv2-*`` folder, or its state dict):
+  renamed to timm's layout, its trained classifier kept when it has as many classes;
 - ``random``: timm's own initialisation, the baseline.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from mimsparse.convert import ConversionError, convert_checkpoint
+from mimsparse.convert import ConversionError, convert_checkpoint, hf_transformers
 from mimsparse.convert.export import conversion_head, load_weights_file
 from mimsparse.errors import ConfigError
 from mimsparse.train.checkpoint import CheckpointError
@@ -40,6 +44,20 @@ def is_state_dict(ckpt: dict) -> bool:
     return bool(ckpt) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt.items())
 
 
+def _read(ckpt: str) -> tuple[dict, dict]:
+    """(contents, metadata) of a file, or of a timm / Hugging Face model folder (config.json + weights;
+    a timm config names its model)."""
+    if not Path(ckpt).is_dir():
+        return load_weights_file(ckpt)
+    import json
+
+    from mimsparse.convert.dense_init import read_weights
+
+    _, state, _ = read_weights(ckpt)
+    config = json.loads((Path(ckpt) / "config.json").read_text())
+    return state, {"model_name": config["architecture"]} if "architecture" in config else {}
+
+
 def load_weights(ckpt: str, model_name: str | None, num_classes: int) -> Weights:
     """``ckpt``: a path or "random". ``model_name`` may be None for a pretraining checkpoint (it names
     its model); it must match it when given."""
@@ -47,7 +65,14 @@ def load_weights(ckpt: str, model_name: str | None, num_classes: int) -> Weights
         if model_name is None:
             raise ConfigError("--checkpoint random needs --model NAME (e.g. --model convnextv2_atto)")
         return Weights(None, model_name, "random init (baseline)", fresh_head=True)
-    state, metadata = load_weights_file(ckpt)
+    state, metadata = _read(ckpt)
+    if hf_transformers.is_transformers_convnextv2(state):  # e.g. a facebook/convnextv2-* folder of the Hub
+        name = hf_transformers.convnextv2_name_of(state)
+        if name is None or (model_name is not None and model_name != name):
+            raise CheckpointError(f"{ckpt} holds a transformers ConvNeXt V2 of {name or 'no registered size'}, "
+                                  f"not {model_name}: drop --model or pass --model {name}")
+        return Weights(hf_transformers.timm_state_from_transformers(state, name), name,
+                       f"Hugging Face transformers ConvNeXt V2 {ckpt} as timm {name}", fresh_head=False)
     if is_pretraining_checkpoint(state):
         saved = state["config"]["model"]["name"]
         if model_name is not None and model_name != saved:
