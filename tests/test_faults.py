@@ -511,6 +511,37 @@ def test_a_two_process_finetune_stops_on_a_signal_to_one_and_resumes_exactly(tmp
 
 
 @pytest.mark.slow
+def test_a_stopped_finetune_resumes_on_another_split_of_its_global_batch_and_refuses_another(tmp_path, capsys):
+    """Requeued on other hardware: stopped mid-epoch at batch 8 x 1, resumed at batch 4 x 2 accumulated
+    (the same global batch): every step sees the same images, so the run equals the uninterrupted one;
+    a resume at another global batch is refused in one line naming it and how to keep it."""
+    from mimsparse.cli import run_cli
+    from tests.test_finetune import tool_main
+    from tests.test_finetune_runs import records
+
+    run = [*FINETUNE, "--mixup", "0", "--drop-path", "0"]  # their draws differ by micro-batch
+    out = tmp_path / "split"
+    proc = _start([sys.executable, str(ROOT / "tools" / "finetune.py"), *run, "--output-dir", str(out)])
+    lines = []
+    _read_until(proc, r"^model convnextv2_atto \|", lines)
+    proc.send_signal(signal.SIGTERM)
+    assert _finish(proc, lines) and proc.returncode == STOP_EXIT_STATUS
+    main = tool_main("finetune")
+    assert run_cli(lambda: main([*run, "--batch-size", "4", "--output-dir", str(out), "--resume", "auto"])) == 2
+    assert re.fullmatch(r"error: .*last.pth was trained at a global batch of 8 \(8 x 1 process\(es\) x 1 accumulated\), "
+                        r"this job's is 4 \(4 x 1 x 1\): keep the global batch .*; e.g. --accum-iter 2\n",
+                        capsys.readouterr().err)
+    assert main([*run, "--batch-size", "4", "--accum-iter", "2", "--output-dir", str(out), "--resume", "auto"]) == 0
+    assert "epoch 0, batch 2, step 1" in capsys.readouterr().out  # 8 images done: 2 batches of 4
+    assert main([*run, "--output-dir", str(tmp_path / "straight")]) == 0
+    ours, theirs = records(out), records(tmp_path / "straight")
+    assert [r["step"] for r in ours] == [r["step"] for r in theirs]
+    assert [r["test_correct"] for r in ours] == [r["test_correct"] for r in theirs]
+    for key in ("train_loss", "test_loss", "lr"):
+        assert [r[key] for r in ours] == pytest.approx([r[key] for r in theirs], rel=1e-5)
+
+
+@pytest.mark.slow
 def test_finetune_guards_its_folder_like_pretraining(tmp_path, capsys):
     from mimsparse.evaluate.finetune import RUN_FILES
     from tests.test_finetune import tool_main

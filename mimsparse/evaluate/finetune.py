@@ -295,6 +295,7 @@ class _Setup:
     test_loader: object
     device: torch.device
     split: str  # what the evaluation images are: "test", or a held-out part of the training images
+    batch_size: int  # per process and micro-batch (--batch-size)
     options: StepOptions  # accumulation, precision, clipping
     scaler: torch.amp.GradScaler  # fp16's loss scaling; a pass-through otherwise
     ema: object = None  # timm's ModelEmaV3 of the weights (--model-ema), updated after every step
@@ -395,7 +396,7 @@ def _setup(args, out_dir: Path) -> _Setup:
           f"{_batch_line(args.batch_size, job.world_size, accum)}"
           f"lr {lr:.3g} ({lr_source}) | {total_steps} steps | output {out_dir}")
     return _Setup(out_dir, model, train_model, name, notes, train, test, train_total, num_classes, lr, optimizer, scheduler,
-                  total_steps, criterion, mixup, test_loader, device, split, options, scaler, ema)
+                  total_steps, criterion, mixup, test_loader, device, split, args.batch_size, options, scaler, ema)
 
 
 def _batch_line(batch: int, processes: int, accum: int) -> str:
@@ -417,8 +418,8 @@ def _resume(args, run: _Setup, resume: Path) -> tuple:
             raise CheckpointError(f"{resume} has no EMA weights: resume without --model-ema, or start a new run")
         run.ema.module.load_state_dict(state["ema"])
     history, best, step, first_epoch = state["history"], state["best"], state["step"], state["epoch"]
-    part = state.get("part")
     job = distributed.current()
+    part = _same_global_batch(state, run, job.world_size, resume)
     rngs = state.get("rng_per_process") or [state["rng"]]
     if len(rngs) == job.world_size:
         set_rng_state(rngs[job.rank])
@@ -432,6 +433,29 @@ def _resume(args, run: _Setup, resume: Path) -> tuple:
     if first_epoch >= args.epochs:
         print(f"the run already finished its {first_epoch} epochs; pass --epochs N > {first_epoch} to continue")
     return history, best, step, first_epoch, part
+
+
+def _same_global_batch(state: dict, run: _Setup, processes: int, resume: Path) -> dict | None:
+    """The part of a stopped epoch, in this job's loader batches. The global batch (per-process batch x
+    processes x accumulated micro-batches) must be the one last.pth was trained at: the schedule, the lr
+    and every step's images follow from it. How it is split may change (a requeued job on fewer GPUs
+    with more accumulation): every step still sees the same images."""
+    part, layout = state.get("part"), state.get("layout")
+    if layout is None:  # a last.pth of before the layout was recorded
+        return part
+    old = layout["batch_size"] * layout["processes"] * layout["accum"]
+    new = run.batch_size * processes * run.options.accum
+    if old != new:
+        per = run.batch_size * processes
+        hint = f"; e.g. --accum-iter {old // per}" if old % per == 0 else ""
+        raise CheckpointError(f"{resume} was trained at a global batch of {old} ({layout['batch_size']} x "
+                              f"{layout['processes']} process(es) x {layout['accum']} accumulated), this job's is {new} "
+                              f"({run.batch_size} x {processes} x {run.options.accum}): keep the global batch (the "
+                              f"schedule, lr and each step's images follow from it){hint}")
+    if part is None:
+        return None
+    consumed = part["batches_done"] * layout["batch_size"] * layout["processes"]  # images of the epoch, all processes
+    return {**part, "batches_done": consumed // (run.batch_size * processes)}
 
 
 def _train_epochs(args, run: _Setup, folder, stop, history: list, best, step: int, first_epoch: int,

@@ -55,7 +55,8 @@ def save_resume_state(path: Path, run, epoch: int, step: int, history: list, bes
     state = {"model": weights_of(run.model), "optimizer": run.optimizer.state_dict(), "epoch": epoch, "step": step,
              "history": history, "best": best, "model_name": run.name, "classes": list(run.train.classes),
              "rng": rngs[0], "rng_per_process": rngs, "part": part, "scaler": run.scaler.state_dict(),
-             "ema": weights_of(run.ema.module) if run.ema is not None else None}
+             "ema": weights_of(run.ema.module) if run.ema is not None else None,
+             "layout": {"batch_size": run.batch_size, "processes": job.world_size, "accum": run.options.accum}}
     write_file_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
