@@ -192,7 +192,8 @@ def test_the_collapse_figure_averages_each_block_over_seeds(tmp_path):
     rows = curves["FCMAE, GRN (before GRN) (3 seeds)"]
     assert [(r["stage"], r["block"]) for r in rows[:5]] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0)]
     assert rows[-1]["stage"] == 3 and rows[-1]["block"] == 1
-    assert rows[3]["distance"] == pytest.approx(0.31) and (rows[3]["low"], rows[3]["high"]) == pytest.approx((0.3, 0.32))
+    assert rows[3]["distance"] == pytest.approx(0.31)
+    assert (rows[3]["low"], rows[3]["high"]) == pytest.approx((0.3, 0.32))
     assert collapse_figure(tmp_path) is None  # no result files there
     for variant, runs in results.items():
         for r in runs:

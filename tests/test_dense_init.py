@@ -165,7 +165,8 @@ def test_a_hugging_face_transformers_folder_gives_its_models_features(backend, t
     assert report.ignored == ("classifier", "convnextv2.layernorm") and report.fresh == ("decoder",)
     x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ours, theirs = model.eval().encoder(x, torch.ones(2, 2, 3, dtype=torch.bool)), hf.convnextv2(x).last_hidden_state
+        ours = model.eval().encoder(x, torch.ones(2, 2, 3, dtype=torch.bool))
+        theirs = hf.convnextv2(x).last_hidden_state
     assert ours.shape == theirs.shape and rel_err(ours, theirs) < 1e-5
     hf_folder([2, 2, 6, 2], [48, 96, 192, 384], tmp_path / "femto")
     with pytest.raises(ConversionError, match="holds convnextv2_femto weights, not convnextv2_atto's"):

@@ -182,7 +182,8 @@ def test_finetuning_on_two_processes_matches_one_with_the_global_batch(tmp_path)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("epoch 1: step 6 |") == 1 and "batch 2 x 2 processes x 2 accumulated | lr 3.13e-05 (--blr 0.001 x 8/256)" in proc.stdout
+    assert proc.stdout.count("epoch 1: step 6 |") == 1
+    assert "batch 2 x 2 processes x 2 accumulated | lr 3.13e-05 (--blr 0.001 x 8/256)" in proc.stdout
     ones, twos = records(tmp_path / "one"), records(tmp_path / "two")
     assert [r["test_correct"] for r in twos] == [r["test_correct"] for r in ones]
     assert [r["test_total"] for r in twos] == [10, 10]  # the two shards cover the test images once

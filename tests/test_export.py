@@ -121,7 +121,8 @@ def test_transformers_folder_loads_into_transformers_with_timms_numbers(pretrain
                     "-o", str(tmp_path / "hf"))
     assert f"load with: transformers.ConvNextV2ForImageClassification.from_pretrained('{tmp_path / 'hf'}')" in \
         proc.stdout
-    run_tool("convert_to_dense.py", str(pretrained["ckpt"]), "--num-classes", "4", "-o", str(tmp_path / "t.safetensors"))
+    run_tool("convert_to_dense.py", str(pretrained["ckpt"]), "--num-classes", "4", "-o",
+             str(tmp_path / "t.safetensors"))
     run_tool("convert_to_dense.py", str(pretrained["ckpt"]), "--num-classes", "0", "--format", "transformers",
              "-o", str(tmp_path / "hf0"))
     reference = timm.create_model("convnextv2_atto", num_classes=4).eval()

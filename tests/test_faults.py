@@ -528,8 +528,9 @@ def test_a_stopped_finetune_resumes_on_another_split_of_its_global_batch_and_ref
     assert _finish(proc, lines) and proc.returncode == STOP_EXIT_STATUS
     main = tool_main("finetune")
     assert run_cli(lambda: main([*run, "--batch-size", "4", "--output-dir", str(out), "--resume", "auto"])) == 2
-    assert re.fullmatch(r"error: .*last.pth was trained at a global batch of 8 \(8 x 1 process\(es\) x 1 accumulated\), "
-                        r"this job's is 4 \(4 x 1 x 1\): keep the global batch .*; e.g. --accum-iter 2\n",
+    assert re.fullmatch(r"error: .*last.pth was trained at a global batch of 8 \(8 x 1 process\(es\) x 1 "
+                        r"accumulated\), this job's is 4 \(4 x 1 x 1\): keep the global batch .*; "
+                        r"e.g. --accum-iter 2\n",
                         capsys.readouterr().err)
     assert main([*run, "--batch-size", "4", "--accum-iter", "2", "--output-dir", str(out), "--resume", "auto"]) == 0
     assert "epoch 0, batch 2, step 1" in capsys.readouterr().out  # 8 images done: 2 batches of 4

@@ -8,7 +8,8 @@ short finetune at a low label fraction and the feature-collapse statistic.
 Resumable: a run whose result.json exists is skipped, an interrupted pretraining resumes from its last
 checkpoint (written every --segment-steps steps) and a finished probe / finetune is not redone. Writes
 <out>/<variant>/s<seed>/result.json (the full pretraining config, the budget, every metric, wall and CPU
-time and the load average), <out>/summary.md and <out>/collapse.png (Fig. 3: with and without GRN). Random init and the baseline run for every seed first
+time and the load average), <out>/summary.md and <out>/collapse.png (Fig. 3: with and without GRN).
+Random init and the baseline run for every seed first
 (the comparison every claim rests on), then the other variants seed-major.
 Processes with the same budget may share <out> (scripts/ablation_budget_search.sh runs two): each holds
 the run it works on, skips runs another process holds, and waits for the floor's runs before checking it.

@@ -213,7 +213,8 @@ def load_data(spec: str, label_fraction: float, eval_limit: int,
     return train, limit_subset(test, eval_limit, EVAL_SUBSET_SEED), total
 
 
-RUN_FILES = ("last.pth", "best.safetensors", "best-ema.safetensors", "results.json", "log.jsonl")  # what makes a folder a finetune run
+# what makes a folder a finetune run
+RUN_FILES = ("last.pth", "best.safetensors", "best-ema.safetensors", "results.json", "log.jsonl")
 
 
 def main(args) -> dict:
@@ -395,8 +396,9 @@ def _setup(args, out_dir: Path) -> _Setup:
           f"(--label-fraction {args.label_fraction:g}), {len(test)} {split} images | "
           f"{_batch_line(args.batch_size, job.world_size, accum)}"
           f"lr {lr:.3g} ({lr_source}) | {total_steps} steps | output {out_dir}")
-    return _Setup(out_dir, model, train_model, name, notes, train, test, train_total, num_classes, lr, optimizer, scheduler,
-                  total_steps, criterion, mixup, test_loader, device, split, args.batch_size, options, scaler, ema)
+    return _Setup(out_dir, model, train_model, name, notes, train, test, train_total, num_classes, lr, optimizer,
+                  scheduler, total_steps, criterion, mixup, test_loader, device, split, args.batch_size, options,
+                  scaler, ema)
 
 
 def _batch_line(batch: int, processes: int, accum: int) -> str:
@@ -449,9 +451,9 @@ def _same_global_batch(state: dict, run: _Setup, processes: int, resume: Path) -
         per = run.batch_size * processes
         hint = f"; e.g. --accum-iter {old // per}" if old % per == 0 else ""
         raise CheckpointError(f"{resume} was trained at a global batch of {old} ({layout['batch_size']} x "
-                              f"{layout['processes']} process(es) x {layout['accum']} accumulated), this job's is {new} "
-                              f"({run.batch_size} x {processes} x {run.options.accum}): keep the global batch (the "
-                              f"schedule, lr and each step's images follow from it){hint}")
+                              f"{layout['processes']} process(es) x {layout['accum']} accumulated), this job's is "
+                              f"{new} ({run.batch_size} x {processes} x {run.options.accum}): keep the global batch "
+                              f"(the schedule, lr and each step's images follow from it){hint}")
     if part is None:
         return None
     consumed = part["batches_done"] * layout["batch_size"] * layout["processes"]  # images of the epoch, all processes
@@ -534,7 +536,8 @@ def _report(args, run: _Setup, history: list, best: dict, step: int, wall_time_s
     if emas:
         best_ema = max(emas, key=lambda r: r["ema_top1"])  # the first of the highest, as best-ema.safetensors
         results.update(best_ema_top1=best_ema["ema_top1"], best_ema_epoch=best_ema["epoch"],
-                       final_ema_top1=emas[-1]["ema_top1"], best_ema_checkpoint=str(run.out_dir / "best-ema.safetensors"))
+                       final_ema_top1=emas[-1]["ema_top1"],
+                       best_ema_checkpoint=str(run.out_dir / "best-ema.safetensors"))
     if distributed.current().is_main:
         write_json(run.out_dir / "results.json", results)
     print(f"best top-1 {results['best_top1']:.2%} (epoch {results['best_epoch']}), final {results['final_top1']:.2%}; "
