@@ -46,6 +46,13 @@ def test_tiny_ablation_runs_records_its_config_and_skips_finished_work(tmp_path)
         assert len(rec["collapse"]["grn"]["per_block"]) == 12  # atto: 2 + 2 + 6 + 2 blocks
     summary = (out / "summary.md").read_text()
     assert "| leaky-r0.6-grn | 1 |" in summary and "| sparse-r0.6-nogrn | 0 |" in summary
+    # published into the docs: the result files, and the same tables rebuilt from those copies
+    docs = tmp_path / "docs"
+    subprocess.run(["bash", str(ROOT / "scripts" / "ablation_publish.sh"), str(out), str(docs)], check=True,
+                   cwd=ROOT, env=dict(os.environ, PY=sys.executable), capture_output=True)
+    assert sorted(p.name for p in docs.iterdir()) == ["budget.json", "collapse.png", "leaky-r0.6-grn-s0.json",
+                                                      "random-init-s0.json", "sparse-r0.6-grn-s0.json", "summary.md"]
+    assert (docs / "summary.md").read_text() == summary
 
     # A second call skips the finished runs; a lost result.json is rebuilt without pretraining again.
     ckpt = next((out / "sparse-r0.6-grn" / "s0" / "pretrain").glob("checkpoint-*.pth"))
