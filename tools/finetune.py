@@ -7,12 +7,15 @@ top-1 on the test split after every epoch.
   tools/finetune.py --checkpoint random --model convnextv2_atto --data DIR          # the baseline
   tools/launch.py --standalone --nproc-per-node 8 tools/finetune.py ...   # DDP (or torchrun); --batch-size per process
 
---checkpoint (or the first argument; --ckpt still works): a checkpoint of tools/pretrain.py (converted on the fly; names its model), a timm state dict
-(tools/convert_to_dense.py; needs --model; a classifier of another size is replaced), or "random".
+--checkpoint (or the first argument; --ckpt still works): a checkpoint of tools/pretrain.py (converted on the
+fly; names its model), a timm state dict (tools/convert_to_dense.py; a bare .pth needs --model; a classifier
+of another size is replaced), a timm model folder, a Hugging Face transformers ConvNeXt V2 folder, or "random".
+--eval: only evaluate a finetuned classifier (a run folder, best.safetensors, best-ema.safetensors or last.pth).
 --data: an ImageFolder (DIR/<class>/<image>, or DIR/train/... and DIR/test/...), or fashion-mnist,
-lfw-subset, foolbox-imagenet. Writes <output-dir>/log.jsonl (one line per epoch), results.json, last.pth (for --resume) and
-best.safetensors (a plain timm state dict with the class names in its header:
-timm.create_model(model, num_classes=N).load_state_dict(safetensors.torch.load_file(p)); tools/predict.py reads it).
+lfw-subset, foolbox-imagenet. Writes <output-dir>/log.jsonl (one line per epoch), results.json, last.pth (for
+--resume) and best.safetensors (best-ema.safetensors with --model-ema), a plain timm state dict with the class
+names in its header:
+timm.create_model(model, num_classes=N).load_state_dict(safetensors.torch.load_file(p)); tools/predict.py reads it.
 """
 from __future__ import annotations
 

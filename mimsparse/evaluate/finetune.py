@@ -53,7 +53,8 @@ def weights_and_data_args() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     from mimsparse.cli_args import add_checkpoint, add_img_size
 
-    add_checkpoint(p, "pretraining checkpoint, timm state dict (.safetensors or .pth), or 'random'")
+    add_checkpoint(p, "pretraining checkpoint, timm state dict (.safetensors or .pth), timm or Hugging Face "
+                      "transformers model folder, or 'random'")
     p.add_argument("--data", required=True, help="ImageFolder, or fashion-mnist | lfw-subset | foolbox-imagenet")
     p.add_argument("--model", default=None, help="timm model name, e.g. convnextv2_atto (default: the one a "
                    "pretraining checkpoint or an export's header names; required for random and a bare state dict)")
