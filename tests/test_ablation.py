@@ -161,7 +161,10 @@ def test_verdicts_use_a_paired_t_interval_and_the_papers_direction():
     base = [record("sparse-r0.6-grn", s, 0.80 + s / 100, 0.70) for s in range(3)]
     results = {"sparse-r0.6-grn": base, "random-init": [record("random-init", s, 0.70) for s in range(3)]}
     sentence, lines = claim_verdict(CLAIMS[0], results)
-    assert "not run yet" in sentence and lines[0].endswith("– — not run")
+    assert "no verdict yet" in sentence and lines[0].endswith("– — not run")
+    results["leaky-r0.6-grn"] = [record("leaky-r0.6-grn", 0, 0.79)]  # one seed: a difference, no interval
+    sentence, lines = claim_verdict(CLAIMS[0], results)
+    assert "no verdict yet" in sentence and lines[0].endswith("-1.00 points (1 seed, no interval) — no verdict yet")
     # leaky 2-4 points lower on the probe for every seed, finetune equal to the baseline: unresolved
     results["leaky-r0.6-grn"] = [record("leaky-r0.6-grn", s, 0.80 + s / 100 - (2 + s) / 100, 0.70) for s in range(3)]
     sentence, lines = claim_verdict(CLAIMS[0], results)

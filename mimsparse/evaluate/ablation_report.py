@@ -78,10 +78,10 @@ def describe(diffs: list[float], digits: int, unit: str = "") -> str:
 
 def comparison_outcome(diffs: list[float], expected: int) -> str:
     """"confirmed" (the interval lies on the papers' side of 0), "contradicted" (on the other side),
-    "unresolved" (it contains 0) or "not run" (fewer than 2 seeds)."""
+    "unresolved" (it contains 0), "no verdict yet" (one seed: no interval) or "not run"."""
     ci = paired_ci(diffs)
     if ci is None:
-        return "not run"
+        return "no verdict yet" if diffs else "not run"
     _, lo, hi = ci
     if (hi < 0 if expected < 0 else lo > 0):
         return "confirmed"
@@ -100,8 +100,8 @@ def claim_verdict(claim: Claim, results: dict[str, list[dict]]) -> tuple[str, li
         outcomes.append(outcome)
         points = c.scale == 100.0
         lines.append(f"{c.label}: {describe(diffs, 2 if points else 3, ' points' if points else '')} — {outcome}")
-    if "not run" in outcomes:
-        verdict = "not run yet at this budget (fewer than 2 seeds of a variant)"
+    if "not run" in outcomes or "no verdict yet" in outcomes:
+        verdict = "no verdict yet at this budget (fewer than 2 seeds of a variant)"
     elif "contradicted" in outcomes:
         verdict = "contradicted at this budget"
     elif all(o == "confirmed" for o in outcomes):
