@@ -157,7 +157,7 @@ def _step_run(model, lr=1.0):
     return SimpleNamespace(train_model=model, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr),
                            scheduler=SimpleNamespace(step_update=lambda step: None), device=torch.device("cpu"),
                            mixup=None, criterion=torch.nn.CrossEntropyLoss(),
-                           scaler=torch.amp.GradScaler("cpu", enabled=False))
+                           scaler=torch.amp.GradScaler("cpu", enabled=False), ema=None)
 
 
 def test_accumulated_micro_batches_make_the_step_of_their_whole_batch_and_clipping_bounds_it():

@@ -32,7 +32,7 @@ from mimsparse.evaluate.finetune_checkpoint import (load_resume_state, resume_pa
                                                     weights_of)
 from mimsparse.evaluate.initial_weights import build_model
 from mimsparse.train.checkpoint import CheckpointError, write_text_atomic
-from mimsparse.evaluate.finetune_engine import AMP_DTYPES, StepOptions, evaluate, max_lr, train_one_epoch
+from mimsparse.evaluate.finetune_engine import StepOptions, evaluate, max_lr, train_one_epoch
 from mimsparse.evaluate.loaders import (check_fraction, check_img_size, eval_loader, limit_subset, stratified_subset,
                                         train_loader)
 from mimsparse.train.data import DataError
@@ -40,6 +40,7 @@ from mimsparse.cli import interactive
 from mimsparse.errors import ConfigError, OutputError
 from mimsparse.train import distributed
 from mimsparse.train.logger import Pace
+from mimsparse.train.precision import AMP_DTYPES  # the table train.amp uses
 from mimsparse.train.run_log import json_safe
 from mimsparse.evaluate.datasets import LabelledImages, has_test_split, load_labelled
 

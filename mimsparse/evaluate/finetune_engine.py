@@ -16,8 +16,6 @@ from mimsparse.train import distributed
 from mimsparse.train.data import DataError
 from mimsparse.train.logger import Pace
 
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 @dataclass(frozen=True)
 class StepOptions:
@@ -98,7 +96,7 @@ def train_one_epoch(run, loader, step: int, options: StepOptions = StepOptions()
             torch.nn.utils.clip_grad_norm_(run.model.parameters(), options.clip_grad)
         run.scaler.step(optimizer)
         run.scaler.update()
-        if getattr(run, "ema", None) is not None:
+        if run.ema is not None:
             run.ema.update(run.model)
         step += 1
         loss_sum, batches, images_seen = loss_sum + job_loss, batches + 1, images_seen + job_images
