@@ -112,8 +112,8 @@ def test_timm_folder_loads_offline_through_pretrained_cfg(pretrained, tmp_path, 
 def test_transformers_folder_loads_into_transformers_with_timms_numbers(pretrained, tmp_path):
     """--format transformers: ConvNextV2ForImageClassification.from_pretrained loads every tensor (none
     missing or unexpected) and gives the logits of timm's model from the same conversion; with
-    --num-classes 0, ConvNextV2Model gives timm's forward_features. Read back by model.init, the folder
-    gives the checkpoint's encoder exactly."""
+    --num-classes 0, ConvNextV2Model gives timm's forward_features. Read back by model.init, either
+    folder gives the checkpoint's encoder exactly."""
     transformers = pytest.importorskip("transformers")
     from mimsparse.api import build_model as build_sparse
 
@@ -136,9 +136,10 @@ def test_transformers_folder_loads_into_transformers_with_timms_numbers(pretrain
         with torch.no_grad():
             ours, theirs = output(model.eval()), expected(x)
         assert ours.shape == theirs.shape and torch.allclose(ours, theirs, atol=1e-5, rtol=1e-4)
-    sparse = build_sparse("convnextv2_atto", init=tmp_path / "hf")
     encoder = load_checkpoint(pretrained["ckpt"])["model"]
-    assert all(torch.equal(v, encoder[f"encoder.{k}"]) for k, v in sparse.encoder.state_dict().items())
+    for folder in ("hf", "hf0"):  # ConvNextV2Model's keys have no "convnextv2." prefix: read back as well
+        sparse = build_sparse("convnextv2_atto", init=tmp_path / folder)
+        assert all(torch.equal(v, encoder[f"encoder.{k}"]) for k, v in sparse.encoder.state_dict().items())
 
 
 def test_atomic_write_keeps_the_old_file_and_follows_the_umask(tmp_path):

@@ -6,15 +6,23 @@ transformers names the blocks ``layers`` and their parts ``dwconv``, ``layernorm
 ``grn``, ``pwconv2`` (the MLP as ``nn.Linear``, like ours, for every size), keeps GRN's parameters as
 ``[1, 1, 1, C]``, and puts the stem under ``embeddings`` and each stage's downsampling (LayerNorm,
 then the 2x2 stride-2 conv) under ``downsampling_layer``. ``convnextv2.layernorm`` (the norm after
-pooling) and ``classifier`` are the classification head.
+pooling) and ``classifier`` are the classification head. The bare ``ConvNextV2Model`` saves the same
+keys without the ``convnextv2.`` prefix; they are read as the classifier's.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from mimsparse.convert.export import save_weights
+from mimsparse.errors import ConversionError
+from mimsparse.models.convnextv2 import CONVNEXTV2_SPECS, encoder_to_timm, timm_to_encoder
 from mimsparse.models.keymap import SAME, Layout, convert_keys
+from mimsparse.train.checkpoint import write_file_atomic
 
 MARKER = "convnextv2.embeddings.patch_embeddings.weight"  # a key only this layout has
+BARE_MARKER = MARKER.removeprefix("convnextv2.")  # the same key in ConvNextV2Model's own state dict
 HEAD = ("convnextv2.layernorm.", "classifier.")
 _GRN: Layout = (lambda t: t.reshape(1, 1, 1, -1), lambda t: t.flatten())
 _LAYER = "convnextv2.encoder.stages.{s}.layers.{b}."
@@ -32,12 +40,18 @@ TABLE = [
 
 
 def is_transformers_convnextv2(sd: dict) -> bool:
-    return MARKER in sd
+    return MARKER in sd or BARE_MARKER in sd
+
+
+def _prefixed(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A ConvNextV2Model state dict in ConvNextV2ForImageClassification's keys (others unchanged)."""
+    return {f"convnextv2.{k}": v for k, v in sd.items()} if BARE_MARKER in sd else sd
 
 
 def encoder_from_transformers(sd: dict[str, torch.Tensor], leftover: dict) -> tuple[dict, list[str]]:
     """(our encoder entries, the head's keys) of a transformers ConvNeXt V2 state dict; entries no row
     matches go to ``leftover`` (the caller names every misfit at once)."""
+    sd = _prefixed(sd)
     head = sorted(k for k in sd if k.startswith(HEAD))
     body = {k: v for k, v in sd.items() if not k.startswith(HEAD)}
     return convert_keys(body, TABLE, False, "transformers ConvNeXt V2", leftover=leftover), head
@@ -60,13 +74,6 @@ def save_transformers_folder(timm_sd: dict[str, torch.Tensor], folder, model_nam
     ``transformers.ConvNextV2ForImageClassification.from_pretrained(folder)`` loads (``ConvNextV2Model``
     when ``num_classes`` is 0): ``config.json`` + ``model.safetensors``, both written atomically after
     a strict load into transformers' model."""
-    from pathlib import Path
-
-    from mimsparse.convert.export import save_weights
-    from mimsparse.errors import ConversionError
-    from mimsparse.models.convnextv2 import CONVNEXTV2_SPECS, timm_to_encoder
-    from mimsparse.train.checkpoint import write_file_atomic
-
     try:
         import transformers
     except ImportError as e:
@@ -97,28 +104,23 @@ def save_transformers_folder(timm_sd: dict[str, torch.Tensor], folder, model_nam
 
 def convnextv2_name_of(sd: dict[str, torch.Tensor]) -> str | None:
     """The registered ConvNeXt V2 size whose widths and depths a transformers state dict has (None if none)."""
-    from mimsparse.models.convnextv2 import CONVNEXTV2_SPECS
-
-    prefix = "" if "embeddings.patch_embeddings.weight" in sd else "convnextv2."
+    sd = _prefixed(sd)
+    stage = "convnextv2.encoder.stages.{}.layers."
     depths, dims = [], []
-    while f"{prefix}encoder.stages.{len(depths)}.layers.0.dwconv.weight" in sd:
+    while stage.format(len(depths)) + "0.dwconv.weight" in sd:
         s = len(depths)
-        dims.append(sd[f"{prefix}encoder.stages.{s}.layers.0.dwconv.weight"].shape[0])
-        depths.append(sum(1 for k in sd if k.startswith(f"{prefix}encoder.stages.{s}.layers.")
-                          and k.endswith(".dwconv.weight")))
+        dims.append(sd[stage.format(s) + "0.dwconv.weight"].shape[0])
+        depths.append(sum(1 for k in sd if k.startswith(stage.format(s)) and k.endswith(".dwconv.weight")))
     return next((name for name, spec in CONVNEXTV2_SPECS.items()
                  if tuple(spec.depths) == tuple(depths) and tuple(spec.dims) == tuple(dims)), None)
 
 
 def timm_state_from_transformers(sd: dict[str, torch.Tensor], model_name: str) -> dict[str, torch.Tensor]:
     """A transformers ConvNeXt V2 state dict (classifier included) as timm ``model_name``'s."""
-    from mimsparse.models.convnextv2 import encoder_to_timm
-
+    sd = _prefixed(sd)
     leftover: dict = {}
     encoder, _ = encoder_from_transformers(sd, leftover)
     if leftover:
-        from mimsparse.errors import ConversionError
-
         raise ConversionError(f"unexpected transformers ConvNeXt V2 parameters: {sorted(leftover)[:3]}")
     timm_sd = encoder_to_timm(encoder, model_name)
     timm_sd.update({ours: sd[theirs] for ours, theirs in _HEAD_KEYS.items() if theirs in sd})
