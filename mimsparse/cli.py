@@ -6,6 +6,7 @@ written or read) is reported with its path. Any other exception is a bug and kee
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from mimsparse.errors import MimsparseError
@@ -21,6 +22,13 @@ def run_cli(main) -> int:
         where = f"{str(e.filename)!r}: " if e.filename else ""
         _error_line(f"{where}{one_line(e.strerror or e)}")
         return 2
+
+
+def share_cores_between_processes() -> None:
+    """Under torchrun, each process gets its share of the cores (cpu_count // WORLD_SIZE threads) unless
+    OMP_NUM_THREADS says otherwise: torch's default, every core per process, oversubscribes them."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
 
 
 def _error_line(message: str) -> None:

@@ -316,6 +316,11 @@ def test_finetune_starts_from_a_hugging_face_or_timm_model_folder(tmp_path):
     with pytest.raises(CheckpointError, match="holds a transformers ConvNeXt V2 of convnextv2_atto, not "
                                               "convnextv2_femto"):
         build_model(str(tmp_path / "hf"), "convnextv2_femto", 2)
+    odd = transformers.ConvNextV2ForImageClassification(transformers.ConvNextV2Config(
+        depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 32, 64], num_labels=2))
+    odd.save_pretrained(tmp_path / "odd")
+    with pytest.raises(CheckpointError, match="whose widths and depths match no convnextv2_\\* size of timm"):
+        build_model(str(tmp_path / "odd"), None, 2)
     save_timm_folder(model.state_dict(), tmp_path / "timm", "convnextv2_atto", 2)
     again, name, _ = build_model(str(tmp_path / "timm"), None, 2)
     assert name == "convnextv2_atto" and all(torch.equal(v, model.state_dict()[k])

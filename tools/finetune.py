@@ -20,7 +20,6 @@ timm.create_model(model, num_classes=N).load_state_dict(safetensors.torch.load_f
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
@@ -80,13 +79,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from mimsparse.cli import share_cores_between_processes
     from mimsparse.cli_args import resolve_checkpoint
 
     p = get_args_parser()
     args = p.parse_args(argv)
     resolve_checkpoint(p, args)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
+    share_cores_between_processes()
     from mimsparse.evaluate.finetune import evaluate_only, main as finetune
 
     from mimsparse.train import distributed

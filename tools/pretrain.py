@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
@@ -93,14 +92,13 @@ def resolve_config(args, updates: dict, device: str):
 
 
 def main(argv=None) -> int:
-    from mimsparse.cli import interactive, parse_with_overrides
+    from mimsparse.cli import interactive, parse_with_overrides, share_cores_between_processes
     from mimsparse.config_cli import ordered_updates, print_config
 
     parser = get_args_parser()
     args = parse_with_overrides(parser, argv)
     updates = ordered_updates(parser, argv)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
+    share_cores_between_processes()
     from mimsparse.train import distributed
     from mimsparse.train.build import build_run
     from mimsparse.train.stop_signal import stopped_with_checkpoint

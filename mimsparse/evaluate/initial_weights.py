@@ -68,9 +68,12 @@ def load_weights(ckpt: str, model_name: str | None, num_classes: int) -> Weights
     state, metadata = _read(ckpt)
     if hf_transformers.is_transformers_convnextv2(state):  # e.g. a facebook/convnextv2-* folder of the Hub
         name = hf_transformers.convnextv2_name_of(state)
-        if name is None or (model_name is not None and model_name != name):
-            raise CheckpointError(f"{ckpt} holds a transformers ConvNeXt V2 of {name or 'no registered size'}, "
-                                  f"not {model_name}: drop --model or pass --model {name}")
+        if name is None:
+            raise CheckpointError(f"{ckpt} holds a transformers ConvNeXt V2 whose widths and depths match no "
+                                  f"convnextv2_* size of timm")
+        if model_name is not None and model_name != name:
+            raise CheckpointError(f"{ckpt} holds a transformers ConvNeXt V2 of {name}, not {model_name}: drop "
+                                  f"--model or pass --model {name}")
         return Weights(hf_transformers.timm_state_from_transformers(state, name), name,
                        f"Hugging Face transformers ConvNeXt V2 {ckpt} as timm {name}", fresh_head=False)
     if is_pretraining_checkpoint(state):
