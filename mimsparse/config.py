@@ -85,6 +85,10 @@ class TrainConfig:
     output_dir: str = "runs/pretrain"
     log_every: int = 10
     save_every_epochs: int = 1
+    # Checkpoints within an epoch too, so a job killed without warning (OOM killer, lost node: no signal
+    # to stop on) loses at most this much: every N optimizer steps and/or every M minutes (0 = off).
+    save_every_steps: int = 0
+    save_every_minutes: float = 0.0
     max_steps: int = 0          # stop early after this many steps (0 = run all epochs)
     keep_last: int = 3          # step checkpoints kept besides checkpoint-best.pth; 0 keeps every one
     amp: str = "none"           # none | bf16 | fp16 (fp16: CUDA only; bf16 on CPU: dense and packed backends)

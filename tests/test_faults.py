@@ -246,6 +246,71 @@ def test_a_restarted_worker_takes_back_its_earlier_rounds_note(tmp_path, monkeyp
         assert not (tmp_path / "local-rank-1").exists()
 
 
+# ---- 1b. no signal at all (OOM killer, a lost node): checkpoints within the epoch bound the loss ----------
+@pytest.mark.slow
+def test_a_sigkill_mid_epoch_loses_only_the_steps_since_the_last_periodic_checkpoint(photo_dir, tmp_path):
+    out = tmp_path / "run"
+    every = {"train.save_every_steps": 2, "train.keep_last": 0, "train.epochs": 4}  # 24 steps, 6 an epoch
+    proc = _start(_pretrain_cmd(*_overrides(out, photo_dir, **every)))
+    lines = []
+    _read_until(proc, r"^step 9 \|", lines)  # in epoch 1, past its first periodic checkpoint (step 8)
+    proc.kill()  # SIGKILL: no handler runs, nothing is saved on the way out
+    proc.wait()
+    log = _log(out)
+    killed_at = log[-1]["step"]
+    assert 9 <= killed_at < 4 * PER_EPOCH
+    saved = sorted(int(p.stem.split("-")[1]) for p in out.glob("checkpoint-[0-9]*.pth"))
+    assert saved == list(range(2, killed_at + 1, 2))  # every 2 steps, within epochs too (2, 4, 8 ...)
+    mid = load_checkpoint(out / "checkpoint-0000008.pth")["run"]
+    assert (mid["epoch"], mid["batch_in_epoch"], mid["epoch_loss_count"]) == (1, 2, 2)
+    assert mid["epoch_loss_sum"] == pytest.approx(sum(r["loss"] for r in log[6:8]))
+
+    resumed = _start(_pretrain_cmd("--resume", "auto", *_overrides(out, photo_dir, **every)))
+    text = _finish(resumed, [])
+    assert resumed.returncode == 0, text
+    assert f"resumed from {out / f'checkpoint-{saved[-1]:07d}.pth'} at step {saved[-1]}" in text
+    full = _reference(tmp_path, photo_dir, **{"train.epochs": 4})  # never killed, no periodic checkpoints
+    log = _log(out)
+    assert [r["step"] for r in log] == list(range(1, 4 * PER_EPOCH + 1))  # the killed steps redone once
+    assert [r["loss"] for r in log] == [r["loss"] for r in full["history"]]
+    ours, theirs = load_checkpoint(out / "checkpoint-best.pth"), load_checkpoint(full["checkpoint"].parent /
+                                                                                   "checkpoint-best.pth")
+    assert ours["run"]["best_loss"] == theirs["run"]["best_loss"]
+    assert all(torch.equal(ours["model"][k], theirs["model"][k]) for k in theirs["model"])
+
+
+def test_checkpoints_every_few_minutes_within_the_epoch(photo_dir, tmp_path):
+    from mimsparse.train.run_checkpoints import RunCheckpoints
+
+    out = tmp_path / "run"
+    # 0.0001 minutes = 6 ms: less than one step, so every step within an epoch is due
+    cfg = load_config(None, _overrides(out, photo_dir, **{"train.save_every_minutes": 0.0001, "train.keep_last": 0}))
+    run = Pretrainer(cfg, "dense", show_progress=False)
+    saved_at = []
+    real_save = RunCheckpoints.save
+    run.save = lambda is_best=False: saved_at.append(run.state.step) or real_save(run, is_best)
+    run.run()
+    assert saved_at == list(range(1, STEPS + 1))  # the epoch ends (6, 12) once each, with best
+    record = json.loads((out / "run.json").read_text())
+    assert sorted(set(record["checkpoints"]) - {"checkpoint-best.pth"}) == [
+        f"checkpoint-{s:07d}.pth" for s in range(1, STEPS + 1)]
+    off = Pretrainer(load_config(None, _overrides(tmp_path / "off", photo_dir, **{"train.keep_last": 0})), "dense",
+                     show_progress=False)
+    off.run()
+    assert sorted(p.name for p in (tmp_path / "off").glob("checkpoint-[0-9]*.pth")) == [
+        f"checkpoint-{s:07d}.pth" for s in (PER_EPOCH, STEPS)]
+
+
+def test_the_periodic_checkpoint_settings_refuse_negative_values(photo_dir, tmp_path):
+    from mimsparse.errors import ConfigError
+
+    for key, value in (("train.save_every_steps", -1), ("train.save_every_minutes", -0.5)):
+        with pytest.raises(ConfigError, match=rf"config key '{re.escape(key)}' must be >= 0"):
+            Pretrainer(load_config(None, _overrides(tmp_path / "run", photo_dir, **{key: value})), "dense")
+    with pytest.raises(ConfigError, match=r"'train.save_every_minutes' must be a finite number"):
+        load_config(None, _overrides(tmp_path / "run", photo_dir, **{"train.save_every_minutes": "nan"}))
+
+
 # ---- 2. one process per run folder ----------------------------------------------------------------------
 @pytest.mark.slow
 def test_a_second_process_is_refused_a_held_folder_and_a_killed_holder_needs_no_clean_up(photo_dir, tmp_path):

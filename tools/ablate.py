@@ -6,7 +6,7 @@ short finetune at a low label fraction and the feature-collapse statistic.
   tools/ablate.py --variants sparse-r0.6-grn leaky-r0.6-grn --seeds 0
   tools/ablate.py --summary-only                    # tables of what has finished
 Resumable: a run whose result.json exists is skipped, an interrupted pretraining resumes from its last
-checkpoint (written every --segment-steps steps) and a finished probe / finetune is not redone. Writes
+checkpoint (written every --checkpoint-steps steps) and a finished probe / finetune is not redone. Writes
 <out>/<variant>/s<seed>/result.json (the full pretraining config, the budget, every metric, wall and CPU
 time and the load average), <out>/summary.md and <out>/collapse.png (Fig. 3: with and without GRN).
 Random init and the baseline run for every seed first
@@ -41,9 +41,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--backend", default="packed", help="sparse backend of the pretraining (default %(default)s)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--segment-steps", type=int, default=100,
-                   help="pretraining checkpoint every N steps, so a killed job loses at most N (0 = only at the end; "
-                        "default %(default)s; does not change the results)")
+    p.add_argument("--checkpoint-steps", "--segment-steps", type=int, default=100, dest="checkpoint_steps",
+                   help="pretraining checkpoint every N steps (train.save_every_steps), so a killed job loses at most "
+                        "N (0 = at epoch ends only; default %(default)s; does not change the results)")
     p.add_argument("--require-floor", type=float, default=None, metavar="POINTS",
                    help="after random init and the baseline of every seed, go on to the other variants only if the "
                         "baseline beats random init by POINTS probe points (paired mean, seeds not overlapping); "
@@ -76,7 +76,6 @@ def _tool(name: str):
 
 def pretrain(run_dir: Path, variant, seed: int, budget, args) -> tuple[Path, dict]:
     """Pretrains (or resumes) the variant; returns its last checkpoint and a summary of the run."""
-    from mimsparse.evaluate.ablation import segment_ends
     from mimsparse.evaluate.datasets import load_labelled
     from mimsparse.train.checkpoint_manager import latest_checkpoint
 
@@ -87,25 +86,17 @@ def pretrain(run_dir: Path, variant, seed: int, budget, args) -> tuple[Path, dic
     epochs = max(1, math.ceil(budget.steps * budget.batch_size / n_train))
     overrides = [f"data.path={budget.data}", f"data.img_size={budget.img_size}", f"train.batch_size={budget.batch_size}",
                  f"train.epochs={epochs}", f"optim.warmup_epochs={warmup_epochs:.6g}", f"train.seed={seed}",
-                 f"train.output_dir={out}", *variant.overrides]
+                 f"train.output_dir={out}", f"train.max_steps={budget.steps}",
+                 f"train.save_every_steps={args.checkpoint_steps}", *variant.overrides]
     t0 = time.perf_counter()
-    ckpt = latest_checkpoint(out)
-    for end in segment_ends(budget.steps, args.segment_steps, 0 if ckpt is None else _step_of(ckpt)):
-        _tool("pretrain")(["--config", args.config, "--backend", args.backend, "--device", args.device,
-                           "--resume", "auto", "--no-progress", *overrides, f"train.max_steps={end}"])
+    _tool("pretrain")(["--config", args.config, "--backend", args.backend, "--device", args.device,
+                       "--resume", "auto", "--no-progress", *overrides])
     ckpt = latest_checkpoint(out)
     losses = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
     losses = [v for v in losses if v is not None]
     tail = losses[-max(1, len(losses) // 5):]
-    overrides.append(f"train.max_steps={budget.steps}")
     return ckpt, {"checkpoint": str(ckpt), "overrides": overrides, "first_loss": losses[0] if losses else None,
                   "final_loss": sum(tail) / len(tail) if tail else None, "wall_s_this_call": time.perf_counter() - t0}
-
-
-def _step_of(ckpt: Path) -> int:
-    from mimsparse.train.checkpoint import load_checkpoint
-
-    return int(load_checkpoint(ckpt)["run"]["step"])
 
 
 def evaluate(run_dir: Path, weights: list[str], seed: int, budget, device: str) -> dict:

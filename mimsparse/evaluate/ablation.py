@@ -71,15 +71,6 @@ def floor_cleared(results: dict[str, list[dict]], margin: float) -> tuple[bool, 
     return ok, text
 
 
-def segment_ends(steps: int, every: int, done: int) -> list[int]:
-    """The step counts at which a pretraining of ``steps`` steps, ``done`` of them finished, stops to
-    write a checkpoint (every ``every`` steps and at the end): a killed job loses at most ``every``
-    steps (the trainer itself checkpoints once per epoch)."""
-    if every <= 0:
-        return [steps] if done < steps else []
-    return [min(steps, k) for k in range((done // every + 1) * every, steps + every, every) if done < min(steps, k)]
-
-
 @dataclass(frozen=True)
 class Claim:
     title: str

@@ -41,7 +41,9 @@ def check_train_config(cfg: PretrainConfig) -> None:
     minimum = {"train.batch_size": (cfg.train.batch_size, 1), "train.accum_steps": (cfg.train.accum_steps, 1),
                "train.epochs": (cfg.train.epochs, 1), "train.save_every_epochs": (cfg.train.save_every_epochs, 1),
                "data.repeat": (cfg.data.repeat, 1), "data.num_workers": (cfg.data.num_workers, 0),
-               "train.keep_last": (cfg.train.keep_last, 0), "train.max_steps": (cfg.train.max_steps, 0),
+               "train.keep_last": (cfg.train.keep_last, 0),
+               "train.save_every_steps": (cfg.train.save_every_steps, 0),
+               "train.save_every_minutes": (cfg.train.save_every_minutes, 0.0), "train.max_steps": (cfg.train.max_steps, 0),
                "train.skip_nonfinite": (cfg.train.skip_nonfinite, 0), "train.vis_every": (cfg.train.vis_every, 0),
                "train.clip_grad": (cfg.train.clip_grad, 0.0), "train.log_every": (cfg.train.log_every, 1),
                "data.shuffle_buffer": (cfg.data.shuffle_buffer, 1)}

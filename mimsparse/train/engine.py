@@ -1,5 +1,5 @@
 """The training loop: :class:`Trainer` (a built run's ``run()``: epochs, best, stop, checkpoints at
-epoch ends) and ``train_one_epoch`` (data -> mask -> model -> loss -> gradient step -> log), as MAE's
+epoch ends and, with ``train.save_every_steps`` / ``train.save_every_minutes``, within epochs) and ``train_one_epoch`` (data -> mask -> model -> loss -> gradient step -> log), as MAE's
 engine_pretrain.py. It trains what :mod:`mimsparse.train.build` built and imports nothing from it.
 
 One code path for one process and for ``torchrun`` (DDP): collectives are no-ops with one process.
@@ -135,7 +135,8 @@ class Trainer(RunCheckpoints):
     def run(self) -> dict:
         """Train to the end (or ``train.max_steps``, or a stop signal: see
         :mod:`mimsparse.train.stop_signal`), writing a checkpoint every ``train.save_every_epochs``
-        epochs and at the end; checkpoint-best is the lowest epoch-mean loss. The output folder is
+        epochs, every ``train.save_every_steps`` steps / ``train.save_every_minutes`` minutes (0 = never)
+        and at the end; checkpoint-best is the lowest epoch-mean loss. The output folder is
         let go at the end (removed when this start created it and failed before its first step)."""
         first_step = self.state.step
         try:
@@ -156,19 +157,20 @@ class Trainer(RunCheckpoints):
         self.start_writing()
         last = min(self.total_steps, cfg.train.max_steps) if cfg.train.max_steps else self.total_steps
         self.logger.start(st.step, last)  # one record per step: drop what a killed run logged after its checkpoint
+        self.saved_at = time.monotonic()
         history = []
         self.train_model.train()
         stop = self.finished()
         while st.epoch < cfg.train.epochs and not stop:
             records, stop = train_one_epoch(self)
             history += records
-            self._end_epoch(records, stop)
+            self._end_epoch(stop)
         self.logger.close()
         if self.dist.enabled:
             torch.distributed.barrier()  # rank 0 has finished writing before any process leaves
         return {"history": history, "checkpoint": self.last_checkpoint, "state": st, "stopped_by": self.stopped_by}
 
-    def _end_epoch(self, records: list[dict], stop: bool) -> None:
+    def _end_epoch(self, stop: bool) -> None:
         """After ``train_one_epoch``: the epoch counter, the replicas' check, best, the checkpoint."""
         cfg, st = self.cfg, self.state
         if not stop:
@@ -176,23 +178,35 @@ class Trainer(RunCheckpoints):
         if not distributed.replicas_agree(self.model.parameters()):
             raise TrainingError(f"the processes' parameters differ at step {st.step}; this is a bug, please "
                                 f"report it")
-        total, count = st.epoch_loss_sum, st.epoch_loss_count  # the part before a signal stopped the epoch
-        for r in records:
-            if r["loss"] is not None:
-                total, count = total + r["loss"], count + 1
         if self.stopped_by:  # a partial epoch: best waits for the epoch's end, after the resume
-            st.epoch_loss_sum, st.epoch_loss_count, is_best = total, count, False
+            is_best = False
         else:
+            total, count = st.epoch_loss_sum, st.epoch_loss_count
             st.epoch_loss_sum, st.epoch_loss_count = 0.0, 0
             mean = total / count if count else float("inf")
             is_best = mean < st.best_loss
             st.best_loss = min(st.best_loss, mean)
-        if self.dist.is_main and (stop or st.epoch % cfg.train.save_every_epochs == 0 or st.epoch == cfg.train.epochs):
-            self.last_checkpoint = self.save(is_best)
+        if self.dist.is_main and (stop or st.epoch % cfg.train.save_every_epochs == 0 or st.epoch == cfg.train.epochs
+                                  or self.periodic_save_due()):
+            self.checkpoint(is_best)
         if self.stopped_by:
             self.say(f"stopped by {self.stopped_by} at step {st.step} (epoch {st.epoch}, batch {st.batch_in_epoch}"
                      f"): checkpoint {self.last_checkpoint}; continue with --resume auto (exit status "
                      f"{STOP_EXIT_STATUS})", flush=True)
+
+    def periodic_save_due(self) -> bool:
+        """``train.save_every_steps`` steps since the step count was last a multiple of it, or
+        ``train.save_every_minutes`` since this process's last checkpoint (or its start)."""
+        t = self.cfg.train
+        if t.save_every_steps and self.state.step % t.save_every_steps == 0:
+            return True
+        return bool(t.save_every_minutes) and time.monotonic() - self.saved_at >= 60.0 * t.save_every_minutes
+
+    def checkpoint(self, is_best: bool = False) -> None:
+        """Write a checkpoint of the run as it stands (main process only; the state after the last
+        step, the epoch's loss sums included, so a resume from it equals not having stopped)."""
+        self.last_checkpoint = self.save(is_best)
+        self.saved_at = time.monotonic()
 
     def visualize(self, images: torch.Tensor, visible: torch.Tensor, path: Path) -> Path:
         """Reconstruction grid of (up to 4 of) the given images with their training masks."""
@@ -240,6 +254,8 @@ def train_one_epoch(run: Trainer) -> tuple[list[dict], bool]:
             record.update(images_per_s=record.pop("images") / elapsed, mask_ratio=run.model.masker.ratio_at(progress),
                           data_time=max(elapsed - compute, 0.0), compute_time=compute)
             records.append(record)
+            if record["loss"] is not None:  # the epoch's mean picks checkpoint-best; a checkpoint within it keeps the sums
+                st.epoch_loss_sum, st.epoch_loss_count = st.epoch_loss_sum + record["loss"], st.epoch_loss_count + 1
             run.logger.step(record)
             if dist.is_main and cfg.train.vis_every and st.step % cfg.train.vis_every == 0 and window.last is not None:
                 run.visualize(*window.last, run.out_dir / "vis" / f"step-{st.step:07d}.png")
@@ -250,6 +266,9 @@ def train_one_epoch(run: Trainer) -> tuple[list[dict], bool]:
         if run.stop_agreed:  # agreed in optimizer_step's all-reduce: every process stops at this step
             run.stopped_by, stop = run.stop.reason(), True
             break
+        # within the epoch only: its end saves in _end_epoch (once, with best and the epoch counter)
+        if dist.is_main and st.batch_in_epoch < run.batches_per_epoch and run.periodic_save_due():
+            run.checkpoint()
     run.logger.epoch_done()
     if dist.enabled:
         unreadable = int(distributed.all_reduce_sum(torch.tensor([unreadable], device=run.device)))

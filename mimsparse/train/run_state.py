@@ -78,6 +78,7 @@ class RunBase:
         self.resumed_from = None
         self.resume_auto = False
         self.stopped_by: str | None = None  # the signal that stopped run() early
+        self.saved_at = 0.0  # time.monotonic() at the last checkpoint, or when run() started
         self.stop_agreed = False  # some process of the job was signalled (the last optimizer_step's all-reduce)
         self.config_changes: dict[str, tuple] = {}  # on resume: key -> (checkpoint's value, this run's)
         self.schedule_offset = 0
