@@ -542,10 +542,64 @@ def test_finetune_stops_on_a_signal_mid_epoch_and_resumes_exactly(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_sigkilled_finetune_resumes_exactly_from_its_periodic_last_pth(tmp_path):
+    from tests.test_finetune_runs import records
+    from tests.test_finetune import tool_main
+
+    out = tmp_path / "killed"
+    every = ["--save-every-steps", "2", "--log-every", "1"]  # 7 steps an epoch: saves at 2, 4, 6, 8, 10, 12
+    proc = _start(_finetune_cmd("--output-dir", str(out), *every))
+    lines = []
+    _read_until(proc, r"^step 9 \|", lines)  # epoch 1, past its periodic save at step 8
+    proc.kill()  # SIGKILL: no handler runs
+    proc.wait()
+    last = torch.load(out / "last.pth", weights_only=True)
+    assert last["epoch"] == 1 and last["step"] % 2 == 0 and 8 <= last["step"] < 14
+    assert last["part"]["batches_done"] == last["step"] - 7  # the part of epoch 1 done, as a signal's stop has it
+
+    resumed = _start(_finetune_cmd("--output-dir", str(out), "--resume", "auto", *every))
+    text = _finish(resumed, [])
+    assert resumed.returncode == 0, text
+    assert f"epoch 1, batch {last['step'] - 7}, step {last['step']}" in text
+    assert tool_main("finetune")([*FINETUNE, "--output-dir", str(tmp_path / "straight")]) == 0
+    assert records(out) == records(tmp_path / "straight")  # losses, lrs, top-1: as if never killed
+    a = torch.load(tmp_path / "straight" / "last.pth", weights_only=True)["model"]
+    b = torch.load(out / "last.pth", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finetune_saves_every_few_minutes_within_the_epoch_and_refuses_bad_intervals(tmp_path, monkeypatch, capsys):
+    import mimsparse.evaluate.finetune as finetune
+    from mimsparse.cli import run_cli
+    from tests.test_finetune import tool_main
+
+    written = []
+    real = finetune.save_resume_state
+
+    def watched(path, run, epoch, step, history, best, part=None):
+        written.append((epoch, step, None if part is None else part["batches_done"]))
+        return real(path, run, epoch, step, history, best, part)
+
+    monkeypatch.setattr(finetune, "save_resume_state", watched)
+    # 0.0001 minutes = 6 ms, less than a step: every step within an epoch is due; the epoch ends save once
+    assert tool_main("finetune")([*FINETUNE, "--output-dir", str(tmp_path / "run"), "--save-every-minutes",
+                                  "0.0001"]) == 0
+    assert written == [(0, s, s) for s in range(1, 7)] + [(1, 7, None)] + [(1, s, s - 7) for s in range(8, 14)] + [
+        (2, 14, None)]
+    for flag, value in (("--save-every-steps", "-1"), ("--save-every-minutes", "nan")):
+        capsys.readouterr()
+        main = tool_main("finetune")
+        assert run_cli(lambda: main([*FINETUNE, "--output-dir", str(tmp_path / "bad"), flag, value])) == 2
+        assert capsys.readouterr().err == f"error: {flag} must be 0 (off) or more, got {value}\n"
+
+
+@pytest.mark.slow
 def test_a_two_process_finetune_stops_on_a_signal_to_one_and_resumes_exactly(tmp_path):
     """DDP finetuning (2 processes, mixup and drop path on): SIGTERM to rank 1 alone stops both after the
     step in progress, rank 0 writes last.pth with every process's RNG state, the launcher exits 75, and
-    the resumed job's losses, lrs, top-1 and weights equal those of a job that was never stopped."""
+    the resumed job's losses, lrs, top-1 and weights equal those of a job that was never stopped. The
+    resumed job also writes last.pth at every step on rank 0's clock (--save-every-minutes): both ranks
+    must agree on each such save (it gathers their RNG states), or the job would hang."""
     from tests.test_finetune_runs import records
 
     launch = [sys.executable, str(ROOT / "tools" / "launch.py"), "--standalone", "--nproc-per-node=2",
@@ -563,7 +617,7 @@ def test_a_two_process_finetune_stops_on_a_signal_to_one_and_resumes_exactly(tmp
     last = torch.load(out / "last.pth", weights_only=True)
     assert last["step"] == 1 and len(last["rng_per_process"]) == 2
 
-    resumed = _start([*launch, "--output-dir", str(out), "--resume", "auto"])
+    resumed = _start([*launch, "--output-dir", str(out), "--resume", "auto", "--save-every-minutes", "0.0001"])
     text = _finish(resumed, [])
     assert resumed.returncode == 0 and "epoch 0, batch 1, step 1" in text, text
     straight = _start([*launch, "--output-dir", str(tmp_path / "straight")])

@@ -57,6 +57,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "run's files, deleting them (without it such a start is refused)")
     p.add_argument("--stop-signals", default=DEFAULT_SIGNALS, help="signals that stop the run after the step in "
                    "progress, with last.pth at that step; the exit status is then 75 (default %(default)s; '' = none)")
+    p.add_argument("--save-every-steps", type=int, default=0, help="also write last.pth every N steps within an "
+                   "epoch, so a kill without a signal (OOM killer, lost node) loses at most N steps (0 = at epoch "
+                   "ends only; default %(default)s)")
+    p.add_argument("--save-every-minutes", type=float, default=0.0, help="the same every M minutes (rank 0's clock; "
+                   "0 = off; default %(default)s)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (smoke tests); the "
                    "schedule still spans --epochs")
     p.add_argument("--eval", action="store_true", help="only evaluate a finetuned classifier (--checkpoint: "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import random
 import time
@@ -32,7 +33,7 @@ from mimsparse.evaluate.finetune_checkpoint import (load_resume_state, resume_pa
                                                     weights_of)
 from mimsparse.evaluate.initial_weights import build_model
 from mimsparse.train.checkpoint import CheckpointError, write_text_atomic
-from mimsparse.evaluate.finetune_engine import StepOptions, evaluate, max_lr, train_one_epoch
+from mimsparse.evaluate.finetune_engine import PeriodicSave, StepOptions, evaluate, max_lr, train_one_epoch
 from mimsparse.evaluate.loaders import (check_fraction, check_img_size, eval_loader, limit_subset, stratified_subset,
                                         train_loader)
 from mimsparse.train.data import DataError
@@ -156,6 +157,10 @@ def check_args(args) -> None:
         raise ConfigError(f"--model-ema-decay must be in [0, 1), got {args.model_ema_decay}")
     if getattr(args, "accum_iter", 1) < 1:
         raise ConfigError(f"--accum-iter must be at least 1, got {args.accum_iter}")
+    for flag in ("save_every_steps", "save_every_minutes"):
+        value = getattr(args, flag, 0)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"--{flag.replace('_', '-')} must be 0 (off) or more, got {value}")
     amp = getattr(args, "amp", "none")
     if amp not in AMP_DTYPES:
         raise ConfigError(f"--amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
@@ -475,13 +480,16 @@ def _train_epochs(args, run: _Setup, folder, stop, history: list, best, step: in
             "img_size": args.img_size, "source_checkpoint": str(args.checkpoint), "data": str(args.data)}
     last = min(run.total_steps, args.max_steps) if args.max_steps else run.total_steps
     pace = Pace(last)  # one for the whole run: its first step holds the one-off costs
+    periodic = PeriodicSave(getattr(args, "save_every_steps", 0), getattr(args, "save_every_minutes", 0.0))
     for epoch in range(first_epoch, args.epochs):
         t0 = time.perf_counter()
         loader = train_loader(run.train, args.img_size, args.batch_size, args.seed, epoch, args.num_workers,
                               part["batches_done"] if part else 0, job.rank, job.world_size, run.options.accum)
         folder.started = True
+        # within the epoch: last.pth as a signal's stop writes it (this epoch, the part of it done)
+        periodic.write = lambda at, done: save_resume_state(last_path, run, epoch, at, history, best, done)  # noqa: B023
         stats = train_one_epoch(run, loader, step, run.options, f"epoch {epoch}",
-                                not args.no_progress and interactive(), stop, part, args.log_every, pace)
+                                not args.no_progress and interactive(), stop, part, args.log_every, pace, periodic)
         step, part = stats["step"], None
         if stats["stopped"]:  # the epoch is not over: no evaluation, no log record; its sums go with last.pth
             save_resume_state(last_path, run, epoch, step, history, best, stats["part"])
@@ -509,6 +517,7 @@ def _train_epochs(args, run: _Setup, folder, stop, history: list, best, step: in
         if job.is_main:
             append_jsonl(log_path, record)
         save_resume_state(last_path, run, epoch + 1, step, history, best)
+        periodic.saved_at = time.monotonic()
         train_loss = f"{stats['loss']:.4f}" if stats["loss"] is not None else "-"
         print(f"epoch {epoch}: step {step} | train loss {train_loss} | lr {stats['lr']:.2e} | "
               f"{run.split} top-1 {result['top1']:.2%} ({result['correct']}/{result['total']}) | "

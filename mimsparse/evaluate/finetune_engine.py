@@ -6,7 +6,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -26,6 +27,27 @@ class StepOptions:
     max_steps: int = 0                # stop at this global step, 0 = none (--max-steps)
 
 
+@dataclass
+class PeriodicSave:
+    """``--save-every-steps`` / ``--save-every-minutes``: last.pth within an epoch too, so a kill without a
+    signal loses at most that much. ``write(step, part)`` saves; every process calls it together (it
+    gathers their RNG states), so the minutes are rank 0's clock, agreed in the step's all-reduce."""
+    every_steps: int = 0
+    every_minutes: float = 0.0
+    write: Callable[[int, dict], None] | None = None
+    saved_at: float = field(default_factory=time.monotonic)
+
+    def time_is_up(self) -> bool:
+        return bool(self.every_minutes) and time.monotonic() - self.saved_at >= 60.0 * self.every_minutes
+
+    def due(self, step: int, time_agreed: bool) -> bool:
+        return self.write is not None and (time_agreed or bool(self.every_steps) and step % self.every_steps == 0)
+
+    def save(self, step: int, part: dict) -> None:
+        self.write(step, part)
+        self.saved_at = time.monotonic()
+
+
 def max_lr(optimizer) -> float:
     """The head's lr (scale 1), the one the schedule describes."""
     return max(group["lr"] for group in optimizer.param_groups)
@@ -37,13 +59,14 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 def train_one_epoch(run, loader, step: int, options: StepOptions = StepOptions(), desc: str = "",
                     show_progress: bool = True, stop=None, part: dict | None = None, log_every: int = 0,
-                    pace: Pace | None = None) -> dict:
+                    pace: Pace | None = None, periodic: PeriodicSave | None = None) -> dict:
     """Trains ``run.train_model`` over ``loader`` from global step ``step``: every ``options.accum``
     micro-batches make one optimizer step (the gradients of the others stay local under DDP). Stops at
     ``options.max_steps``, or after the step in progress when ``stop`` (a
     :class:`~mimsparse.train.stop_signal.StopSignal`) was signalled. ``part``: the sums of the part of
     this epoch a stopped run did. Without the bar, a plain line every ``log_every`` steps, with
-    ``pace``'s ETA. Returns {"step": the next step, "loss": mean training loss, "lr": last lr, "images",
+    ``pace``'s ETA; ``periodic`` saves within the epoch (not after its last batch: the caller saves
+    the whole epoch). Returns {"step": the next step, "loss": mean training loss, "lr": last lr, "images",
     "unreadable", "batches_done" (loader batches of the epoch done, ``part``'s included), "stopped"
     (the signal's name or None), "part"}."""
     from mimsparse.errors import TrainingError
@@ -57,7 +80,10 @@ def train_one_epoch(run, loader, step: int, options: StepOptions = StepOptions()
     bar = tqdm(loader, desc=desc, disable=not show_progress, dynamic_ncols=True, leave=False)
     pace = pace or Pace(0)
     since, images_since = time.perf_counter(), 0  # for the plain line's images/s
-    micro, window = 0, torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, images, micro-batches
+    periodic = periodic or PeriodicSave()
+    batches_in_epoch = done + len(loader) if hasattr(loader, "__len__") else None
+    # loss sum, images, micro-batches; and rank 0's "time for a periodic save" (one all-reduce agrees on it)
+    micro, window = 0, torch.zeros(4, dtype=torch.float64, device=device)
     for images, labels, n_bad in bar:
         unreadable, done = unreadable + n_bad, done + 1
         if options.max_steps and step >= options.max_steps:
@@ -84,6 +110,8 @@ def train_one_epoch(run, loader, step: int, options: StepOptions = StepOptions()
         if micro < options.accum:
             continue
         # the job's mean loss: every process logs it, and a non-finite one stops them all at this step
+        if distributed.current().is_main and periodic.time_is_up():
+            window[3] = 1.0
         job = distributed.all_reduce_sum(window)
         micro, window = 0, torch.zeros_like(window)
         if job[2] == 0:
@@ -111,6 +139,9 @@ def train_one_epoch(run, loader, step: int, options: StepOptions = StepOptions()
         if stop is not None and stop.requested():
             stopped = stop.reason()
             break
+        if done != batches_in_epoch and periodic.due(step, job[3].item() > 0):
+            periodic.save(step, {"loss_sum": loss_sum, "batches": batches, "images": images_seen,
+                                 "unreadable": unreadable, "batches_done": done})
     bar.close()
     return {"step": step, "loss": loss_sum / batches if batches else None, "lr": lr, "images": images_seen,
             "unreadable": unreadable, "batches_done": done, "stopped": stopped,
