@@ -301,6 +301,32 @@ def test_checkpoints_every_few_minutes_within_the_epoch(photo_dir, tmp_path):
         f"checkpoint-{s:07d}.pth" for s in (PER_EPOCH, STEPS)]
 
 
+def test_checkpoints_within_epochs_do_not_push_the_epochs_checkpoints_out(photo_dir, tmp_path):
+    """keep_last counts epoch-end checkpoints; of those written within an epoch (periodic, or a stop
+    mid-epoch) only the newest is kept, until the next checkpoint supersedes it, across a resume too."""
+    from mimsparse.train.checkpoint_manager import step_checkpoints
+
+    out = tmp_path / "run"
+    every = {"train.save_every_steps": 2, "train.keep_last": 2, "train.epochs": 4}  # 24 steps, 6 an epoch
+
+    def steps_on_disk():
+        return [int(p.stem.split("-")[1]) for p in step_checkpoints(out)]
+
+    Pretrainer(load_config(None, _overrides(out, photo_dir, **every, **{"train.max_steps": 15})), "dense",
+               show_progress=False).run()
+    assert steps_on_disk() == [6, 12, 15]  # epochs 1 and 2, and the newest resume point (the stop at 15 wrote it)
+    record = json.loads((out / "run.json").read_text())
+    assert record["within_epoch"] == ["checkpoint-0000015.pth"]
+    assert set(record["checkpoints"]) == {"checkpoint-0000006.pth", "checkpoint-0000012.pth",
+                                          "checkpoint-0000015.pth", "checkpoint-best.pth"}
+    resumed = Pretrainer(load_config(None, _overrides(out, photo_dir, **every)), "dense", show_progress=False)
+    resumed.load("auto")
+    assert resumed.state.step == 15
+    resumed.run()
+    assert steps_on_disk() == [18, 24]  # 15 superseded at 16, 16 at 18 (an epoch end), 22 at 24
+    assert json.loads((out / "run.json").read_text())["within_epoch"] == []
+
+
 def test_the_periodic_checkpoint_settings_refuse_negative_values(photo_dir, tmp_path):
     from mimsparse.errors import ConfigError
 

@@ -2,7 +2,8 @@
 and the free space a start needs.
 
 A run folder holds ``run.json`` (the owning run's id and the SHA-256 of every checkpoint it wrote),
-``checkpoint-NNNNNNN.pth`` (step checkpoints, the newest ``train.keep_last`` kept) and
+``checkpoint-NNNNNNN.pth`` (step checkpoints: the newest ``train.keep_last`` written at epoch ends, and
+the newest written within an epoch, a resume point the next checkpoint supersedes) and
 ``checkpoint-best.pth``. Rules, each against a way of losing data:
 
 - a fresh run refuses a folder that holds another run's files (resume it, or say ``--overwrite``; see
@@ -148,9 +149,11 @@ class CheckpointManager:
         return record["checkpoints"].get(path.name)
 
     # ---- writing ---------------------------------------------------------------------------------
-    def save(self, state: dict, step: int, is_best: bool = False) -> Path:
-        """Write the step checkpoint (and the best one), record their digests, rotate. Refuses weights
-        that are not finite: they are no checkpoint to go back to."""
+    def save(self, state: dict, step: int, is_best: bool = False, within_epoch: bool = False) -> Path:
+        """Write the step checkpoint (and the best one), record their digests, rotate. ``within_epoch``:
+        a resume point (periodic, or a stop mid-epoch), deleted once a newer checkpoint is written and
+        not counted by ``keep_last``, so frequent ones do not push the epochs' checkpoints out. Refuses
+        weights that are not finite: they are no checkpoint to go back to."""
         if self.record is None:
             raise RuntimeError("CheckpointManager.claim() must run before the first save")
         if not all_finite(state["model"]):
@@ -166,6 +169,12 @@ class CheckpointManager:
         if is_best:
             self.record["checkpoints"][BEST_NAME] = link_best(path, self.record["checkpoints"][path.name], state)
         self.last_good = path
+        if self.keep_last > 0:  # 0 keeps every checkpoint, these too
+            for name in self.record.get("within_epoch", []):
+                if name != path.name:
+                    (self.folder / name).unlink(missing_ok=True)
+                    self.record["checkpoints"].pop(name, None)
+        self.record["within_epoch"] = [path.name] if within_epoch else []
         self.rotate()
         return path
 
@@ -174,7 +183,8 @@ class CheckpointManager:
         if self.keep_last <= 0:
             self._write_record()
             return []
-        mine = [p for p in step_checkpoints(self.folder) if p.name in self.record["checkpoints"]]
+        within = self.record.get("within_epoch", [])
+        mine = [p for p in step_checkpoints(self.folder) if p.name in self.record["checkpoints"] and p.name not in within]
         old = mine[:-self.keep_last]
         for p in old:
             p.unlink(missing_ok=True)

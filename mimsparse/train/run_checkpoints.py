@@ -59,7 +59,8 @@ class RunCheckpoints(RunBase):
 
     def save(self, is_best: bool = False) -> Path:
         self.claim_output_dir()
-        return self.checkpoints.save(self.checkpoint_state(), self.state.step, is_best)
+        return self.checkpoints.save(self.checkpoint_state(), self.state.step, is_best,
+                                     within_epoch=self.state.batch_in_epoch > 0)
 
     def load(self, path: str | Path | tuple[Path, dict]) -> None:
         """Resume from ``path``, or with ``"auto"`` from the newest checkpoint of the output folder that
