@@ -288,7 +288,7 @@ def test_checkpoints_every_few_minutes_within_the_epoch(photo_dir, tmp_path):
     run = Pretrainer(cfg, "dense", show_progress=False)
     saved_at = []
     real_save = RunCheckpoints.save
-    run.save = lambda is_best=False: saved_at.append(run.state.step) or real_save(run, is_best)
+    run.save = lambda *args: saved_at.append(run.state.step) or real_save(run, *args)
     run.run()
     assert saved_at == list(range(1, STEPS + 1))  # the epoch ends (6, 12) once each, with best
     record = json.loads((out / "run.json").read_text())
@@ -302,29 +302,37 @@ def test_checkpoints_every_few_minutes_within_the_epoch(photo_dir, tmp_path):
 
 
 def test_checkpoints_within_epochs_do_not_push_the_epochs_checkpoints_out(photo_dir, tmp_path):
-    """keep_last counts epoch-end checkpoints; of those written within an epoch (periodic, or a stop
-    mid-epoch) only the newest is kept, until the next checkpoint supersedes it, across a resume too."""
+    """keep_last counts the checkpoints of epoch ends and run ends (train.max_steps); of the resume
+    points (periodic, or a signal's stop) only the newest is kept, until the next checkpoint supersedes
+    it, across a resume too. What is on disk after each save:"""
     from mimsparse.train.checkpoint_manager import step_checkpoints
 
     out = tmp_path / "run"
     every = {"train.save_every_steps": 2, "train.keep_last": 2, "train.epochs": 4}  # 24 steps, 6 an epoch
+    on_disk = []
 
-    def steps_on_disk():
-        return [int(p.stem.split("-")[1]) for p in step_checkpoints(out)]
+    def watched(run):
+        save = run.checkpoints.save
 
-    Pretrainer(load_config(None, _overrides(out, photo_dir, **every, **{"train.max_steps": 15})), "dense",
-               show_progress=False).run()
-    assert steps_on_disk() == [6, 12, 15]  # epochs 1 and 2, and the newest resume point (the stop at 15 wrote it)
-    record = json.loads((out / "run.json").read_text())
-    assert record["within_epoch"] == ["checkpoint-0000015.pth"]
-    assert set(record["checkpoints"]) == {"checkpoint-0000006.pth", "checkpoint-0000012.pth",
-                                          "checkpoint-0000015.pth", "checkpoint-best.pth"}
-    resumed = Pretrainer(load_config(None, _overrides(out, photo_dir, **every)), "dense", show_progress=False)
+        def save_and_look(*args, **kwargs):
+            path = save(*args, **kwargs)
+            on_disk.append([int(p.stem.split("-")[1]) for p in step_checkpoints(out)])
+            return path
+        run.checkpoints.save = save_and_look
+        return run
+
+    watched(Pretrainer(load_config(None, _overrides(out, photo_dir, **every, **{"train.max_steps": 15})), "dense",
+                       show_progress=False)).run()
+    assert on_disk == [[2], [4], [6], [6, 8], [6, 10], [6, 12], [6, 12, 14], [12, 15]]  # 15: the run's end
+    assert json.loads((out / "run.json").read_text())["within_epoch"] == []
+    resumed = watched(Pretrainer(load_config(None, _overrides(out, photo_dir, **every)), "dense", show_progress=False))
     resumed.load("auto")
     assert resumed.state.step == 15
+    on_disk.clear()
     resumed.run()
-    assert steps_on_disk() == [18, 24]  # 15 superseded at 16, 16 at 18 (an epoch end), 22 at 24
-    assert json.loads((out / "run.json").read_text())["within_epoch"] == []
+    assert on_disk == [[12, 15, 16], [15, 18], [15, 18, 20], [15, 18, 22], [18, 24]]
+    assert set(json.loads((out / "run.json").read_text())["checkpoints"]) == {
+        "checkpoint-0000018.pth", "checkpoint-0000024.pth", "checkpoint-best.pth"}
 
 
 def test_the_periodic_checkpoint_settings_refuse_negative_values(photo_dir, tmp_path):

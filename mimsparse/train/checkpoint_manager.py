@@ -2,8 +2,8 @@
 and the free space a start needs.
 
 A run folder holds ``run.json`` (the owning run's id and the SHA-256 of every checkpoint it wrote),
-``checkpoint-NNNNNNN.pth`` (step checkpoints: the newest ``train.keep_last`` written at epoch ends, and
-the newest written within an epoch, a resume point the next checkpoint supersedes) and
+``checkpoint-NNNNNNN.pth`` (step checkpoints: the newest ``train.keep_last`` of epoch ends and run ends,
+and the newest resume point, periodic or a signal's stop, which the next checkpoint supersedes) and
 ``checkpoint-best.pth``. Rules, each against a way of losing data:
 
 - a fresh run refuses a folder that holds another run's files (resume it, or say ``--overwrite``; see
@@ -151,8 +151,8 @@ class CheckpointManager:
     # ---- writing ---------------------------------------------------------------------------------
     def save(self, state: dict, step: int, is_best: bool = False, within_epoch: bool = False) -> Path:
         """Write the step checkpoint (and the best one), record their digests, rotate. ``within_epoch``:
-        a resume point (periodic, or a stop mid-epoch), deleted once a newer checkpoint is written and
-        not counted by ``keep_last``, so frequent ones do not push the epochs' checkpoints out. Refuses
+        a resume point within an epoch (periodic, or a signal's stop), deleted once a newer checkpoint is
+        written and not counted by ``keep_last``, so frequent ones do not push the epochs' out. Refuses
         weights that are not finite: they are no checkpoint to go back to."""
         if self.record is None:
             raise RuntimeError("CheckpointManager.claim() must run before the first save")

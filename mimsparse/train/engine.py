@@ -188,7 +188,7 @@ class Trainer(RunCheckpoints):
             st.best_loss = min(st.best_loss, mean)
         if self.dist.is_main and (stop or st.epoch % cfg.train.save_every_epochs == 0 or st.epoch == cfg.train.epochs
                                   or self.periodic_save_due()):
-            self.checkpoint(is_best)
+            self.checkpoint(is_best, resume_point=self.stopped_by is not None)
         if self.stopped_by:
             self.say(f"stopped by {self.stopped_by} at step {st.step} (epoch {st.epoch}, batch {st.batch_in_epoch}"
                      f"): checkpoint {self.last_checkpoint}; continue with --resume auto (exit status "
@@ -202,10 +202,11 @@ class Trainer(RunCheckpoints):
             return True
         return bool(t.save_every_minutes) and time.monotonic() - self.saved_at >= 60.0 * t.save_every_minutes
 
-    def checkpoint(self, is_best: bool = False) -> None:
+    def checkpoint(self, is_best: bool = False, resume_point: bool = False) -> None:
         """Write a checkpoint of the run as it stands (main process only; the state after the last
-        step, the epoch's loss sums included, so a resume from it equals not having stopped)."""
-        self.last_checkpoint = self.save(is_best)
+        step, the epoch's loss sums included, so a resume from it equals not having stopped).
+        ``resume_point``: periodic or a signal's stop, kept only until the next checkpoint."""
+        self.last_checkpoint = self.save(is_best, resume_point)
         self.saved_at = time.monotonic()
 
     def visualize(self, images: torch.Tensor, visible: torch.Tensor, path: Path) -> Path:
@@ -268,7 +269,7 @@ def train_one_epoch(run: Trainer) -> tuple[list[dict], bool]:
             break
         # within the epoch only: its end saves in _end_epoch (once, with best and the epoch counter)
         if dist.is_main and st.batch_in_epoch < run.batches_per_epoch and run.periodic_save_due():
-            run.checkpoint()
+            run.checkpoint(resume_point=True)
     run.logger.epoch_done()
     if dist.enabled:
         unreadable = int(distributed.all_reduce_sum(torch.tensor([unreadable], device=run.device)))

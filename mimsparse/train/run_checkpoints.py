@@ -57,10 +57,11 @@ class RunCheckpoints(RunBase):
         remove_stale_temp_files(self.out_dir)
         self.write_config()
 
-    def save(self, is_best: bool = False) -> Path:
+    def save(self, is_best: bool = False, resume_point: bool = False) -> Path:
+        """``resume_point``: a periodic checkpoint or a signal's stop, superseded by the next checkpoint
+        (see :meth:`CheckpointManager.save`)."""
         self.claim_output_dir()
-        return self.checkpoints.save(self.checkpoint_state(), self.state.step, is_best,
-                                     within_epoch=self.state.batch_in_epoch > 0)
+        return self.checkpoints.save(self.checkpoint_state(), self.state.step, is_best, within_epoch=resume_point)
 
     def load(self, path: str | Path | tuple[Path, dict]) -> None:
         """Resume from ``path``, or with ``"auto"`` from the newest checkpoint of the output folder that
