@@ -1,6 +1,7 @@
 """The training loop: :class:`Trainer` (a built run's ``run()``: epochs, best, stop, checkpoints at
 epoch ends and, with ``train.save_every_steps`` / ``train.save_every_minutes``, within epochs) and
-``train_one_epoch`` (data -> mask -> model -> loss -> gradient step -> log), as MAE's engine_pretrain.py. It trains what :mod:`mimsparse.train.build` built and imports nothing from it.
+``train_one_epoch`` (data -> mask -> model -> loss -> gradient step -> log), as MAE's engine_pretrain.py.
+It trains what :mod:`mimsparse.train.build` built and imports nothing from it.
 
 One code path for one process and for ``torchrun`` (DDP): collectives are no-ops with one process.
 The run's state is in :mod:`~mimsparse.train.run_state`, its save/resume in
