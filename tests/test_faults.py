@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -316,21 +317,25 @@ def test_checkpoints_within_epochs_do_not_push_the_epochs_checkpoints_out(photo_
 
         def save_and_look(*args, **kwargs):
             path = save(*args, **kwargs)
-            on_disk.append([int(p.stem.split("-")[1]) for p in step_checkpoints(out)])
+            resume_point = json.loads((out / "run.json").read_text())["resume_point"]
+            steps = [int(p.stem.split("-")[1]) for p in step_checkpoints(out)]
+            on_disk.append(steps + ([f"{int(Path(resume_point).stem.split('-')[1])} resumes"] if resume_point else []))
             return path
         run.checkpoints.save = save_and_look
         return run
 
     watched(Pretrainer(load_config(None, _overrides(out, photo_dir, **every, **{"train.max_steps": 15})), "dense",
                        show_progress=False)).run()
-    assert on_disk == [[2], [4], [6], [6, 8], [6, 10], [6, 12], [6, 12, 14], [12, 15]]  # 15: the run's end
-    assert json.loads((out / "run.json").read_text())["within_epoch"] == []
+    assert on_disk == [[2, "2 resumes"], [4, "4 resumes"], [6], [6, 8, "8 resumes"], [6, 10, "10 resumes"], [6, 12],
+                       [6, 12, 14, "14 resumes"], [12, 15]]  # 15: the run's end
+    assert json.loads((out / "run.json").read_text())["resume_point"] is None
     resumed = watched(Pretrainer(load_config(None, _overrides(out, photo_dir, **every)), "dense", show_progress=False))
     resumed.load("auto")
     assert resumed.state.step == 15
     on_disk.clear()
     resumed.run()
-    assert on_disk == [[12, 15, 16], [15, 18], [15, 18, 20], [15, 18, 22], [18, 24]]
+    assert on_disk == [[12, 15, 16, "16 resumes"], [15, 18], [15, 18, 20, "20 resumes"], [15, 18, 22, "22 resumes"],
+                       [18, 24]]
     assert set(json.loads((out / "run.json").read_text())["checkpoints"]) == {
         "checkpoint-0000018.pth", "checkpoint-0000024.pth", "checkpoint-best.pth"}
 
@@ -872,3 +877,25 @@ def _first_to_print(procs, pattern, lines) -> int:
                 if re.search(pattern, line):
                     return key.data
     raise AssertionError(f"no line matching {pattern!r}:\n{''.join(map(''.join, lines))}")
+
+
+def test_save_interval_keeps_the_step_cadence_and_takes_the_agreed_clock():
+    """Steps: every multiple (a resumed run keeps the cadence). Minutes: since the last save, unless the
+    job agreed on rank 0's verdict. Finetuning's PeriodicSave is never due without a writer."""
+    from mimsparse.evaluate.finetune_engine import PeriodicSave
+    from mimsparse.train.save_interval import SaveInterval
+
+    steps = SaveInterval(every_steps=5)
+    assert [k for k in range(1, 16) if steps.due(k)] == [5, 10, 15]
+    minutes = SaveInterval(every_minutes=1.0, saved_at=time.monotonic() - 61)
+    assert minutes.due(3) and not minutes.due(3, time_is_up=False)
+    minutes.saved()
+    assert not minutes.due(3) and minutes.due(3, time_is_up=True)
+    assert not any(SaveInterval().due(k) for k in range(1, 10))
+    written = []
+    periodic = PeriodicSave(every_steps=2)
+    assert not periodic.due(2)
+    periodic.write = lambda step, part: written.append(step)
+    assert periodic.due(2) and not periodic.due(3)
+    periodic.save(2, {})
+    assert written == [2]

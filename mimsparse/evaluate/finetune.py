@@ -517,7 +517,7 @@ def _train_epochs(args, run: _Setup, folder, stop, history: list, best, step: in
         if job.is_main:
             append_jsonl(log_path, record)
         save_resume_state(last_path, run, epoch + 1, step, history, best)
-        periodic.saved_at = time.monotonic()
+        periodic.saved()
         train_loss = f"{stats['loss']:.4f}" if stats["loss"] is not None else "-"
         print(f"epoch {epoch}: step {step} | train loss {train_loss} | lr {stats['lr']:.2e} | "
               f"{run.split} top-1 {result['top1']:.2%} ({result['correct']}/{result['total']}) | "

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -16,6 +16,7 @@ from mimsparse.evaluate.loaders import top1_correct
 from mimsparse.train import distributed
 from mimsparse.train.data import DataError
 from mimsparse.train.logger import Pace
+from mimsparse.train.save_interval import SaveInterval
 
 
 @dataclass(frozen=True)
@@ -28,24 +29,18 @@ class StepOptions:
 
 
 @dataclass
-class PeriodicSave:
-    """``--save-every-steps`` / ``--save-every-minutes``: last.pth within an epoch too, so a kill without a
-    signal loses at most that much. ``write(step, part)`` saves; every process calls it together (it
-    gathers their RNG states), so the minutes are rank 0's clock, agreed in the step's all-reduce."""
-    every_steps: int = 0
-    every_minutes: float = 0.0
+class PeriodicSave(SaveInterval):
+    """The interval, and ``write(step, part)`` that saves last.pth within the epoch. Every process calls
+    it together (it gathers their RNG states), so the minutes are rank 0's clock, agreed in the step's
+    all-reduce."""
     write: Callable[[int, dict], None] | None = None
-    saved_at: float = field(default_factory=time.monotonic)
 
-    def time_is_up(self) -> bool:
-        return bool(self.every_minutes) and time.monotonic() - self.saved_at >= 60.0 * self.every_minutes
-
-    def due(self, step: int, time_agreed: bool) -> bool:
-        return self.write is not None and (time_agreed or bool(self.every_steps) and step % self.every_steps == 0)
+    def due(self, step: int, time_is_up: bool | None = None) -> bool:
+        return self.write is not None and super().due(step, time_is_up)
 
     def save(self, step: int, part: dict) -> None:
         self.write(step, part)
-        self.saved_at = time.monotonic()
+        self.saved()
 
 
 def max_lr(optimizer) -> float:
@@ -81,6 +76,11 @@ def train_one_epoch(run, loader, step: int, options: StepOptions = StepOptions()
     pace = pace or Pace(0)
     since, images_since = time.perf_counter(), 0  # for the plain line's images/s
     periodic = periodic or PeriodicSave()
+
+    def part_done() -> dict:  # the sums so far: what last.pth keeps of an unfinished epoch
+        return {"loss_sum": loss_sum, "batches": batches, "images": images_seen, "unreadable": unreadable,
+                "batches_done": done}
+
     batches_in_epoch = done + len(loader) if hasattr(loader, "__len__") else None
     # loss sum, images, micro-batches; and rank 0's "time for a periodic save" (one all-reduce agrees on it)
     micro, window = 0, torch.zeros(4, dtype=torch.float64, device=device)
@@ -140,13 +140,10 @@ def train_one_epoch(run, loader, step: int, options: StepOptions = StepOptions()
             stopped = stop.reason()
             break
         if done != batches_in_epoch and periodic.due(step, job[3].item() > 0):
-            periodic.save(step, {"loss_sum": loss_sum, "batches": batches, "images": images_seen,
-                                 "unreadable": unreadable, "batches_done": done})
+            periodic.save(step, part_done())
     bar.close()
     return {"step": step, "loss": loss_sum / batches if batches else None, "lr": lr, "images": images_seen,
-            "unreadable": unreadable, "batches_done": done, "stopped": stopped,
-            "part": {"loss_sum": loss_sum, "batches": batches, "images": images_seen, "unreadable": unreadable,
-                     "batches_done": done}}
+            "unreadable": unreadable, "batches_done": done, "stopped": stopped, "part": part_done()}
 
 
 @torch.no_grad()

@@ -149,10 +149,11 @@ class CheckpointManager:
         return record["checkpoints"].get(path.name)
 
     # ---- writing ---------------------------------------------------------------------------------
-    def save(self, state: dict, step: int, is_best: bool = False, within_epoch: bool = False) -> Path:
-        """Write the step checkpoint (and the best one), record their digests, rotate. ``within_epoch``:
-        a resume point within an epoch (periodic, or a signal's stop), deleted once a newer checkpoint is
-        written and not counted by ``keep_last``, so frequent ones do not push the epochs' out. Refuses
+    def save(self, state: dict, step: int, is_best: bool = False, resume_point: bool = False) -> Path:
+        """Write the step checkpoint (and the best one), record their digests, rotate. ``resume_point``:
+        a checkpoint within an epoch (periodic, or a signal's stop), named in run.json's "resume_point",
+        deleted once a newer checkpoint is written and not counted by ``keep_last``, so frequent ones do
+        not push the epochs' out. Refuses
         weights that are not finite: they are no checkpoint to go back to."""
         if self.record is None:
             raise RuntimeError("CheckpointManager.claim() must run before the first save")
@@ -169,12 +170,11 @@ class CheckpointManager:
         if is_best:
             self.record["checkpoints"][BEST_NAME] = link_best(path, self.record["checkpoints"][path.name], state)
         self.last_good = path
-        if self.keep_last > 0:  # 0 keeps every checkpoint, these too
-            for name in self.record.get("within_epoch", []):
-                if name != path.name:
-                    (self.folder / name).unlink(missing_ok=True)
-                    self.record["checkpoints"].pop(name, None)
-        self.record["within_epoch"] = [path.name] if within_epoch else []
+        superseded = self.record.get("resume_point")
+        if self.keep_last > 0 and superseded and superseded != path.name:  # 0 keeps every checkpoint, these too
+            (self.folder / superseded).unlink(missing_ok=True)
+            self.record["checkpoints"].pop(superseded, None)
+        self.record["resume_point"] = path.name if resume_point else None
         self.rotate()
         return path
 
@@ -183,8 +183,8 @@ class CheckpointManager:
         if self.keep_last <= 0:
             self._write_record()
             return []
-        within = self.record.get("within_epoch", [])
-        mine = [p for p in step_checkpoints(self.folder) if p.name in self.record["checkpoints"] and p.name not in within]
+        resume_point = self.record.get("resume_point")
+        mine = [p for p in step_checkpoints(self.folder) if p.name in self.record["checkpoints"] and p.name != resume_point]
         old = mine[:-self.keep_last]
         for p in old:
             p.unlink(missing_ok=True)

@@ -22,6 +22,7 @@ from mimsparse.errors import DataError, OutputError, TrainingError
 from mimsparse.train import distributed
 from mimsparse.train.data import EpochSampler, collate_skip_bad, seed_worker
 from mimsparse.train.run_checkpoints import RunCheckpoints
+from mimsparse.train.save_interval import SaveInterval
 from mimsparse.train.shards import ShardImages
 from mimsparse.train.stop_signal import STOP_EXIT_STATUS
 
@@ -158,7 +159,7 @@ class Trainer(RunCheckpoints):
         self.start_writing()
         last = min(self.total_steps, cfg.train.max_steps) if cfg.train.max_steps else self.total_steps
         self.logger.start(st.step, last)  # one record per step: drop what a killed run logged after its checkpoint
-        self.saved_at = time.monotonic()
+        self.save_interval = SaveInterval(cfg.train.save_every_steps, cfg.train.save_every_minutes)
         history = []
         self.train_model.train()
         stop = self.finished()
@@ -188,27 +189,19 @@ class Trainer(RunCheckpoints):
             is_best = mean < st.best_loss
             st.best_loss = min(st.best_loss, mean)
         if self.dist.is_main and (stop or st.epoch % cfg.train.save_every_epochs == 0 or st.epoch == cfg.train.epochs
-                                  or self.periodic_save_due()):
+                                  or self.save_interval.due(st.step)):
             self.checkpoint(is_best, resume_point=self.stopped_by is not None)
         if self.stopped_by:
             self.say(f"stopped by {self.stopped_by} at step {st.step} (epoch {st.epoch}, batch {st.batch_in_epoch}"
                      f"): checkpoint {self.last_checkpoint}; continue with --resume auto (exit status "
                      f"{STOP_EXIT_STATUS})", flush=True)
 
-    def periodic_save_due(self) -> bool:
-        """``train.save_every_steps`` steps since the step count was last a multiple of it, or
-        ``train.save_every_minutes`` since this process's last checkpoint (or its start)."""
-        t = self.cfg.train
-        if t.save_every_steps and self.state.step % t.save_every_steps == 0:
-            return True
-        return bool(t.save_every_minutes) and time.monotonic() - self.saved_at >= 60.0 * t.save_every_minutes
-
     def checkpoint(self, is_best: bool = False, resume_point: bool = False) -> None:
         """Write a checkpoint of the run as it stands (main process only; the state after the last
         step, the epoch's loss sums included, so a resume from it equals not having stopped).
         ``resume_point``: periodic or a signal's stop, kept only until the next checkpoint."""
         self.last_checkpoint = self.save(is_best, resume_point)
-        self.saved_at = time.monotonic()
+        self.save_interval.saved()
 
     def visualize(self, images: torch.Tensor, visible: torch.Tensor, path: Path) -> Path:
         """Reconstruction grid of (up to 4 of) the given images with their training masks."""
@@ -269,7 +262,7 @@ def train_one_epoch(run: Trainer) -> tuple[list[dict], bool]:
             run.stopped_by, stop = run.stop.reason(), True
             break
         # within the epoch only: its end saves in _end_epoch (once, with best and the epoch counter)
-        if dist.is_main and st.batch_in_epoch < run.batches_per_epoch and run.periodic_save_due():
+        if dist.is_main and st.batch_in_epoch < run.batches_per_epoch and run.save_interval.due(st.step):
             run.checkpoint(resume_point=True)
     run.logger.epoch_done()
     if dist.enabled:

@@ -61,7 +61,7 @@ class RunCheckpoints(RunBase):
         """``resume_point``: a periodic checkpoint or a signal's stop, superseded by the next checkpoint
         (see :meth:`CheckpointManager.save`)."""
         self.claim_output_dir()
-        return self.checkpoints.save(self.checkpoint_state(), self.state.step, is_best, within_epoch=resume_point)
+        return self.checkpoints.save(self.checkpoint_state(), self.state.step, is_best, resume_point)
 
     def load(self, path: str | Path | tuple[Path, dict]) -> None:
         """Resume from ``path``, or with ``"auto"`` from the newest checkpoint of the output folder that

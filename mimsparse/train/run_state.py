@@ -19,6 +19,7 @@ from mimsparse.train.distributed import DistEnv
 from mimsparse.train.logger import RunLogger
 from mimsparse.train.optim import GradientStep
 from mimsparse.train.run_folder import RunFolder
+from mimsparse.train.save_interval import SaveInterval
 from mimsparse.train.shards import ShardImages
 from mimsparse.train.stop_signal import StopSignal
 
@@ -78,7 +79,7 @@ class RunBase:
         self.resumed_from = None
         self.resume_auto = False
         self.stopped_by: str | None = None  # the signal that stopped run() early
-        self.saved_at = 0.0  # time.monotonic() at the last checkpoint, or when run() started
+        self.save_interval = SaveInterval()  # checkpoints within an epoch; run() sets it from the config
         self.stop_agreed = False  # some process of the job was signalled (the last optimizer_step's all-reduce)
         self.config_changes: dict[str, tuple] = {}  # on resume: key -> (checkpoint's value, this run's)
         self.schedule_offset = 0
