@@ -312,14 +312,17 @@ def test_checkpoints_within_epochs_do_not_push_the_epochs_checkpoints_out(photo_
     every = {"train.save_every_steps": 2, "train.keep_last": 2, "train.epochs": 4}  # 24 steps, 6 an epoch
     on_disk = []
 
+    def step_of(name) -> int:
+        return int(Path(name).stem.split("-")[1])
+
     def watched(run):
         save = run.checkpoints.save
 
         def save_and_look(*args, **kwargs):
             path = save(*args, **kwargs)
             resume_point = json.loads((out / "run.json").read_text())["resume_point"]
-            steps = [int(p.stem.split("-")[1]) for p in step_checkpoints(out)]
-            on_disk.append(steps + ([f"{int(Path(resume_point).stem.split('-')[1])} resumes"] if resume_point else []))
+            on_disk.append([step_of(p) for p in step_checkpoints(out)]
+                           + ([f"{step_of(resume_point)} resumes"] if resume_point else []))
             return path
         run.checkpoints.save = save_and_look
         return run

@@ -153,8 +153,8 @@ class CheckpointManager:
         """Write the step checkpoint (and the best one), record their digests, rotate. ``resume_point``:
         a checkpoint within an epoch (periodic, or a signal's stop), named in run.json's "resume_point",
         deleted once a newer checkpoint is written and not counted by ``keep_last``, so frequent ones do
-        not push the epochs' out. Refuses
-        weights that are not finite: they are no checkpoint to go back to."""
+        not push the epochs' out. Refuses weights that are not finite: they are no checkpoint to go
+        back to."""
         if self.record is None:
             raise RuntimeError("CheckpointManager.claim() must run before the first save")
         if not all_finite(state["model"]):

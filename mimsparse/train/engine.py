@@ -22,7 +22,6 @@ from mimsparse.errors import DataError, OutputError, TrainingError
 from mimsparse.train import distributed
 from mimsparse.train.data import EpochSampler, collate_skip_bad, seed_worker
 from mimsparse.train.run_checkpoints import RunCheckpoints
-from mimsparse.train.save_interval import SaveInterval
 from mimsparse.train.shards import ShardImages
 from mimsparse.train.stop_signal import STOP_EXIT_STATUS
 
@@ -159,7 +158,7 @@ class Trainer(RunCheckpoints):
         self.start_writing()
         last = min(self.total_steps, cfg.train.max_steps) if cfg.train.max_steps else self.total_steps
         self.logger.start(st.step, last)  # one record per step: drop what a killed run logged after its checkpoint
-        self.save_interval = SaveInterval(cfg.train.save_every_steps, cfg.train.save_every_minutes)
+        self.save_interval.saved()  # the minutes count from the run's start, not from building it
         history = []
         self.train_model.train()
         stop = self.finished()

@@ -79,7 +79,8 @@ class RunBase:
         self.resumed_from = None
         self.resume_auto = False
         self.stopped_by: str | None = None  # the signal that stopped run() early
-        self.save_interval = SaveInterval()  # checkpoints within an epoch; run() sets it from the config
+        # checkpoints within an epoch; run() starts its minutes
+        self.save_interval = SaveInterval(self.cfg.train.save_every_steps, self.cfg.train.save_every_minutes)
         self.stop_agreed = False  # some process of the job was signalled (the last optimizer_step's all-reduce)
         self.config_changes: dict[str, tuple] = {}  # on resume: key -> (checkpoint's value, this run's)
         self.schedule_offset = 0
