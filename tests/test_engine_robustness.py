@@ -319,8 +319,8 @@ def test_skip_nonfinite_skips_the_update(photo_dir, tmp_path):
 
 # ---- precision ------------------------------------------------------------------------------------------
 def test_mixed_precision_is_refused_where_it_cannot_run(photo_dir, tmp_path):
-    with pytest.raises(TrainingError, match=r"train.amp=fp16 is for CUDA; on cpu use train.amp=bf16 \(dense and "
-                                            r"packed backends\) or train.amp=none"):
+    with pytest.raises(ConfigError, match=r"train.amp=fp16 is for CUDA \(it needs loss scaling .*\); on cpu use "
+                                          r"train.amp=bf16 or train.amp=none"):
         Pretrainer(_cfg(tmp_path, photo_dir, **{"train.amp": "fp16"}), "dense", show_progress=False)
     for name in ("spconv", "minkowski"):  # no bf16 kernels in either library
         try:
@@ -330,7 +330,7 @@ def test_mixed_precision_is_refused_where_it_cannot_run(photo_dir, tmp_path):
         with pytest.raises(TypeError, match=f"the {name} backend does not support bfloat16 on cpu"):
             check_amp("bf16", backend, torch.device("cpu"))
     assert check_amp("bf16", get_backend("packed"), torch.device("cpu")) is torch.bfloat16
-    with pytest.raises(TrainingError, match="train.amp must be one of none, bf16, fp16, got 'fp8'"):
+    with pytest.raises(ConfigError, match="train.amp must be one of none, bf16, fp16, got 'fp8'"):
         check_amp("fp8", get_backend("dense"), torch.device("cpu"))
 
     class NoBF16(type(get_backend("dense"))):

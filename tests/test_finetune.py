@@ -351,7 +351,7 @@ def test_bad_input_gives_one_error_line(pretrained, tmp_path, capsys):
         (["--ckpt", "random", "--model", "no_such_net"], r"timm cannot create 'no_such_net'"),
         (["--ckpt", str(tmp_path / "missing.pth"), "--model", "convnextv2_atto"], r"does not exist"),
         (["--ckpt", "random", "--model", "convnextv2_atto", "--amp", "fp16", "--device", "cpu"],
-         r"--amp fp16 is for CUDA .* use --amp bf16 or none"),
+         r"--amp fp16 is for CUDA .* use --amp bf16 or --amp none"),
         (["--ckpt", "random", "--model", "convnextv2_atto", "--accum-iter", "0"], r"--accum-iter must be at least 1"),
         (["--ckpt", "random", "--model", "convnextv2_atto", "--accum-iter", "20"], r"fewer than one batch \(8 x 20 "
          r"accumulated\)"),

@@ -41,7 +41,7 @@ from mimsparse.cli import interactive
 from mimsparse.errors import ConfigError, OutputError
 from mimsparse.train import distributed
 from mimsparse.train.logger import Pace
-from mimsparse.train.precision import AMP_DTYPES  # the table train.amp uses
+from mimsparse.train.precision import AMP_DTYPES, autocast_dtype  # the rule train.amp follows
 from mimsparse.train.run_log import json_safe
 from mimsparse.evaluate.datasets import LabelledImages, has_test_split, load_labelled
 
@@ -161,12 +161,7 @@ def check_args(args) -> None:
         value = getattr(args, flag, 0)
         if not (math.isfinite(value) and value >= 0):
             raise ConfigError(f"--{flag.replace('_', '-')} must be 0 (off) or more, got {value}")
-    amp = getattr(args, "amp", "none")
-    if amp not in AMP_DTYPES:
-        raise ConfigError(f"--amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
-    if amp == "fp16" and torch.device(args.device).type != "cuda":
-        raise ConfigError(f"--amp fp16 is for CUDA (it needs loss scaling and is slow elsewhere); on "
-                          f"{torch.device(args.device).type} use --amp bf16 or none")
+    autocast_dtype(getattr(args, "amp", "none"), args.device, "--amp")
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
         raise ConfigError(f"mixup / cutmix pair the samples of a batch: --batch-size must be even, "
                          f"got {args.batch_size}")
